@@ -1,0 +1,244 @@
+"""The frozen diffusion model behind a run, and the one place where SD1, SD2 and SDXL differ.
+
+A `Backbone` answers what the trainer needs: its tokenizer/encoder pairs, how prompts become UNet conditioning,
+the VAE's latent scale and the prediction type. Construction (what Hydra instantiates) is cheap: it checks the
+source and loads the tokenizers, so token and config errors surface before gigabytes of weights are read;
+`load_models` then reads the UNet, VAE and text encoders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextEncoder:
+    key: str  # its name in embedding files: emb_params | clip_l | clip_g
+    subfolder: str
+    tokenizer_subfolder: str
+    tokenizer: object
+    model: nn.Module | None = None
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _final_layer_norm(model: nn.Module) -> nn.Module:
+    # transformers 5 CLIPTextModel has no `.text_model` wrapper; CLIPTextModelWithProjection still does.
+    return getattr(model, "final_layer_norm", None) or model.text_model.final_layer_norm
+
+
+class Backbone:
+    family: ClassVar[str]
+    encoder_layout: ClassVar[tuple[tuple[str, str, str], ...]]  # (file key, encoder subfolder, tokenizer subfolder)
+
+    def __init__(self, path: str, revision: str | None = None, variant: str | None = None, resolution: int = 512,
+                 prediction_type: str | None = None, clip_skip: int = 1):
+        self.path, self.revision, self.variant = path, revision, variant
+        self.resolution = resolution
+        self.clip_skip = clip_skip
+        self._prediction_type = prediction_type
+        self.encoders = [TextEncoder(key, sub, tsub, self._load_tokenizer(tsub)) for key, sub, tsub
+                         in self.encoder_layout]
+        self.unet = self.vae = self.noise_scheduler = None
+
+    # ---- construction -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def from_pretrained(family: str, path: str, **kwargs) -> "Backbone":
+        """Hydra's entry: pick the family's class, check the source, load the tokenizers."""
+        if family not in FAMILIES:
+            raise ConfigError(f"model.family={family!r} is unknown; use one of {', '.join(FAMILIES)}")
+        cls = FAMILIES[family]
+        path = _check_source(path)
+        components = _model_components(path, kwargs.get("revision"))
+        if components is not None:
+            cls._check_components(path, components)
+        return cls(path, **kwargs)
+
+    @classmethod
+    def _check_components(cls, path: str, components: set[str]) -> None:
+        has_second = "text_encoder_2" in components
+        if has_second and cls.family != "sdxl":
+            raise ConfigError(f"model.path={path!r} is an SDXL model (it has text_encoder_2) but model.family is "
+                              f"{cls.family!r}; use model=sdxl or set model.family=sdxl")
+        if not has_second and cls.family == "sdxl":
+            raise ConfigError(f"model.path={path!r} has one text encoder, so it is not SDXL; use model=sd15 or "
+                              "model=sd2 (or set model.family)")
+
+    def _from_pretrained_kwargs(self) -> dict:
+        return {"revision": self.revision} if self.revision else {}
+
+    def _load_tokenizer(self, subfolder: str):
+        from transformers import CLIPTokenizer
+
+        try:
+            return CLIPTokenizer.from_pretrained(self.path, subfolder=subfolder, **self._from_pretrained_kwargs())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.path={self.path!r}: cannot load its {subfolder} ({_first_line(err)}); "
+                              "offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache - "
+                              "download it once, or point model.path at a local diffusers folder") from None
+
+    def load_models(self, device: torch.device, dtype: torch.dtype = torch.float32,
+                    vae_dtype: torch.dtype = torch.float32) -> None:
+        """Read the frozen UNet, VAE and text encoders, in eval mode with gradients off."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        kw = self._from_pretrained_kwargs()
+        weights = dict(kw, variant=self.variant) if self.variant else kw
+        try:
+            self.noise_scheduler = DDPMScheduler.from_pretrained(self.path, subfolder="scheduler", **kw)
+            self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", **weights)
+            self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", **weights)
+            for enc in self.encoders:
+                enc.model = self._encoder_class(enc).from_pretrained(self.path, subfolder=enc.subfolder, **weights)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.path={self.path!r}: cannot load the model weights ({_first_line(err)})") from None
+        for module, module_dtype in [(self.unet, dtype), (self.vae, vae_dtype)] + [(e.model, dtype)
+                                                                                  for e in self.encoders]:
+            module.requires_grad_(False).eval().to(device)
+            if module.dtype != module_dtype:
+                module.to(dtype=module_dtype)
+
+    def _encoder_class(self, enc: TextEncoder):
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel
+
+    # ---- what the trainer asks --------------------------------------------------------------------------------------
+
+    @property
+    def prediction_type(self) -> str:
+        return self._prediction_type or self.noise_scheduler.config.prediction_type
+
+    @property
+    def source(self) -> str:
+        return self.path
+
+    def modules(self) -> list[nn.Module]:
+        return [self.unet, self.vae] + [e.model for e in self.encoders]
+
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids for each text encoder, padded to the tokenizer's full length as the models were trained."""
+        return [e.tokenizer(prompts, padding="max_length", max_length=e.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids for e in self.encoders]
+
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents. The posterior mean, so cached and live latents are the same."""
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids: list[torch.Tensor],
+                batch: dict) -> torch.Tensor:
+        """Text encoders -> conditioning -> UNet output."""
+        return self.unet(noisy, timesteps, **self.conditioning(input_ids, batch)).sample
+
+    def conditioning(self, input_ids: list[torch.Tensor], batch: dict) -> dict:
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+        for enc in self.encoders:
+            enc.model.gradient_checkpointing_enable()
+            enc.model.train()  # transformers only checkpoints in training mode; CLIP has no dropout to switch on
+
+
+class SD1Backbone(Backbone):
+    """SD 1.x: one CLIP ViT-L encoder; conditioning = its last hidden state (or hidden_states[-clip_skip])."""
+
+    family = "sd1"
+    encoder_layout = (("emb_params", "text_encoder", "tokenizer"),)
+
+    def conditioning(self, input_ids, batch):
+        model = self.encoders[0].model
+        ids = input_ids[0].to(model.device)
+        if self.clip_skip == 1:
+            return {"encoder_hidden_states": model(ids).last_hidden_state}
+        hidden = model(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
+        return {"encoder_hidden_states": _final_layer_norm(model)(hidden)}
+
+
+class SD2Backbone(SD1Backbone):
+    """SD 2.x: one OpenCLIP-H encoder (the diffusers folders already drop its last layer); 768-v is v-prediction."""
+
+    family = "sd2"
+
+
+class SDXLBackbone(Backbone):
+    """SDXL: two encoders. Conditioning = both penultimate hidden states side by side; pooled = the projected
+    second-encoder state at the EOS position; time ids = each sample's original size, crop and target size."""
+
+    family = "sdxl"
+    encoder_layout = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
+
+    def _encoder_class(self, enc):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        return CLIPTextModelWithProjection if enc.key == "clip_g" else CLIPTextModel
+
+    def conditioning(self, input_ids, batch):
+        first, second = (e.model for e in self.encoders)
+        ids1, ids2 = input_ids[0].to(first.device), input_ids[1].to(second.device)
+        hidden1 = first(ids1, output_hidden_states=True).hidden_states[-2]
+        out2 = second(ids2, output_hidden_states=True)
+        # EOS by the tokenizer's id, not argmax(ids): the new tokens have the highest ids.
+        eos_id = self.encoders[1].tokenizer.eos_token_id
+        eos_pos = (ids2 == eos_id).int().argmax(dim=-1)
+        pooled = second.text_projection(out2.last_hidden_state[torch.arange(ids2.shape[0]), eos_pos])
+        hidden = torch.cat([hidden1, out2.hidden_states[-2].to(hidden1.dtype)], dim=-1)
+        # Built from the real batch, so a partial last batch works.
+        time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+        time_ids = time_ids.to(hidden.device, hidden.dtype)
+        return {"encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": pooled.to(hidden.dtype), "time_ids": time_ids}}
+
+
+FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (SD1Backbone, SD2Backbone, SDXLBackbone)}
+
+
+def _check_source(path: str) -> str:
+    """A local diffusers folder or a hub id; anything else fails here, before any loading."""
+    local = Path(str(path)).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ConfigError(f"model.path={path!r} is a folder but not a diffusers model (no model_index.json)")
+        return str(local)
+    if local.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or local.is_file():
+        raise ConfigError(f"model.path={path!r} is a single file; single-file checkpoints are not supported yet - "
+                          "use the diffusers folder or hub id of the model")
+    parts = str(path).split("/")
+    if len(parts) != 2 or not all(parts) or str(path).startswith((".", "~")):
+        raise ConfigError(f"model.path={path!r} is neither an existing folder nor a hub id like 'org/name'")
+    return str(path)
+
+
+def _model_components(path: str, revision: str | None) -> set[str] | None:
+    """Component names from model_index.json (None when it cannot be read, e.g. a hub id not cached offline)."""
+    local = Path(path) / "model_index.json"
+    try:
+        if local.is_file():
+            index = json.loads(local.read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index = json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text())
+    except Exception:  # noqa: BLE001 - the tokenizer load right after reports the real problem in one line
+        return None
+    return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}

@@ -1,0 +1,144 @@
+"""Structured-config schemas: the primary config is typed, so a misspelled key fails when Hydra composes it.
+
+Group choices live as small YAML files in `conf/`; these dataclasses give each node its allowed keys and types.
+`optimizer` and `scheduler` stay open (`_target_` plus that callable's own arguments); their arguments are checked
+against the callable's signature at start-up, before any model loads (see tinv.optim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = "tinv.backbone.Backbone.from_pretrained"
+    family: str = MISSING  # sd1 | sd2 | sdxl
+    path: str = MISSING  # hub id or local diffusers folder
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. fp16 weights in a hub repo
+    resolution: int = 512  # the model's native resolution; data.resolution defaults to it
+    prediction_type: Optional[str] = None  # epsilon | v_prediction; None = from the model's scheduler config
+    clip_skip: int = 1  # SD1/SD2: 2 = penultimate layer + final layer norm (A1111 convention)
+
+
+@dataclass
+class TokenConfig:
+    string: str = "mychar"  # the trigger word; must be new to every tokenizer of the model
+    init_word: Optional[str] = None  # seed the vectors from this word's token embeddings
+    num_vectors: Optional[int] = None  # None = 1, or the row count of token.weights
+    weights: Optional[str] = None  # continue from an existing embedding file
+
+
+@dataclass
+class TemplateConfig:
+    kind: str = "object"  # object | style | caption
+    templates: Optional[list[str]] = None  # custom prompt list with "{}" for the token; None = the built-in list
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "tinv.data.ImageCaptionDataset"
+    image_dir: Optional[str] = None
+    caption_extension: str = ".txt"
+    resolution: int = II("model.resolution")  # defaults to the model's native resolution
+    num_repeats: int = 1
+    center_crop: bool = True  # False: resize to a square without cropping
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    _target_: str = "tinv.trainer.Trainer"
+    max_steps: int = 500
+    batch_size: int = 4
+    gradient_accumulation: int = 1
+    seed: int = 42
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    no_half_vae: Optional[bool] = None  # keep the VAE fp32 under mixed precision; None = yes for SDXL
+    max_grad_norm: Optional[float] = None
+    log_every_n_steps: int = 1
+    cpu: bool = False  # force the CPU even when an accelerator is present
+
+
+@dataclass
+class SaveConfig:
+    format: str = "safetensors"  # safetensors | pt (A1111 torch layout)
+    every_n_steps: int = 0  # 0 = only the final embedding
+
+
+@dataclass
+class LoggerConfig:
+    _target_: str = "tinv.tracking.WandbTracker"
+    project: str = "tinv"
+    mode: Optional[str] = None  # online | offline | disabled; None = online when an API key is set, else offline
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    token: TokenConfig = field(default_factory=TokenConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    output_name: Optional[str] = None  # file stem of the embedding; None = token.string
+
+
+_ENUMS = {
+    "model.family": ("sd1", "sd2", "sdxl"),
+    "model.prediction_type": (None, "epsilon", "v_prediction"),
+    "template.kind": ("object", "style", "caption"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "save.format": ("safetensors", "pt"),
+    "logger.mode": (None, "online", "offline", "disabled"),
+}
+
+_POSITIVE = ("token.num_vectors", "train.max_steps", "train.batch_size", "train.gradient_accumulation",
+             "data.num_repeats", "model.clip_skip", "train.log_every_n_steps")
+
+
+def check_values(cfg) -> None:
+    """Value checks that types cannot express; raises ConfigError naming the key and the allowed values."""
+    from .errors import ConfigError
+
+    for key, allowed in _ENUMS.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{key}={value!r} is not allowed; use one of: {shown}")
+    for key in _POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if cfg.save.every_n_steps < 0:
+        raise ConfigError(f"save.every_n_steps={cfg.save.every_n_steps} must be 0 (off) or positive")
+
+
+def _tiny_model(kind: str) -> str:
+    from .backbone.tiny import tiny_model_path
+
+    return tiny_model_path(kind)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("tiny_model"):
+        # `${tiny_model:sd15}` in a model config = the cached tiny folder, written on first use.
+        OmegaConf.register_new_resolver("tiny_model", _tiny_model)
+
+
+register_configs()

@@ -1,0 +1,41 @@
+"""Training prompts: a template filled with the token, or the image's caption with the token in it."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from ..errors import ConfigError
+from .templates import TEMPLATES
+
+log = logging.getLogger(__name__)
+
+
+class PromptBuilder:
+    def __init__(self, kind: str, token, templates: list[str] | None = None, seed: int = 0):
+        self.kind = kind
+        self.token = token
+        self.templates = list(templates) if templates else TEMPLATES.get(kind)
+        if kind != "caption":
+            bad = [t for t in self.templates if t.count("{}") != 1]
+            if bad:
+                raise ConfigError(f"template.templates entry {bad[0]!r} needs exactly one '{{}}' for the token")
+        self.rng = random.Random(seed)
+
+    def check_captions(self, captions: list[str]) -> None:
+        """Caption training: warn once about captions that lack the token (it is put first in those)."""
+        if self.kind != "caption":
+            return
+        missing = sum(1 for c in captions if not self.token.contains_token(c))
+        if missing:
+            log.warning("%d of %d captions do not contain the token %r; it is put first in those captions",
+                        missing, len(captions), self.token.string)
+
+    def __call__(self, caption: str) -> str:
+        """The prompt for one sample, with the token string still unexpanded."""
+        if self.kind != "caption":
+            return self.rng.choice(self.templates).format(self.token.string)
+        caption = caption.strip()
+        if self.token.contains_token(caption):
+            return caption
+        return f"{self.token.string}, {caption}" if caption else self.token.string

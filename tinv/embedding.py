@@ -1,0 +1,234 @@
+"""The trainable vectors: new tokens, their initialisation, the splice into the token lookup, and the file formats.
+
+Only N x width floats per text encoder train. The vocabulary matrix stays frozen and is never handed to the
+optimizer: a `SplicedEmbedding` replaces each encoder's token-embedding module, looks up ordinary ids in the frozen
+matrix and puts the trainable rows at the new ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_path
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SD_KEY = "emb_params"  # kohya / A1111 / ComfyUI key for single-encoder models
+SDXL_KEYS = ("clip_l", "clip_g")  # SDXL: text encoder 1 (CLIP-L) and 2 (OpenCLIP bigG)
+
+
+def token_names(string: str, num_vectors: int) -> list[str]:
+    """kohya's naming: `tok`, `tok1`, ..., `tok{N-1}`."""
+    return [string] + [f"{string}{i}" for i in range(1, num_vectors)]
+
+
+class SplicedEmbedding(nn.Module):
+    """Token lookup = frozen vocabulary rows + trainable fp32 rows for ids >= first_new_id."""
+
+    def __init__(self, base: nn.Embedding, first_new_id: int, vectors: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.vectors = nn.Parameter(vectors.detach().to(torch.float32).clone())
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects the embedding's dtype or device still finds it
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.first_new_id
+        out = self.base(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
+        rows = (input_ids - self.first_new_id).clamp(0, self.vectors.shape[0] - 1)
+        new = self.vectors[rows].to(out.dtype)
+        return torch.where(is_new.unsqueeze(-1), new, out)
+
+
+def _vocab_hit(tokenizer, name: str) -> int | None:
+    """The id under which the tokenizer already knows `name` as a whole token (word form included), else None."""
+    vocab = tokenizer.get_vocab()
+    for form in (name, name.lower(), name + "</w>", name.lower() + "</w>"):
+        if form in vocab:
+            return vocab[form]
+    return None
+
+
+class ConceptToken:
+    """The trigger word, its N token names, and (once installed) the trainable vectors of every text encoder."""
+
+    def __init__(self, string: str, num_vectors: int = 1, init_word: str | None = None, weights: str | None = None):
+        string = (string or "").strip()
+        if not string or re.search(r"\s", string):
+            raise ConfigError(f"token.string={string!r} must be one word without spaces, e.g. token.string=mychar")
+        self.string = string
+        self.init_word = init_word
+        self.start = load_embedding(weights) if weights else None
+        if self.start is not None:
+            rows = next(iter(self.start.values())).shape[0]
+            if num_vectors not in (None, rows):
+                raise ConfigError(f"token.num_vectors={num_vectors} but token.weights={weights} has {rows} "
+                                  f"vectors; set token.num_vectors={rows} or leave it unset")
+            num_vectors = rows
+        self.names = token_names(string, num_vectors or 1)
+        self.splices: dict[str, SplicedEmbedding] = {}
+        self._pattern = re.compile(rf"(?<!\w){re.escape(string)}(?!\w)", re.IGNORECASE)
+
+    @property
+    def num_vectors(self) -> int:
+        return len(self.names)
+
+    def check_new(self, encoders) -> None:
+        """Fail before any weights load if a token name is already known to any tokenizer."""
+        for enc in encoders:
+            for name in self.names:
+                hit = _vocab_hit(enc.tokenizer, name)
+                if hit is not None:
+                    free = next(c for c in (f"my{self.string}", f"{self.string}ti", f"{self.string}_ti")
+                                if all(_vocab_hit(e.tokenizer, c) is None for e in encoders))
+                    raise ConfigError(
+                        f"token.string={self.string!r}: {name!r} is already token {hit} of the {enc.key} tokenizer, "
+                        f"so it cannot be learned; pick a word the model does not know, e.g. token.string={free}")
+
+    def contains_token(self, text: str) -> bool:
+        return bool(self._pattern.search(text))
+
+    def expand(self, prompt: str) -> str:
+        """Every whole-word occurrence of the token string becomes all N token names, in order."""
+        return self._pattern.sub(" ".join(self.names), prompt)
+
+    def install(self, encoders, seed: int) -> None:
+        """Add the token names to each tokenizer and splice trainable rows into each encoder's lookup."""
+        from transformers import AddedToken
+
+        self.check_new(encoders)
+        for enc in encoders:
+            tok = enc.tokenizer
+            first = len(tok)
+            tok.add_tokens([AddedToken(n, single_word=True) for n in self.names])
+            ids = tok.convert_tokens_to_ids(self.names)
+            probe = tok(self.expand(self.string), add_special_tokens=False).input_ids
+            if ids != list(range(first, first + self.num_vectors)) or probe != ids:
+                raise ConfigError(f"token.string={self.string!r} does not tokenize to its own new tokens in the "
+                                  f"{enc.key} tokenizer (got {probe}); use a lowercase word of letters and digits")
+            base = enc.model.get_input_embeddings()
+            if isinstance(base, SplicedEmbedding):
+                raise ConfigError("this model already has trained tokens spliced in; load a fresh backbone")
+            init = self._initial_rows(enc, base.weight.detach(), seed)
+            splice = SplicedEmbedding(base, first, init).to(base.weight.device)
+            enc.model.set_input_embeddings(splice)
+            self.splices[enc.key] = splice
+
+    def _initial_rows(self, enc, vocab: torch.Tensor, seed: int) -> torch.Tensor:
+        width = vocab.shape[1]
+        if self.start is not None:
+            if enc.key not in self.start:
+                raise ConfigError(f"token.weights has keys {sorted(self.start)} but this model needs {enc.key!r}; "
+                                  "it was trained for another model family")
+            rows = self.start[enc.key]
+            if rows.shape[1] != width:
+                raise ConfigError(f"token.weights {enc.key} vectors are {rows.shape[1]} wide but the model's "
+                                  f"{enc.key} encoder is {width} wide; it was trained for another model family")
+            return rows.float()
+        vocab = vocab.float().cpu()
+        if self.init_word:
+            ids = enc.tokenizer(self.init_word, add_special_tokens=False).input_ids
+            if not ids:
+                raise ConfigError(f"token.init_word={self.init_word!r} tokenizes to nothing; use a plain word")
+            if len(ids) > 1:
+                log.warning("token.init_word=%r is %d tokens in the %s tokenizer; the %d vectors cycle over them",
+                            self.init_word, len(ids), enc.key, self.num_vectors)
+            return torch.stack([vocab[ids[i % len(ids)]] for i in range(self.num_vectors)])
+        # No init word: draw each vector from the vocabulary's per-dimension mean and spread, so it starts with
+        # the scale of a real word embedding but no meaning.
+        gen = torch.Generator().manual_seed(seed)
+        return vocab.mean(0) + vocab.std(0) * torch.randn(self.num_vectors, width, generator=gen)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [s.vectors for s in self.splices.values()]
+
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """The current vectors by file key, detached fp32 on the CPU."""
+        return {key: s.vectors.detach().float().cpu().clone() for key, s in self.splices.items()}
+
+
+# ---- file formats -------------------------------------------------------------------------------------------------
+
+@dataclass
+class EmbeddingMeta:
+    token: str
+    family: str
+    base_model: str
+    step: int
+
+    def header(self, vectors: dict[str, torch.Tensor]) -> dict[str, str]:
+        n = next(iter(vectors.values())).shape[0]
+        return {"tinv.token": self.token, "tinv.num_vectors": str(n), "tinv.family": self.family,
+                "tinv.base_model": self.base_model, "tinv.step": str(self.step), "tinv.format": "kohya"}
+
+
+def save_embedding(path: str | Path, vectors: dict[str, torch.Tensor], meta: EmbeddingMeta, fmt: str) -> Path:
+    """Write the embedding atomically: safetensors `emb_params` / `clip_l`+`clip_g`, or the A1111 torch layout."""
+    path = Path(path)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in vectors.items()}
+    for key, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise RuntimeError(f"refusing to write {path}: the {key} vectors hold NaN or inf")
+    with atomic_path(path) as tmp:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp), metadata=meta.header(tensors))
+        elif fmt == "pt":
+            if SD_KEY in tensors:
+                data = {"string_to_token": {"*": 265}, "string_to_param": {"*": tensors[SD_KEY]},
+                        "name": meta.token, "step": meta.step, "sd_checkpoint": None,
+                        "sd_checkpoint_name": meta.base_model}
+            else:  # A1111 reads SDXL .pt files as a plain clip_l / clip_g dict
+                data = dict(tensors)
+            torch.save(data, str(tmp))
+        else:
+            raise ConfigError(f"save.format={fmt!r} is unknown; use safetensors or pt")
+    return path
+
+
+def load_embedding(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an embedding file into {emb_params: [N, D]} or {clip_l: ..., clip_g: ...}.
+
+    Accepts kohya/A1111 safetensors (`emb_params` or any single tensor; `clip_l`+`clip_g`), the A1111 .pt layout
+    (`string_to_param`) and diffusers `{token: tensor}` files. Torch files load with weights_only=True: a pickle
+    that would run code is refused.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"token.weights={str(path)!r} does not exist; give the path of an embedding file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+    else:
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means we will not trust the file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{path}: not a plain tensor file ({first}); only weights are loaded, never "
+                              "pickled code - convert it to .safetensors") from None
+    if isinstance(data, torch.Tensor):
+        data = {SD_KEY: data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: holds a {type(data).__name__}, not an embedding")
+    if "string_to_param" in data:
+        data = {SD_KEY: next(iter(data["string_to_param"].values()))}
+    if all(k in data for k in SDXL_KEYS):
+        out = {k: data[k] for k in SDXL_KEYS}
+    else:
+        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        if len(tensors) != 1:
+            raise ConfigError(f"{path}: expected one tensor or clip_l+clip_g, found keys {sorted(data)}")
+        out = {SD_KEY: next(iter(tensors.values()))}
+    return {k: (v.unsqueeze(0) if v.ndim == 1 else v).detach().float() for k, v in out.items()}

@@ -1,0 +1,65 @@
+"""`tinv-train`: compose the Hydra config, instantiate dataset, backbone and trainer, and train.
+
+    tinv-train                                   # built-in tiny model and demo images, offline
+    tinv-train model=sdxl data=folder data.image_dir=imgs token.string=mychar token.init_word=girl
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as _config  # noqa: F401 - registers the schemas and resolvers
+from .config import check_values
+from .data import PromptBuilder
+from .embedding import ConceptToken
+from .errors import ConfigError
+from .optim import check_partial
+from .trainer import TrainResult
+
+log = logging.getLogger("tinv")
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult:
+    """Train one embedding. Cheap checks first, so bad input fails before any weights load."""
+    check_values(cfg)
+    hydra_ready = HydraConfig.initialized()
+    choices = HydraConfig.get().runtime.choices if hydra_ready else {}
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    check_partial("optimizer", cfg.optimizer, choices.get("optimizer"))
+    check_partial("scheduler", cfg.scheduler, choices.get("scheduler"))
+
+    token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights)
+    dataset = instantiate(cfg.data)
+    backbone = instantiate(cfg.model)  # tokenizers only; weights load in the trainer
+    token.check_new(backbone.encoders)
+    prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, seed=cfg.train.seed)
+    trainer = instantiate(
+        cfg.train, _recursive_=False, backbone=backbone, dataset=dataset, token=token, prompts=prompts,
+        optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.scheduler),
+        tracker=instantiate(cfg.logger), run_dir=run_dir, output_name=cfg.output_name or token.string,
+        save_format=cfg.save.format, save_every_n_steps=cfg.save.every_n_steps,
+        run_config=OmegaConf.to_container(cfg, resolve=True))
+    result = trainer.fit()
+    log.info("embedding: %s", result.embedding)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg).final_loss
+    except ConfigError as err:
+        log.error("%s", err)
+        print(f"tinv-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
