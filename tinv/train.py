@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +27,16 @@ from .trainer import TrainResult
 log = logging.getLogger("tinv")
 
 
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, letting our one-line ConfigError through Hydra's wrapper exception."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult:
     """Train one embedding. Cheap checks first, so bad input fails before any weights load."""
     check_values(cfg)
@@ -36,14 +47,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult:
     check_partial("scheduler", cfg.scheduler, choices.get("scheduler"))
 
     token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights)
-    dataset = instantiate(cfg.data)
-    backbone = instantiate(cfg.model)  # tokenizers only; weights load in the trainer
+    dataset = build(cfg.data)
+    backbone = build(cfg.model)  # tokenizers only; weights load in the trainer
     token.check_new(backbone.encoders)
     prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, seed=cfg.train.seed)
-    trainer = instantiate(
+    trainer = build(
         cfg.train, _recursive_=False, backbone=backbone, dataset=dataset, token=token, prompts=prompts,
-        optimizer=instantiate(cfg.optimizer), lr_scheduler=instantiate(cfg.scheduler),
-        tracker=instantiate(cfg.logger), run_dir=run_dir, output_name=cfg.output_name or token.string,
+        optimizer=build(cfg.optimizer), lr_scheduler=build(cfg.scheduler),
+        tracker=build(cfg.logger), run_dir=run_dir, output_name=cfg.output_name or token.string,
         save_format=cfg.save.format, save_every_n_steps=cfg.save.every_n_steps,
         run_config=OmegaConf.to_container(cfg, resolve=True))
     result = trainer.fit()

@@ -57,8 +57,13 @@ class Trainer:
 
     def setup(self) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import GradientAccumulationPlugin, set_seed
 
+        # accelerate keeps process-wide singletons; several runs in one process (Hydra's basic multirun launcher,
+        # tests) may differ in precision or accumulation. The distributed state (PartialState) is kept.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=self.mixed_precision, cpu=self.cpu,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.gradient_accumulation,

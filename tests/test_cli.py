@@ -1,0 +1,80 @@
+"""The commands as a user runs them: `tinv-train` with defaults, bad input, and `tinv-tiny`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, cli
+
+
+def _script(name):
+    found = Path(sys.executable).parent / name
+    return [str(found)] if found.exists() else [sys.executable, "-m",
+                                                {"tinv-train": "tinv.train", "tinv-tiny": "tinv.backbone.tiny"}[name]]
+
+
+def test_default_run_logs_to_wandb_offline_and_metrics(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(_script("tinv-train") + ["train.max_steps=4", "train.log_every_n_steps=1",
+                                                   f"hydra.run.dir={run}", "logger.name=cli-test"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "mychar.safetensors").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert all(k in r for k in ("train/loss", "train/lr", "train/grad_norm", "train/it_per_s",
+                                    "embedding/emb_params/norm_0"))
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ok"] is True and summary["step"] == 4
+    assert (run / ".hydra" / "config.yaml").is_file()
+
+
+def test_known_token_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    proc = cli(["token.string=cat", "logger=none", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tinv-train: error:")]
+    assert len(errors) == 1 and "token.string='cat'" in errors[0] and "token.string=" in errors[0].split(";")[1]
+    assert not list(run.glob("*.safetensors")) and not (run / "metrics.jsonl").exists()
+
+
+def test_missing_image_dir_fails_before_loading(tmp_path):
+    proc = cli(["data=folder", f"data.image_dir={tmp_path / 'nope'}", "logger=none",
+                f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "data.image_dir=" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_folder_data_with_captions(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (80 + 16 * i, 64), colour).save(images / f"{i}.jpg")
+        (images / f"{i}.txt").write_text(f"mychar in {colour}")
+    proc = cli(["data=folder", f"data.image_dir={images}", "template=caption", "train.max_steps=2",
+                "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "mychar.safetensors").is_file()
+
+
+def test_tinv_tiny_writes_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "tiny-xl"
+    proc = subprocess.run(_script("tinv-tiny") + ["sdxl", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert pipe.text_encoder.config.hidden_size != pipe.text_encoder_2.config.hidden_size
+    again = subprocess.run(_script("tinv-tiny") + ["sdxl", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "not empty" in again.stderr
