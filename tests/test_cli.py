@@ -78,3 +78,31 @@ def test_tinv_tiny_writes_a_loadable_pipeline(tmp_path):
     assert pipe.text_encoder.config.hidden_size != pipe.text_encoder_2.config.hidden_size
     again = subprocess.run(_script("tinv-tiny") + ["sdxl", str(out)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_hub_id_loads_from_the_hugging_face_cache_offline(tmp_path):
+    """The hub-id path, offline: a tiny model laid out as a cached hub snapshot is found by its id."""
+    from tinv.backbone.tiny import tiny_model_path
+
+    repo = tmp_path / "hub" / "models--tinv--tiny-sd15"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_path("sd15"), snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    ok = subprocess.run(_script("tinv-train") + ["model=sd15", "model.path=tinv/tiny-sd15", "model.resolution=64",
+                                                 "train.max_steps=1", "logger=none", f"hydra.run.dir={tmp_path / 'a'}"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (tmp_path / "a" / "mychar.safetensors").is_file()
+    missing = subprocess.run(_script("tinv-train") + ["model=sd15", "model.path=tinv/not-there", "logger=none",
+                                                      f"hydra.run.dir={tmp_path / 'b'}"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert missing.returncode == 2
+    assert "HF_HUB_OFFLINE is set" in missing.stderr and "model.path='tinv/not-there'" in missing.stderr
+
+
+def test_family_mismatch_is_named(tmp_path):
+    proc = cli(["model=tiny_sd15", "model.family=sdxl", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+               cwd=tmp_path)
+    assert proc.returncode == 2 and "not SDXL" in proc.stderr

@@ -96,3 +96,16 @@ def test_adamw8bit_without_bitsandbytes_says_how_to_fix():
     cfg = compose(["optimizer=adamw8bit"])
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):
         check_partial("optimizer", cfg.optimizer, "adamw8bit")
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_presets_compose(experiment):
+    cfg = compose([f"experiment={experiment}", "data.image_dir=/tmp"])
+    check_values(cfg)
+    assert cfg.train.max_steps > 0
+
+
+def test_sdxl_style_preset_overrides_groups():
+    cfg = compose(["experiment=sdxl_style", "data.image_dir=/tmp"])
+    assert (cfg.model.family, cfg.template.kind, cfg.scheduler.name) == ("sdxl", "caption", "cosine")
+    assert cfg.token.num_vectors == 8

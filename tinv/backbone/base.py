@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -68,9 +69,7 @@ class Backbone:
             raise ConfigError(f"model.family={family!r} is unknown; use one of {', '.join(FAMILIES)}")
         cls = FAMILIES[family]
         path = _check_source(path)
-        components = _model_components(path, kwargs.get("revision"))
-        if components is not None:
-            cls._check_components(path, components)
+        cls._check_components(path, _model_components(path, kwargs.get("revision")))
         return cls(path, **kwargs)
 
     @classmethod
@@ -90,7 +89,10 @@ class Backbone:
         from transformers import CLIPTokenizer
 
         try:
-            return CLIPTokenizer.from_pretrained(self.path, subfolder=subfolder, **self._from_pretrained_kwargs())
+            tokenizer = CLIPTokenizer.from_pretrained(self.path, subfolder=subfolder, **self._from_pretrained_kwargs())
+            if tokenizer.eos_token_id is None or len(tokenizer) < 256:  # transformers 5 builds empty ones silently
+                raise OSError("no tokenizer files found")
+            return tokenizer
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.path={self.path!r}: cannot load its {subfolder} ({_first_line(err)}); "
                               "offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache - "
@@ -229,8 +231,8 @@ def _check_source(path: str) -> str:
     return str(path)
 
 
-def _model_components(path: str, revision: str | None) -> set[str] | None:
-    """Component names from model_index.json (None when it cannot be read, e.g. a hub id not cached offline)."""
+def _model_components(path: str, revision: str | None) -> set[str]:
+    """Component names from model_index.json, read locally or from the hub (its cache when offline)."""
     local = Path(path) / "model_index.json"
     try:
         if local.is_file():
@@ -239,6 +241,11 @@ def _model_components(path: str, revision: str | None) -> set[str] | None:
             from huggingface_hub import hf_hub_download
 
             index = json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text())
-    except Exception:  # noqa: BLE001 - the tokenizer load right after reports the real problem in one line
-        return None
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        hint = (f"it is not in the Hugging Face cache and HF_HUB_OFFLINE is set - run `hf download {path}` once "
+                "online, or point model.path at a local diffusers folder") if offline else \
+            "check the hub id (and your access to it) or point model.path at a local diffusers folder"
+        raise ConfigError(f"model.path={path!r}: cannot read its model_index.json ({_first_line(err)}); {hint}") \
+            from None
     return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
