@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ROOT, cli
 
@@ -106,3 +105,17 @@ def test_family_mismatch_is_named(tmp_path):
     proc = cli(["model=tiny_sd15", "model.family=sdxl", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
                cwd=tmp_path)
     assert proc.returncode == 2 and "not SDXL" in proc.stderr
+
+
+def test_named_sweep_runs_from_any_directory(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(_script("tinv-train") + ["sweep=lr_vectors", "train.max_steps=1", "logger=none",
+                                                   f"hydra.sweep.dir={sweep_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(sweep_dir.glob("*/mychar.safetensors"))
+    assert len(files) == 6
+    from safetensors.torch import load_file
+
+    shapes = sorted(load_file(f)["emb_params"].shape[0] for f in files)
+    assert shapes == [1, 1, 1, 4, 4, 4]
