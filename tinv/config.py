@@ -42,13 +42,42 @@ class TemplateConfig:
 
 @dataclass
 class DataConfig:
-    _target_: str = "tinv.data.ImageCaptionDataset"
+    """Our data keys double as the lowest level of kohya's precedence (subset > dataset > [general] > these)."""
+
+    _target_: str = "tinv.data.build_training_set"
     image_dir: Optional[str] = None
+    dataset_config: Optional[str] = None  # a kohya dataset TOML; its datasets/subsets replace image_dir
     caption_extension: str = ".txt"
-    resolution: int = II("model.resolution")  # defaults to the model's native resolution
+    resolution: Any = II("model.resolution")  # int or [width, height]; defaults to the model's native size
     num_repeats: int = 1
-    center_crop: bool = True  # False: resize to a square without cropping
+    class_tokens: Optional[str] = None  # caption of images without a caption file
+    missing_token: str = "prepend"  # caption lacks the token: prepend | warn | error
+    # caption processing (kohya semantics)
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: Optional[str] = None
+    enable_wildcard: bool = False
+    caption_prefix: Optional[str] = None
+    caption_suffix: Optional[str] = None
+    caption_tag_dropout_rate: float = 0.0
+    # augmentation (random_crop and color_aug turn latent caching off)
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    # aspect-ratio buckets
+    enable_bucket: bool = False
+    min_bucket_reso: Optional[int] = None  # None = half the resolution
+    max_bucket_reso: Optional[int] = None  # None = twice the resolution
+    bucket_reso_steps: int = 64  # 64 for SD1/SD2; SDXL allows 32
+    bucket_no_upscale: bool = False
+    resize_interpolation: Optional[str] = None  # lanczos (default) | nearest | bilinear | bicubic | area | box | hamming
+    # loading and the latent cache
+    cache_dir: Optional[str] = None  # disk latent cache (train.cache_latents_to_disk); None = $TINV_CACHE/latents
+    vae_batch_size: int = 4
     num_workers: int = 0
+    debug: bool = False  # print the first samples' captions, token ids and buckets, then exit
 
 
 @dataclass
@@ -60,7 +89,8 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
-    cache_latents: bool = True
+    cache_latents: bool = True  # encode every image once, in memory
+    cache_latents_to_disk: bool = False  # and keep them in data.cache_dir across runs
     no_half_vae: Optional[bool] = None  # keep the VAE fp32 under mixed precision; None = yes for SDXL
     max_grad_norm: Optional[float] = None
     log_every_n_steps: int = 1
@@ -102,13 +132,14 @@ _ENUMS = {
     "model.family": ("sd1", "sd2", "sdxl"),
     "model.prediction_type": (None, "epsilon", "v_prediction"),
     "template.kind": ("object", "style", "caption"),
+    "data.missing_token": ("prepend", "warn", "error"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "save.format": ("safetensors", "pt"),
     "logger.mode": (None, "online", "offline", "disabled"),
 }
 
 _POSITIVE = ("token.num_vectors", "train.max_steps", "train.batch_size", "train.gradient_accumulation",
-             "data.num_repeats", "model.clip_skip", "train.log_every_n_steps")
+             "data.num_repeats", "model.clip_skip", "train.log_every_n_steps", "data.vae_batch_size")
 
 
 def check_values(cfg) -> None:

@@ -77,6 +77,7 @@ class ConceptToken:
             num_vectors = rows
         self.names = token_names(string, num_vectors or 1)
         self.splices: dict[str, SplicedEmbedding] = {}
+        self.first_ids: dict[str, int] = {}  # per encoder key: the id of the first token name
         self._pattern = re.compile(rf"(?<!\w){re.escape(string)}(?!\w)", re.IGNORECASE)
 
     @property
@@ -102,10 +103,12 @@ class ConceptToken:
         """Every whole-word occurrence of the token string becomes all N token names, in order."""
         return self._pattern.sub(" ".join(self.names), prompt)
 
-    def install(self, encoders, seed: int) -> None:
-        """Add the token names to each tokenizer and splice trainable rows into each encoder's lookup."""
+    def add_to_tokenizers(self, encoders) -> None:
+        """Add the token names to each tokenizer (once) and check that a prompt tokenizes to the new ids."""
         from transformers import AddedToken
 
+        if self.first_ids:
+            return
         self.check_new(encoders)
         for enc in encoders:
             tok = enc.tokenizer
@@ -116,11 +119,17 @@ class ConceptToken:
             if ids != list(range(first, first + self.num_vectors)) or probe != ids:
                 raise ConfigError(f"token.string={self.string!r} does not tokenize to its own new tokens in the "
                                   f"{enc.key} tokenizer (got {probe}); use a lowercase word of letters and digits")
+            self.first_ids[enc.key] = first
+
+    def install(self, encoders, seed: int) -> None:
+        """Splice trainable rows for the new ids into each encoder's token lookup."""
+        self.add_to_tokenizers(encoders)
+        for enc in encoders:
             base = enc.model.get_input_embeddings()
             if isinstance(base, SplicedEmbedding):
                 raise ConfigError("this model already has trained tokens spliced in; load a fresh backbone")
             init = self._initial_rows(enc, base.weight.detach(), seed)
-            splice = SplicedEmbedding(base, first, init).to(base.weight.device)
+            splice = SplicedEmbedding(base, self.first_ids[enc.key], init).to(base.weight.device)
             enc.model.set_input_embeddings(splice)
             self.splices[enc.key] = splice
 

@@ -37,7 +37,26 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult:
+def describe_samples(dataset, prompts, token, backbone, count: int = 8) -> str:
+    """`data.debug=true`: what the first samples become, down to token ids (new ids marked with *)."""
+    lines = [f"{len(dataset.samples)} images, {len(dataset)} samples per epoch, "
+             f"{len(dataset.specs)} dataset(s), {len(dataset.subsets)} subset(s)"]
+    for position in range(min(count, len(dataset))):
+        item = dataset[position]
+        sample = dataset.samples[item["sample"]]
+        prompt = token.expand(prompts(item["caption"]))
+        lines.append(f"[{position}] {sample.path}  size {sample.size[0]}x{sample.size[1]} -> bucket "
+                     f"{sample.bucket[0]}x{sample.bucket[1]}  crop {item['crop_top_left']}  flip {item['flip']}")
+        lines.append(f"    caption: {item['caption']!r}")
+        lines.append(f"    prompt:  {prompt!r}")
+        for enc in backbone.encoders:
+            ids = enc.tokenizer(prompt, add_special_tokens=False).input_ids
+            first = token.first_ids[enc.key]
+            lines.append(f"    {enc.key} ids: " + " ".join(f"{i}*" if i >= first else str(i) for i in ids))
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | None:
     """Train one embedding. Cheap checks first, so bad input fails before any weights load."""
     check_values(cfg)
     hydra_ready = HydraConfig.initialized()
@@ -47,10 +66,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult:
     check_partial("scheduler", cfg.scheduler, choices.get("scheduler"))
 
     token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights)
-    dataset = build(cfg.data)
+    dataset = build(cfg.data, family=cfg.model.family, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     backbone = build(cfg.model)  # tokenizers only; weights load in the trainer
-    token.check_new(backbone.encoders)
+    token.add_to_tokenizers(backbone.encoders)
+    dataset.check_token(token, cfg.template.kind)
     prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, seed=cfg.train.seed)
+    if dataset.debug:
+        print(describe_samples(dataset, prompts, token, backbone))
+        return None
     trainer = build(
         cfg.train, _recursive_=False, backbone=backbone, dataset=dataset, token=token, prompts=prompts,
         optimizer=build(cfg.optimizer), lr_scheduler=build(cfg.scheduler),
@@ -63,9 +86,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     try:
-        return run(cfg).final_loss
+        result = run(cfg)
+        return result.final_loss if result else None
     except ConfigError as err:
         log.error("%s", err)
         print(f"tinv-train: error: {err}", file=sys.stderr)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from .backbone.tiny import cache_root
+from .data import BucketBatchSampler, LatentCache, collate
 from .embedding import ConceptToken, EmbeddingMeta, save_embedding
 from .errors import ConfigError
 
@@ -37,7 +39,8 @@ class Trainer:
                  run_dir: str | Path, output_name: str, save_format: str = "safetensors",
                  save_every_n_steps: int = 0, run_config: dict | None = None, *, max_steps: int = 500,
                  batch_size: int = 4, gradient_accumulation: int = 1, seed: int = 42, mixed_precision: str = "no",
-                 gradient_checkpointing: bool = False, cache_latents: bool = True, no_half_vae: bool | None = None,
+                 gradient_checkpointing: bool = False, cache_latents: bool = True,
+                 cache_latents_to_disk: bool = False, no_half_vae: bool | None = None,
                  max_grad_norm: float | None = None, log_every_n_steps: int = 1, cpu: bool = False):
         self.backbone, self.dataset, self.token, self.prompts = backbone, dataset, token, prompts
         self.make_optimizer, self.make_lr_scheduler, self.tracker = optimizer, lr_scheduler, tracker
@@ -47,11 +50,12 @@ class Trainer:
         self.config = OmegaConf.to_container(run_config) if isinstance(run_config, DictConfig) else run_config or {}
         self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
         self.gradient_accumulation, self.mixed_precision = gradient_accumulation, mixed_precision
-        self.gradient_checkpointing, self.cache_latents = gradient_checkpointing, cache_latents
+        self.gradient_checkpointing = gradient_checkpointing
+        self.cache_latents, self.cache_latents_to_disk = cache_latents or cache_latents_to_disk, cache_latents_to_disk
         self.no_half_vae = backbone.family == "sdxl" if no_half_vae is None else no_half_vae
         self.max_grad_norm, self.log_every_n_steps, self.cpu = max_grad_norm, log_every_n_steps, cpu
         self.step = 0
-        self.latent_cache: dict[int, torch.Tensor] | None = None
+        self.latent_cache = None
 
     # ---- setup ----------------------------------------------------------------------------------------------------
 
@@ -78,47 +82,43 @@ class Trainer:
         self.token.install(self.backbone.encoders, self.seed)  # after the dtype cast: the vectors stay fp32
         if self.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
-        self.prompts.check_captions(self.dataset.captions)
 
         params = self.token.parameters()
         self.optimizer = self.make_optimizer(params)
         self.lr_scheduler = self.make_lr_scheduler(optimizer=self.optimizer, num_training_steps=self.max_steps)
-        from .data import collate_images
-
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, collate_fn=collate_images,
-                            num_workers=self.dataset.num_workers,
-                            generator=torch.Generator().manual_seed(self.seed))
-        self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.loader = DataLoader(self.dataset, batch_sampler=BucketBatchSampler(self.dataset, self.seed),
+                                 collate_fn=collate, num_workers=self.dataset.num_workers,
+                                 worker_init_fn=self.dataset.reseed_worker,
+                                 generator=torch.Generator().manual_seed(self.seed))
         self.noise_gen = torch.Generator(device=device).manual_seed(self.seed + self.accelerator.process_index)
         if self.cache_latents:
-            self._cache_latents()
+            self._cache_latents(device)
         self.tracker.start(self.run_dir, self.config, enabled=self.accelerator.is_main_process)
         n = sum(p.numel() for p in params)
-        log.info("training %d vectors (%d floats) of token %r on %s (%s); %d images x %d repeats",
+        log.info("training %d vectors (%d floats) of token %r on %s (%s); %d images, %d samples per epoch",
                  self.token.num_vectors, n, self.token.string, device, self.mixed_precision,
-                 len(self.dataset.images), self.dataset.num_repeats)
+                 len(self.dataset.samples), len(self.dataset))
 
-    @torch.no_grad()
-    def _cache_latents(self) -> None:
-        """Encode every image once; steps then do no VAE work, and the VAE leaves the accelerator."""
-        from .data import collate_images
-
-        self.latent_cache, meta = {}, {}
-        images = range(len(self.dataset.images))
-        for start in range(0, len(images), self.batch_size):
-            items = [self.dataset[i] for i in images[start:start + self.batch_size]]
-            latents = self.backbone.encode_latents(collate_images(items)["pixel_values"]).float()
-            for item, latent in zip(items, latents):
-                self.latent_cache[item["image_index"]] = latent
-                meta[item["image_index"]] = (item["original_size"], item["crop_top_left"])
-        self.dataset.use_cached_pixels(meta)
-        self.backbone.vae.to("cpu")
+    def _cache_latents(self, device: torch.device) -> None:
+        """Encode every image (and its mirror, with flip_aug) once; steps then do no VAE work."""
+        blockers = sorted({k for sub in self.dataset.subsets for k in ("random_crop", "color_aug") if getattr(sub, k)})
+        if blockers:
+            log.warning("latent caching is off: %s change the pixels every step", " and ".join(blockers))
+            return
+        cache_dir = None
+        if self.cache_latents_to_disk:
+            cache_dir = self.dataset.cache_dir or str(cache_root() / "latents")
+        self.latent_cache = LatentCache(self.dataset, self.backbone, cache_dir, self.dataset.vae_batch_size)
+        self.latent_cache.build(device)
+        self.dataset.cached = True
+        self.backbone.vae.to("cpu")  # no longer needed on the accelerator
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
 
     def latents(self, batch: dict) -> torch.Tensor:
         if self.latent_cache is not None:
-            return torch.stack([self.latent_cache[int(i)] for i in batch["image_index"]])
+            return self.latent_cache.get(batch["sample"], batch["flip"])
         with torch.no_grad():
             return self.backbone.encode_latents(batch["pixel_values"]).float()
 

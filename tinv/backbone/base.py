@@ -59,6 +59,7 @@ class Backbone:
         self.encoders = [TextEncoder(key, sub, tsub, self._load_tokenizer(tsub)) for key, sub, tsub
                          in self.encoder_layout]
         self.unet = self.vae = self.noise_scheduler = None
+        self.vae_calls = 0  # VAE encode batches run so far (a cached run does none while training)
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class Backbone:
 
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> scaled latents. The posterior mean, so cached and live latents are the same."""
+        self.vae_calls += 1
         latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean
         return latents * self.vae.config.scaling_factor
 

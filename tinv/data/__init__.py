@@ -1,6 +1,7 @@
-"""Training data: image folders with captions, prompt templates, and the built-in demo set."""
+"""Training data: datasets and subsets (folders, kohya TOML), captions, buckets, latent cache, the demo set."""
 
-from .dataset import ImageCaptionDataset, collate_images
+from .dataset import BucketBatchSampler, TrainingSet, build_training_set, collate
+from .latent_cache import LatentCache
 from .prompts import PromptBuilder
 
-__all__ = ["ImageCaptionDataset", "PromptBuilder", "collate_images"]
+__all__ = ["BucketBatchSampler", "LatentCache", "PromptBuilder", "TrainingSet", "build_training_set", "collate"]

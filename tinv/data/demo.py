@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..backbone.tiny import cache_root
-from .dataset import ImageCaptionDataset
+from .dataset import TrainingSet, build_training_set
 
 DEMO_VERSION = "v1"
 BACKGROUNDS = {"blue": (40, 70, 200), "green": (40, 160, 70), "gray": (128, 128, 128), "yellow": (230, 200, 40)}
@@ -53,6 +53,6 @@ def demo_images_dir() -> Path:
     return path
 
 
-def demo_dataset(image_dir: str | None = None, **kwargs) -> ImageCaptionDataset:
-    """The dataset of the demo images (or of `image_dir` when one is given)."""
-    return ImageCaptionDataset(image_dir=image_dir or str(demo_images_dir()), **kwargs)
+def demo_dataset(image_dir: str | None = None, **kwargs) -> TrainingSet:
+    """The training set of the demo images (or of `image_dir` when one is given), with every data.* key honoured."""
+    return build_training_set(image_dir=image_dir or str(demo_images_dir()), **kwargs)

@@ -22,15 +22,6 @@ class PromptBuilder:
                 raise ConfigError(f"template.templates entry {bad[0]!r} needs exactly one '{{}}' for the token")
         self.rng = random.Random(seed)
 
-    def check_captions(self, captions: list[str]) -> None:
-        """Caption training: warn once about captions that lack the token (it is put first in those)."""
-        if self.kind != "caption":
-            return
-        missing = sum(1 for c in captions if not self.token.contains_token(c))
-        if missing:
-            log.warning("%d of %d captions do not contain the token %r; it is put first in those captions",
-                        missing, len(captions), self.token.string)
-
     def __call__(self, caption: str) -> str:
         """The prompt for one sample, with the token string still unexpanded."""
         if self.kind != "caption":

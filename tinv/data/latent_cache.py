@@ -1,0 +1,88 @@
+"""Latents encoded once, kept in memory and (optionally) on disk.
+
+A disk entry's name is a hash of everything its pixels depend on: the image file's bytes, the VAE (config and a
+weight fingerprint), the bucket, the crop, the flip and the resize filter. A stale entry can therefore never be
+used: change one image and only that one is re-encoded. Entries are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_path
+from .buckets import fit_to_bucket
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+
+
+def vae_fingerprint(vae) -> str:
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name in ("encoder.conv_in.weight", "quant_conv.weight"):
+        tensor = vae.state_dict().get(name)
+        if tensor is not None:
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class LatentCache:
+    def __init__(self, data, backbone, cache_dir: str | Path | None = None, batch_size: int = 4):
+        self.data, self.backbone, self.batch_size = data, backbone, batch_size
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.latents: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def _key(self, index: int, flip: bool, vae_id: str, file_hashes: dict) -> str:
+        sample = self.data.samples[index]
+        sub, ds = self.data.subsets[sample.subset], self.data.specs[sample.dataset]
+        _, crop = fit_to_bucket(sample.size, sample.bucket)
+        parts = [CACHE_VERSION, file_hashes[sample.path], vae_id, sample.bucket, crop, flip,
+                 sub.resize_interpolation or ds.resize_interpolation or "lanczos"]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.cache_dir / key[:2] / f"{key}.safetensors"
+
+    @torch.no_grad()
+    def build(self, device: torch.device) -> int:
+        """Fill the cache; returns how many latents the VAE had to encode."""
+        from safetensors.torch import load_file, save_file
+
+        wanted = [(i, flip) for i, s in enumerate(self.data.samples)
+                  for flip in ((False, True) if self.data.subsets[s.subset].flip_aug else (False,))]
+        keys = {}
+        if self.cache_dir is not None:
+            vae_id = vae_fingerprint(self.backbone.vae)
+            hashes = {s.path: hashlib.sha256(s.path.read_bytes()).hexdigest() for s in self.data.samples}
+            keys = {w: self._key(*w, vae_id, hashes) for w in wanted}
+        pending = []
+        for w in wanted:
+            path = self._path(keys[w]) if keys else None
+            if path is not None and path.is_file():
+                self.latents[w] = load_file(str(path))["latent"].to(device)
+            else:
+                pending.append(w)
+        # one VAE batch holds one bucket size
+        by_bucket: dict[tuple, list] = {}
+        for w in pending:
+            by_bucket.setdefault(self.data.samples[w[0]].bucket, []).append(w)
+        for group in by_bucket.values():
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start:start + self.batch_size]
+                pixels = torch.stack([self.data.pixels(i, flip) for i, flip in chunk])
+                for w, latent in zip(chunk, self.backbone.encode_latents(pixels).float()):
+                    self.latents[w] = latent.to(device)
+                    if keys:
+                        with atomic_path(self._path(keys[w])) as tmp:
+                            save_file({"latent": latent.cpu().contiguous()}, str(tmp))
+        if self.cache_dir is not None:
+            log.info("latent cache %s: %d reused, %d encoded", self.cache_dir, len(wanted) - len(pending), len(pending))
+        return len(pending)
+
+    def get(self, samples: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.latents[(int(i), bool(f))] for i, f in zip(samples, flips)])

@@ -1,0 +1,222 @@
+"""What to train on: datasets and their subsets, from our `data.*` keys, kohya's folder convention or kohya's TOML.
+
+A kohya dataset config is read unchanged: `[general]`, `[[datasets]]`, `[[datasets.subsets]]`. A key set on a
+subset wins over its dataset, which wins over `[general]`, which wins over our own `data.*` / `train.batch_size`.
+Unknown keys fail with the key and the file named; kohya keys that do not apply to textual inversion are refused
+(is_reg) or ignored with a warning, never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from ..errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+FOLDER_PATTERN = re.compile(r"^(\d+)_(.*)$")  # kohya: "<repeats>_<class tokens>"
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "bicubic", "area", "box", "hamming")
+
+
+@dataclass
+class SubsetSpec:
+    image_dir: str | None = None
+    metadata_file: str | None = None
+    num_repeats: int = 1
+    caption_extension: str = ".txt"
+    class_tokens: str | None = None
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_tag_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    resize_interpolation: str | None = None
+    source: str = "data.image_dir"  # where this subset was defined, for messages
+
+    @property
+    def cacheable(self) -> bool:
+        """Random crops and colour jitter change the pixels every epoch, so their latents cannot be cached."""
+        return not (self.random_crop or self.color_aug)
+
+
+@dataclass
+class DatasetSpec:
+    resolution: tuple[int, int] = (512, 512)  # (width, height)
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    resize_interpolation: str | None = None
+    subsets: list[SubsetSpec] = field(default_factory=list)
+
+
+SUBSET_KEYS = {f.name for f in fields(SubsetSpec)} - {"source"}
+DATASET_KEYS = {f.name for f in fields(DatasetSpec)} - {"subsets"}
+# kohya keys we read but cannot use for textual inversion: key -> why (a warning; the run goes on)
+IGNORED = {
+    "caption_dropout_rate": "caption dropout would drop the token from the prompt; kohya's TI script refuses it too",
+    "caption_dropout_every_n_epochs": "caption dropout would drop the token from the prompt",
+    "network_multiplier": "it applies to LoRA networks, not embeddings",
+    "validation_split": "not used by this trainer's data pipeline",
+    "validation_seed": "not used by this trainer's data pipeline",
+    "face_crop_aug_range": "face-crop augmentation is not supported",
+    "token_warmup_min": "token warm-up is not supported",
+    "token_warmup_step": "token warm-up is not supported",
+    "alpha_mask": "alpha-masked loss is not supported; transparent areas are composited on white",
+    "cache_info": "image sizes are read directly",
+    "custom_attributes": "custom attributes are not used",
+}
+
+
+def _resolution(value, where: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ConfigError(f"{where}: resolution={value!r} must be an integer or [width, height]")
+
+
+def defaults_from_config(data_cfg, batch_size: int) -> tuple[dict, dict]:
+    """Our `data.*` keys as the lowest level of kohya's precedence: (dataset-level, subset-level) values."""
+    dataset = {k: data_cfg[k] for k in DATASET_KEYS if k in data_cfg and k not in ("resolution", "batch_size")}
+    dataset["resolution"] = data_cfg["resolution"]
+    dataset["batch_size"] = batch_size
+    subset = {k: data_cfg[k] for k in SUBSET_KEYS if k in data_cfg}
+    return dataset, subset
+
+
+def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> dict:
+    kept = {}
+    for key, value in table.items():
+        if key in IGNORED:
+            log.warning("%s: %s=%r is ignored: %s", path, key, value, IGNORED[key])
+        elif key == "is_reg":
+            if value:
+                raise ConfigError(f"{path}: {where} has is_reg=true; regularization images do not apply to textual "
+                                  "inversion - remove that subset")
+        elif key not in allowed:
+            raise ConfigError(f"{path}: unknown key {key!r} in {where}; see the README's dataset section for the "
+                              "keys tinv reads")
+        else:
+            kept[key] = value
+    return kept
+
+
+def _make_dataset(values: dict, subsets: list[SubsetSpec], where: str) -> DatasetSpec:
+    values = dict(values)
+    values["resolution"] = _resolution(values.get("resolution"), where)
+    return DatasetSpec(**{k: v for k, v in values.items() if k in DATASET_KEYS}, subsets=subsets)
+
+
+def from_toml(path: str | Path, dataset_defaults: dict, subset_defaults: dict) -> list[DatasetSpec]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.dataset_config={str(path)!r} does not exist; give the path of a kohya dataset TOML")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    for key in doc:
+        if key not in ("general", "datasets"):
+            raise ConfigError(f"{path}: unknown top-level table {key!r}; use [general] and [[datasets]]")
+    general = _check_keys(doc.get("general", {}), DATASET_KEYS | SUBSET_KEYS, "[general]", path)
+    datasets = doc.get("datasets") or []
+    if not datasets:
+        raise ConfigError(f"{path}: no [[datasets]] table; add one with at least one [[datasets.subsets]]")
+    # our data.image_dir is not a default for TOML subsets: each names its own folder
+    inherited = {k: v for k, v in subset_defaults.items() if k not in ("image_dir", "metadata_file")}
+    specs = []
+    for i, ds in enumerate(datasets):
+        where = f"[[datasets]] #{i + 1}"
+        ds = dict(ds)
+        subsets_raw = ds.pop("subsets", [])
+        ds = _check_keys(ds, DATASET_KEYS | SUBSET_KEYS, where, path)
+        if not subsets_raw:
+            raise ConfigError(f"{path}: {where} has no [[datasets.subsets]]; add one with image_dir")
+        subsets = []
+        for j, sub in enumerate(subsets_raw):
+            sub_where = f"{where} subset #{j + 1}"
+            sub = _check_keys(sub, SUBSET_KEYS, sub_where, path)
+            merged = {**inherited, **{k: v for k, v in general.items() if k in SUBSET_KEYS},
+                      **{k: v for k, v in ds.items() if k in SUBSET_KEYS}, **sub}
+            if not merged.get("image_dir"):
+                raise ConfigError(f"{path}: {sub_where} has no image_dir")
+            subsets.append(SubsetSpec(**merged, source=f"{path} {sub_where}"))
+        dataset_values = {**dataset_defaults, **{k: v for k, v in general.items() if k in DATASET_KEYS},
+                          **{k: v for k, v in ds.items() if k in DATASET_KEYS}}
+        specs.append(_make_dataset(dataset_values, subsets, f"{path} {where}"))
+    return specs
+
+
+def from_folder(dataset_defaults: dict, subset_defaults: dict) -> list[DatasetSpec]:
+    """`data.image_dir`: one subset, or one per kohya `<repeats>_<class tokens>` subfolder."""
+    image_dir = subset_defaults.get("image_dir")
+    if not image_dir:
+        raise ConfigError("data.image_dir is not set; pass data.image_dir=/path/to/images (or data.dataset_config)")
+    root = Path(image_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.image_dir={str(root)!r} does not exist or is not a folder")
+    base = SubsetSpec(**subset_defaults)
+    kohya = sorted(d for d in root.iterdir() if d.is_dir() and FOLDER_PATTERN.match(d.name))
+    if kohya:
+        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp",
+                                                                                  ".bmp")]
+        if loose:
+            log.warning("data.image_dir=%s uses <repeats>_<class tokens> subfolders; the %d images directly in it "
+                        "are not used", root, len(loose))
+        subsets = []
+        for d in kohya:
+            repeats, tokens = FOLDER_PATTERN.match(d.name).groups()
+            subsets.append(replace(base, image_dir=str(d), num_repeats=int(repeats),
+                                   class_tokens=tokens.strip() or base.class_tokens, source=str(d)))
+    else:
+        subsets = [replace(base, image_dir=str(root), source=f"data.image_dir={root}")]
+    return [_make_dataset(dataset_defaults, subsets, "data")]
+
+
+def validate(specs: list[DatasetSpec], family: str) -> None:
+    """Value checks with the subset's source named; run before any image or model is read."""
+    for ds in specs:
+        step = ds.bucket_reso_steps
+        where = ds.subsets[0].source if ds.subsets else "data"
+        if step % 8 or step <= 0:
+            raise ConfigError(f"{where}: bucket_reso_steps={step} must be a positive multiple of 8")
+        if family != "sdxl" and step % 64:
+            raise ConfigError(f"{where}: bucket_reso_steps={step} must be a multiple of 64 for {family} models "
+                              "(32 is allowed for SDXL)")
+        if min(ds.resolution) < 8 or any(r % 8 for r in ds.resolution):
+            raise ConfigError(f"{where}: resolution={list(ds.resolution)} must be multiples of 8")
+        if ds.batch_size < 1:
+            raise ConfigError(f"{where}: batch_size={ds.batch_size} must be at least 1")
+        for sub in [ds, *ds.subsets]:
+            interp = sub.resize_interpolation
+            if interp is not None and interp not in INTERPOLATIONS:
+                raise ConfigError(f"{where}: resize_interpolation={interp!r}; use one of {', '.join(INTERPOLATIONS)}")
+        for sub in ds.subsets:
+            if not sub.caption_separator:
+                raise ConfigError(f"{sub.source}: caption_separator is empty; use e.g. ',' (the default)")
+            if sub.num_repeats < 1:
+                raise ConfigError(f"{sub.source}: num_repeats={sub.num_repeats} must be at least 1")
+            if not 0.0 <= sub.caption_tag_dropout_rate < 1.0:
+                raise ConfigError(f"{sub.source}: caption_tag_dropout_rate={sub.caption_tag_dropout_rate} must be "
+                                  "in [0, 1)")
+            if sub.keep_tokens < 0:
+                raise ConfigError(f"{sub.source}: keep_tokens={sub.keep_tokens} must be 0 or more")
