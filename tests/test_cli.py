@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, cli
 
@@ -37,13 +38,38 @@ def test_default_run_logs_to_wandb_offline_and_metrics(tmp_path):
     assert (run / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.parametrize("model,keys", [("tiny_sd2", {"emb_params": 48}), ("tiny_sdxl", {"clip_l": 32, "clip_g": 64})])
+def test_other_tiny_families_through_the_cli(tmp_path, model, keys):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    proc = subprocess.run(_script("tinv-train") + [f"model={model}", "train.max_steps=3", "token.num_vectors=2",
+                                                   "logger=none", f"hydra.run.dir={run}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_file(run / "mychar.safetensors")
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: (2, w) for k, w in keys.items()}
+    losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(isinstance(x, float) for x in losses)
+    pipe = DiffusionPipeline.from_pretrained(json.loads((run / "summary.json").read_text())["base_model"])
+    pairs = [(pipe.tokenizer, pipe.text_encoder, "emb_params" if "emb_params" in keys else "clip_l")]
+    if "clip_g" in keys:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2, "clip_g"))
+    for tok, te, key in pairs:
+        pipe.load_textual_inversion(state[key], token="mychar", text_encoder=te, tokenizer=tok)
+        ids = tok.convert_tokens_to_ids(["mychar", "mychar_1"])
+        assert torch.equal(te.get_input_embeddings().weight[ids], state[key])
+
+
 def test_known_token_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
     run = tmp_path / "run"
     proc = cli(["token.string=cat", "logger=none", f"hydra.run.dir={run}"], cwd=tmp_path)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tinv-train: error:")]
     assert len(errors) == 1 and "token.string='cat'" in errors[0] and "token.string=" in errors[0].split(";")[1]
-    assert not list(run.glob("*.safetensors")) and not (run / "metrics.jsonl").exists()
+    assert not run.exists()  # nothing written, not even Hydra's files
+    assert proc.stdout.count("already token") == 0  # said once, on stderr
 
 
 def test_missing_image_dir_fails_before_loading(tmp_path):

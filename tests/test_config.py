@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, compose
 from tinv.config import check_values
 from tinv.errors import ConfigError
-from tinv.optim import check_partial
+from tinv.optim import check_optimization, check_target
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TEMPLATES = sorted(p.stem for p in (CONF / "template").glob("*.yaml"))
@@ -30,6 +30,13 @@ def test_every_model_and_template_composes(model, template):
     assert cfg.data.resolution == cfg.model.resolution
     if not model.startswith("tiny"):  # tiny paths resolve to a cache folder, written on first use
         OmegaConf.resolve(cfg)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_config_states_family_resolution_and_prediction(model):
+    text = (CONF / "model" / f"{model}.yaml").read_text()
+    for key in ("family:", "path:", "resolution:", "prediction_type:"):
+        assert key in text
 
 
 def test_model_configs_carry_family_resolution_and_prediction():
@@ -64,14 +71,14 @@ def test_bad_values_name_the_key(override, key):
 def test_optimizer_and_scheduler_targets_accept_their_keys(name):
     group = "optimizer" if name in OPTIMIZERS else "scheduler"
     cfg = compose([f"{group}={name}"])
-    check_partial(group, cfg[group], name)
+    check_target(group, cfg[group], name)
     assert "lr" in cfg.optimizer
 
 
 def test_misspelled_optimizer_argument_is_named():
     cfg = compose(["+optimizer.betaz=1"])
     with pytest.raises(ConfigError, match="optimizer.betaz is not an argument of torch.optim.AdamW"):
-        check_partial("optimizer", cfg.optimizer, "adamw")
+        check_target("optimizer", cfg.optimizer, "adamw")
 
 
 def test_missing_optimizer_package_names_it(monkeypatch):
@@ -83,7 +90,7 @@ def test_missing_optimizer_package_names_it(monkeypatch):
     monkeypatch.setattr(optim, "get_method", no_import)
     cfg = compose(["optimizer=prodigy"])
     with pytest.raises(ConfigError, match=r"optimizer=prodigy needs the package 'prodigyopt': pip install prodigyopt"):
-        check_partial("optimizer", cfg.optimizer, "prodigy")
+        check_target("optimizer", cfg.optimizer, "prodigy")
 
 
 def test_adamw8bit_without_bitsandbytes_says_how_to_fix():
@@ -95,7 +102,7 @@ def test_adamw8bit_without_bitsandbytes_says_how_to_fix():
         pass
     cfg = compose(["optimizer=adamw8bit"])
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):
-        check_partial("optimizer", cfg.optimizer, "adamw8bit")
+        check_target("optimizer", cfg.optimizer, "adamw8bit")
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
@@ -109,3 +116,14 @@ def test_sdxl_style_preset_overrides_groups():
     cfg = compose(["experiment=sdxl_style", "data.image_dir=/tmp"])
     assert (cfg.model.family, cfg.template.kind, cfg.scheduler.name) == ("sdxl", "caption", "cosine")
     assert cfg.token.num_vectors == 8
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer.lr=-1"], "optimizer: Invalid learning rate: -1"),
+    (["optimizer=sgd", "optimizer.momentum=-1"], "optimizer: Invalid momentum value"),
+    (["scheduler.name=cosinus"], "scheduler: 'cosinus' is not a valid SchedulerType"),
+])
+def test_bad_optimizer_and_scheduler_values_fail_before_loading(overrides, message):
+    cfg = compose(overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_optimization(cfg.optimizer, cfg.scheduler, 10, {})

@@ -95,13 +95,21 @@ def test_tiny_family_trains_and_loads_in_diffusers(model, run_dir):
         ids = tok.convert_tokens_to_ids(["mychar", "mychar_1"])
         assert torch.equal(te.get_input_embeddings().weight[ids], tensors[key])
     assert not torch.allclose(before[0], after[0])
+    sizes = {"original_size": torch.tensor([[64.0, 64.0]]), "crop_top_left": torch.zeros(1, 2),
+             "target_size": torch.tensor([[64.0, 64.0]])}
     with torch.no_grad():
-        cond = backbone.conditioning(backbone.tokenize([trainer.token.expand(prompt)]), {
-            "original_size": torch.tensor([[64.0, 64.0]]), "crop_top_left": torch.zeros(1, 2),
-            "target_size": torch.tensor([[64.0, 64.0]])})
+        cond = backbone.conditioning(backbone.tokenize([trainer.token.expand(prompt)]), sizes)
+        plain = backbone.conditioning(backbone.tokenize(["a photo of a"]), sizes)
+    assert not torch.allclose(cond["encoder_hidden_states"], plain["encoder_hidden_states"])
     torch.testing.assert_close(cond["encoder_hidden_states"], after[0], rtol=1e-5, atol=1e-5)
     if family == "sdxl":
-        torch.testing.assert_close(cond["added_cond_kwargs"]["text_embeds"], after[2], rtol=1e-5, atol=1e-5)
+        # Real SDXL encoders (and the tiny ones) ship eos_token_id=2, so transformers pools at argmax(ids): the new
+        # token, not EOS. Training pools at EOS like A1111/ComfyUI; diffusers needs the README's one-line fix.
+        pooled = cond["added_cond_kwargs"]["text_embeds"]
+        assert not torch.allclose(pooled, after[2], atol=1e-4)
+        pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id
+        fixed = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        torch.testing.assert_close(pooled, fixed[2], rtol=1e-5, atol=1e-5)
 
 
 def test_pt_format_is_the_a1111_layout_and_loads_in_diffusers(run_dir):
@@ -116,15 +124,27 @@ def test_pt_format_is_the_a1111_layout_and_loads_in_diffusers(run_dir):
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], data["string_to_param"]["*"])
 
 
-def test_intermediate_saves_and_accumulation(run_dir):
+def test_intermediate_saves_and_accumulation(run_dir, monkeypatch):
+    from tinv.trainer import Trainer
+
+    micro_batches = []
+    original = Trainer.training_loss
+    monkeypatch.setattr(Trainer, "training_loss",
+                        lambda self, batch: micro_batches.append(len(batch["captions"])) or original(self, batch))
     result = train(run_dir, ["train.max_steps=4", "save.every_n_steps=2", "train.gradient_accumulation=2",
-                             "train.batch_size=2", "scheduler=cosine", "scheduler.num_warmup_steps=1"])
+                             "train.batch_size=2", "scheduler=linear", "scheduler.num_warmup_steps=2"])
     assert result.step == 4
     names = sorted(p.name for p in run_dir.glob("*.safetensors"))
     assert names == ["mychar-step00000002.safetensors", "mychar-step00000004.safetensors", "mychar.safetensors"]
-    # 4 optimizer steps from 8 micro-batches: the optimizer saw exactly 4 updates
+    # 4 optimizer steps from 8 micro-batches of 2
+    assert micro_batches == [2] * 8
     state = next(iter(result.trainer.optimizer.state.values()))
     assert int(state["step"]) == 4
+    # the logged lr is the one each step used: warm-up from 0
+    import json
+
+    lrs = [json.loads(line)["train/lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[:3] == pytest.approx([0.0, 2.5e-3, 5e-3])
 
 
 def test_bf16_autocast_keeps_vectors_fp32(run_dir):
@@ -136,10 +156,36 @@ def test_bf16_autocast_keeps_vectors_fp32(run_dir):
 
 
 def test_cached_and_live_latents_give_the_same_loss(tmp_path):
-    a = train(tmp_path / "a", ["train.max_steps=2", "train.cache_latents=true"])
-    b = train(tmp_path / "b", ["train.max_steps=2", "train.cache_latents=false"])
+    a = train(tmp_path / "a", ["train.max_steps=3", "train.cache_latents=true"])
+    b = train(tmp_path / "b", ["train.max_steps=3", "train.cache_latents=false"])
     assert a.final_loss == pytest.approx(b.final_loss, rel=1e-5)
-    assert a.trainer.backbone.vae.device.type == "cpu"
+    assert a.trainer.backbone.vae_calls == 2  # 8 demo images cached in VAE batches of 4, then none per step
+    assert b.trainer.backbone.vae_calls == 3  # one per step
+
+
+@pytest.mark.parametrize("model,target", [("tiny_sd15", "epsilon"), ("tiny_sd2", "v_prediction")])
+def test_loss_target_follows_the_prediction_type(model, target, run_dir):
+    result = train(run_dir, [f"model={model}", "train.max_steps=1", "template=caption"])  # deterministic prompts
+    trainer = result.trainer
+    assert trainer.backbone.prediction_type == target
+    batch = next(iter(trainer.loader))
+    state = trainer.noise_gen.get_state()
+    loss = trainer.training_loss(batch)
+    # recompute by hand with the same noise and timesteps
+    trainer.noise_gen.set_state(state)
+    latents = trainer.latents(batch)
+    noise = torch.randn(latents.shape, generator=trainer.noise_gen)
+    t = torch.randint(0, 1000, (latents.shape[0],), generator=trainer.noise_gen)
+    sched = trainer.backbone.noise_scheduler
+    ids = trainer.backbone.tokenize([trainer.token.expand(trainer.prompts(c)) for c in batch["captions"]])
+    with torch.no_grad():
+        pred = trainer.backbone.predict(sched.add_noise(latents, noise, t), t, ids, batch)
+    alpha = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    expected = noise if target == "epsilon" else alpha * noise - sigma * latents
+    other = alpha * noise - sigma * latents if target == "epsilon" else noise
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(pred, expected).item(), rel=1e-4)
+    assert loss.item() != pytest.approx(torch.nn.functional.mse_loss(pred, other).item(), rel=1e-3)
 
 
 @pytest.mark.parametrize("optimizer", ["lion", "prodigy", "sgd", "adafactor"])

@@ -96,6 +96,22 @@ class ConceptToken:
                         f"token.string={self.string!r}: {name!r} is already token {hit} of the {enc.key} tokenizer, "
                         f"so it cannot be learned; pick a word the model does not know, e.g. token.string={free}")
 
+    def check_start(self, encoders) -> None:
+        """token.weights must fit the model: one tensor per encoder, of its width, with equal row counts."""
+        if self.start is None:
+            return
+        rows = {k: v.shape[0] for k, v in self.start.items()}
+        if len(set(rows.values())) != 1:
+            raise ConfigError(f"token.weights: its tensors have different vector counts {rows}; the file is broken")
+        for enc in encoders:
+            if enc.key not in self.start:
+                raise ConfigError(f"token.weights has {sorted(self.start)} but this {enc.key!r} model needs "
+                                  f"{[e.key for e in encoders]}; it was trained for another model family")
+            width = self.start[enc.key].shape[1]
+            if width != enc.width:
+                raise ConfigError(f"token.weights {enc.key} vectors are {width} wide but the model's {enc.key} "
+                                  f"encoder is {enc.width} wide; it was trained for another model family")
+
     def contains_token(self, text: str) -> bool:
         return bool(self._pattern.search(text))
 
@@ -136,14 +152,8 @@ class ConceptToken:
     def _initial_rows(self, enc, vocab: torch.Tensor, seed: int) -> torch.Tensor:
         width = vocab.shape[1]
         if self.start is not None:
-            if enc.key not in self.start:
-                raise ConfigError(f"token.weights has keys {sorted(self.start)} but this model needs {enc.key!r}; "
-                                  "it was trained for another model family")
-            rows = self.start[enc.key]
-            if rows.shape[1] != width:
-                raise ConfigError(f"token.weights {enc.key} vectors are {rows.shape[1]} wide but the model's "
-                                  f"{enc.key} encoder is {width} wide; it was trained for another model family")
-            return rows.float()
+            self.check_start([enc])
+            return self.start[enc.key].float()
         vocab = vocab.float().cpu()
         if self.init_word:
             ids = enc.tokenizer(self.init_word, add_special_tokens=False).input_ids

@@ -1,14 +1,15 @@
-"""Checking optimizer and scheduler choices at start-up, before any model loads.
+"""Checking the optimizer and scheduler choices at start-up, before any model loads.
 
-The configs are `_target_` + `_partial_` nodes; this checks that the target's package is installed and that every
-key is an argument of the target, so a typo or a missing package costs seconds, not a model load.
+The configs are `_target_` + `_partial_` nodes. Both are built once on a dummy parameter, so a missing package, a
+misspelled argument or a bad value (a negative lr, an unknown schedule name) costs seconds, not a model load.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from hydra.utils import get_method
+import torch
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
@@ -16,9 +17,16 @@ from .errors import ConfigError
 PACKAGES = {"bitsandbytes": "bitsandbytes", "lion_pytorch": "lion-pytorch", "prodigyopt": "prodigyopt"}
 # arguments the trainer passes itself
 PROVIDED = {"optimizer": {"params"}, "scheduler": {"optimizer", "num_training_steps"}}
+FALLBACK = {"optimizer": "adamw", "scheduler": "constant"}
 
 
-def check_partial(group: str, node: DictConfig, choice: str | None = None) -> None:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_target(group: str, node: DictConfig, choice: str | None = None) -> None:
+    """The target imports and takes every key of the node."""
     target = node.get("_target_")
     label = f"{group}={choice}" if choice else group
     if not target:
@@ -29,7 +37,7 @@ def check_partial(group: str, node: DictConfig, choice: str | None = None) -> No
         module = target.split(".")[0]
         if module in PACKAGES:
             raise ConfigError(f"{label} needs the package {PACKAGES[module]!r}: pip install {PACKAGES[module]} "
-                              f"(or choose {group}={'adamw' if group == 'optimizer' else 'constant'})") from None
+                              f"(or choose {group}={FALLBACK[group]})") from None
         raise ConfigError(f"{label}: cannot import {target!r}; check {group}._target_") from None
     params = inspect.signature(fn).parameters
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -38,3 +46,21 @@ def check_partial(group: str, node: DictConfig, choice: str | None = None) -> No
     if unknown and not accepts_any:
         raise ConfigError(f"{group}.{unknown[0]} is not an argument of {target}; "
                           f"it takes: {', '.join(p for p in params if p not in PROVIDED[group])}")
+
+
+def check_optimization(optimizer: DictConfig, scheduler: DictConfig, max_steps: int, choices: dict) -> None:
+    """Import, argument and value checks for both, by building them on a dummy parameter."""
+    check_target("optimizer", optimizer, choices.get("optimizer"))
+    check_target("scheduler", scheduler, choices.get("scheduler"))
+    dummy = torch.nn.Parameter(torch.zeros(1))
+    for group, node, build in (
+        ("optimizer", optimizer, lambda: instantiate(optimizer)([dummy])),
+        ("scheduler", scheduler, lambda: instantiate(scheduler)(optimizer=torch.optim.SGD([dummy], lr=1.0),
+                                                                num_training_steps=max_steps)),
+    ):
+        try:
+            build()
+        except Exception as err:  # noqa: BLE001 - any failure here is a bad value in the user's config
+            cause = err.__cause__ or err
+            raise ConfigError(f"{group}: {_first_line(cause)} (from {group} settings "
+                              f"{OmegaConf.to_container(node)})") from None

@@ -40,7 +40,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self._file = open(self.run_dir / "metrics.jsonl", "w", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:
         if self._file is None:
@@ -79,6 +79,9 @@ class WandbTracker(Tracker):
         self.project, self.entity, self.name, self.group = project, entity, name, group
         self.tags = list(tags or [])
         self.mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_configured() else "offline")
+        if self.mode == "online" and not wandb_api_key_configured():
+            raise ConfigError("logger.mode=online needs a wandb API key: run `wandb login` or set WANDB_API_KEY, "
+                              "or use logger.mode=offline (and `wandb sync` later)")
         self.run = None
 
     def start(self, run_dir: Path, config: dict, enabled: bool = True) -> None:

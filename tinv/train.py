@@ -21,7 +21,7 @@ from .config import check_values
 from .data import PromptBuilder
 from .embedding import ConceptToken
 from .errors import ConfigError
-from .optim import check_partial
+from .optim import check_optimization
 from .trainer import TrainResult
 
 log = logging.getLogger("tinv")
@@ -62,13 +62,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
     hydra_ready = HydraConfig.initialized()
     choices = HydraConfig.get().runtime.choices if hydra_ready else {}
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    check_partial("optimizer", cfg.optimizer, choices.get("optimizer"))
-    check_partial("scheduler", cfg.scheduler, choices.get("scheduler"))
+    check_optimization(cfg.optimizer, cfg.scheduler, cfg.train.max_steps, choices)
 
     token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights)
     dataset = build(cfg.data, family=cfg.model.family, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     backbone = build(cfg.model)  # tokenizers only; weights load in the trainer
     token.add_to_tokenizers(backbone.encoders)
+    token.check_start(backbone.encoders)  # token.weights against the encoders' keys and widths, before loading
     dataset.check_token(token, cfg.template.kind)
     prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, seed=cfg.train.seed)
     if dataset.debug:
@@ -91,9 +91,18 @@ def main(cfg: DictConfig) -> float | None:
         result = run(cfg)
         return result.final_loss if result else None
     except ConfigError as err:
-        log.error("%s", err)
         print(f"tinv-train: error: {err}", file=sys.stderr)
+        _discard_untouched_run_dir(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(2)
+
+
+def _discard_untouched_run_dir(run_dir: Path) -> None:
+    """A run refused at start leaves nothing behind: remove Hydra's own files if nothing else was written."""
+    import shutil
+
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,9 @@ class Trainer:
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.gradient_accumulation,
                                                                     sync_with_dataloader=False))
         device = self.accelerator.device
+        if self.accelerator.num_processes > 1:
+            raise ConfigError("multi-process training is not supported yet: the vectors' gradients would not be "
+                              "averaged across processes; launch one process")
         if self.mixed_precision == "fp16" and device.type == "cpu":
             raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use train.mixed_precision=bf16 "
                               "or no")
@@ -143,7 +146,7 @@ class Trainer:
             self.setup()
             bar = tqdm(total=self.max_steps, initial=self.step, desc="tinv", dynamic_ncols=True,
                        disable=not self.accelerator.is_main_process)
-            batches, losses, since = self._batches(), [], time.perf_counter()
+            batches, losses, since, logged = self._batches(), [], time.perf_counter(), self.step
             while self.step < self.max_steps:
                 with self.accelerator.accumulate():
                     loss = self.training_loss(next(batches))
@@ -155,6 +158,7 @@ class Trainer:
                 losses.append(loss.detach().float())
                 if not self.accelerator.sync_gradients:
                     continue
+                lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
                 self.lr_scheduler.step()
                 self.step += 1
                 self.last_loss = torch.stack(losses).mean().item()
@@ -162,14 +166,15 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.last_loss:.4f}")
                 if self.step % self.log_every_n_steps == 0 or self.step == self.max_steps:
-                    rate = self.log_every_n_steps / max(time.perf_counter() - since, 1e-9)
-                    self._log(grad_norm, rate)
-                    since = time.perf_counter()
+                    rate = (self.step - logged) / max(time.perf_counter() - since, 1e-9)
+                    self._log(grad_norm, lr, rate)
+                    since, logged = time.perf_counter(), self.step
                 if self.save_every_n_steps and self.step % self.save_every_n_steps == 0:
                     self.save(f"-step{self.step:08d}")
             bar.close()
             path = self.save("")
-            self.tracker.set_summary(final_loss=self.last_loss, step=self.step, embedding=str(path))
+            self.tracker.set_summary(final_loss=self.last_loss, step=self.step, embedding=str(path),
+                                     base_model=self.backbone.source, family=self.backbone.family)
             ok = True
             return TrainResult(path, self.step, self.last_loss, self)
         finally:
@@ -186,8 +191,8 @@ class Trainer:
         self.accelerator.unscale_gradients()
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
-    def _log(self, grad_norm: torch.Tensor, steps_per_s: float) -> None:
-        metrics = {"train/loss": self.last_loss, "train/lr": self.lr_scheduler.get_last_lr()[0],
+    def _log(self, grad_norm: torch.Tensor, lr: float, steps_per_s: float) -> None:
+        metrics = {"train/loss": self.last_loss, "train/lr": lr,
                    "train/grad_norm": grad_norm, "train/it_per_s": steps_per_s}
         for key, vectors in self.token.vectors().items():
             for i, norm in enumerate(vectors.norm(dim=1).tolist()):

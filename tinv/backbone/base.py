@@ -31,9 +31,7 @@ class TextEncoder:
     tokenizer: object
     model: nn.Module | None = None
 
-    @property
-    def width(self) -> int:
-        return self.model.config.hidden_size
+    width: int = 0  # hidden size, read from the encoder's config before any weights load
 
 
 def _first_line(err: BaseException) -> str:
@@ -56,8 +54,8 @@ class Backbone:
         self.resolution = resolution
         self.clip_skip = clip_skip
         self._prediction_type = prediction_type
-        self.encoders = [TextEncoder(key, sub, tsub, self._load_tokenizer(tsub)) for key, sub, tsub
-                         in self.encoder_layout]
+        self.encoders = [TextEncoder(key, sub, tsub, self._load_tokenizer(tsub), width=self._encoder_width(sub))
+                         for key, sub, tsub in self.encoder_layout]
         self.unet = self.vae = self.noise_scheduler = None
         self.vae_calls = 0  # VAE encode batches run so far (a cached run does none while training)
 
@@ -98,6 +96,16 @@ class Backbone:
             raise ConfigError(f"model.path={self.path!r}: cannot load its {subfolder} ({_first_line(err)}); "
                               "offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache - "
                               "download it once, or point model.path at a local diffusers folder") from None
+
+    def _encoder_width(self, subfolder: str) -> int:
+        from transformers import CLIPTextConfig
+
+        try:
+            return CLIPTextConfig.from_pretrained(self.path, subfolder=subfolder, **self._from_pretrained_kwargs()
+                                                  ).hidden_size
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.path={self.path!r}: cannot read its {subfolder} config "
+                              f"({_first_line(err)})") from None
 
     def load_models(self, device: torch.device, dtype: torch.dtype = torch.float32,
                     vae_dtype: torch.dtype = torch.float32) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from .tokenizer_gen import build_clip_tokenizer
 
-TINY_VERSION = "v1"  # bump when the tiny architectures change, so stale caches are not reused
+TINY_VERSION = "v2"  # bump when the tiny architectures change, so stale caches are not reused
 TINY_KINDS = ("sd15", "sd2", "sdxl")
 TINY_RESOLUTION = 64
 
@@ -38,9 +38,11 @@ def _text_encoder(tokenizer, width: int, layers: int, heads: int, act: str, proj
         max_position_embeddings=tokenizer.model_max_length,
         hidden_act=act,
         projection_dim=projection or width,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        # The ids real SD/SDXL checkpoints ship (a legacy of the CLIP conversion). eos_token_id=2 makes
+        # transformers pool at argmax(ids), which lands on a new token; keeping it tests that we do not.
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
     )
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     return cls(config).eval()
