@@ -211,3 +211,12 @@ def test_continue_from_weights_sets_num_vectors(tmp_path):
     assert second.trainer.token.num_vectors == 3
     with safe_open(str(first.embedding), "pt") as f:
         assert torch.equal(second.trainer.token.vectors()["emb_params"], f.get_tensor("emb_params"))
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain = train(tmp_path / "a", ["model=tiny_sdxl", "train.max_steps=2"])
+    ckpt = train(tmp_path / "b", ["model=tiny_sdxl", "train.max_steps=2", "train.gradient_checkpointing=true"])
+    assert ckpt.trainer.backbone.unet.is_gradient_checkpointing
+    assert ckpt.final_loss == pytest.approx(plain.final_loss, rel=1e-5)
+    for key, value in plain.trainer.token.vectors().items():
+        torch.testing.assert_close(ckpt.trainer.token.vectors()[key], value, rtol=1e-5, atol=1e-6)

@@ -48,7 +48,7 @@ class Trainer:
         self.save_format, self.save_every_n_steps = save_format, save_every_n_steps
         # a plain dict for the trackers (Hydra hands kwargs over as DictConfig)
         self.config = OmegaConf.to_container(run_config) if isinstance(run_config, DictConfig) else run_config or {}
-        self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
+        self.max_steps, self.seed = max_steps, seed  # batch_size lives in train.* but the data pipeline uses it
         self.gradient_accumulation, self.mixed_precision = gradient_accumulation, mixed_precision
         self.gradient_checkpointing = gradient_checkpointing
         self.cache_latents, self.cache_latents_to_disk = cache_latents or cache_latents_to_disk, cache_latents_to_disk
