@@ -18,7 +18,10 @@ from omegaconf import II, MISSING, OmegaConf
 class ModelConfig:
     _target_: str = "tinv.backbone.Backbone.from_pretrained"
     family: str = MISSING  # sd1 | sd2 | sdxl
-    path: str = MISSING  # hub id or local diffusers folder
+    path: str = MISSING  # hub id, local diffusers folder, or single .safetensors/.ckpt file (original layout)
+    config_dir: Optional[str] = None  # single files: local diffusers folder of the same family (configs, tokenizers)
+    vae: Optional[str] = None  # replacement VAE: diffusers folder or single file
+    v_parameterization: bool = False  # kohya's flag: same as prediction_type=v_prediction
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16 weights in a hub repo
     resolution: int = 512  # the model's native resolution; data.resolution defaults to it

@@ -8,9 +8,7 @@ source and loads the tokenizers, so token and config errors surface before gigab
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -19,6 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .single_file import read_state_dict
+from .source import ModelSource, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,13 @@ class Backbone:
     family: ClassVar[str]
     encoder_layout: ClassVar[tuple[tuple[str, str, str], ...]]  # (file key, encoder subfolder, tokenizer subfolder)
 
-    def __init__(self, path: str, revision: str | None = None, variant: str | None = None, resolution: int = 512,
-                 prediction_type: str | None = None, clip_skip: int = 1):
-        self.path, self.revision, self.variant = path, revision, variant
+    def __init__(self, source: ModelSource, revision: str | None = None, variant: str | None = None,
+                 resolution: int = 512, prediction_type: str | None = None, clip_skip: int = 1,
+                 vae: str | None = None):
+        self.src, self.revision, self.variant = source, revision, variant
         self.resolution = resolution
         self.clip_skip = clip_skip
+        self.vae_path = vae
         self._prediction_type = prediction_type
         self.encoders = [TextEncoder(key, sub, tsub, self._load_tokenizer(tsub), width=self._encoder_width(sub))
                          for key, sub, tsub in self.encoder_layout]
@@ -62,71 +64,102 @@ class Backbone:
     # ---- construction -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def from_pretrained(family: str, path: str, **kwargs) -> "Backbone":
-        """Hydra's entry: pick the family's class, check the source, load the tokenizers."""
+    def from_pretrained(family: str, path: str, config_dir: str | None = None, v_parameterization: bool = False,
+                        prediction_type: str | None = None, revision: str | None = None,
+                        vae: str | None = None, **kwargs) -> "Backbone":
+        """Hydra's entry: pick the family's class, check the source, load the tokenizers (no weights yet)."""
         if family not in FAMILIES:
             raise ConfigError(f"model.family={family!r} is unknown; use one of {', '.join(FAMILIES)}")
-        cls = FAMILIES[family]
-        path = _check_source(path)
-        cls._check_components(path, _model_components(path, kwargs.get("revision")))
-        return cls(path, **kwargs)
+        source = resolve_source(path, family, config_dir, revision)
+        if v_parameterization:
+            if prediction_type not in (None, "v_prediction"):
+                raise ConfigError(f"model.v_parameterization=true contradicts model.prediction_type="
+                                  f"{prediction_type}; set one of them")
+            prediction_type = "v_prediction"
+        if vae is not None and not Path(vae).expanduser().exists():
+            raise ConfigError(f"model.vae={vae!r} does not exist; give a VAE folder or single file")
+        return FAMILIES[family](source, revision=revision, prediction_type=prediction_type, vae=vae, **kwargs)
 
-    @classmethod
-    def _check_components(cls, path: str, components: set[str]) -> None:
-        has_second = "text_encoder_2" in components
-        if has_second and cls.family != "sdxl":
-            raise ConfigError(f"model.path={path!r} is an SDXL model (it has text_encoder_2) but model.family is "
-                              f"{cls.family!r}; use model=sdxl or set model.family=sdxl")
-        if not has_second and cls.family == "sdxl":
-            raise ConfigError(f"model.path={path!r} has one text encoder, so it is not SDXL; use model=sd15 or "
-                              "model=sd2 (or set model.family)")
+    @property
+    def path(self) -> str:
+        return self.src.path
 
-    def _from_pretrained_kwargs(self) -> dict:
-        return {"revision": self.revision} if self.revision else {}
+    def _config_kwargs(self) -> dict:
+        # a revision names a commit of the model's own hub repo, not of a single file's config repo
+        return {"revision": self.revision} if self.revision and not self.src.single_file else {}
 
     def _load_tokenizer(self, subfolder: str):
         from transformers import CLIPTokenizer
 
+        where = self.src.config_source
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(self.path, subfolder=subfolder, **self._from_pretrained_kwargs())
+            tokenizer = CLIPTokenizer.from_pretrained(where, subfolder=subfolder, **self._config_kwargs())
             if tokenizer.eos_token_id is None or len(tokenizer) < 256:  # transformers 5 builds empty ones silently
                 raise OSError("no tokenizer files found")
             return tokenizer
         except (OSError, ValueError) as err:
-            raise ConfigError(f"model.path={self.path!r}: cannot load its {subfolder} ({_first_line(err)}); "
-                              "offline (HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache - "
-                              "download it once, or point model.path at a local diffusers folder") from None
+            raise ConfigError(f"{where!r}: cannot load its {subfolder} ({_first_line(err)}); offline "
+                              "(HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache - download it "
+                              "once, or use a local diffusers folder") from None
 
     def _encoder_width(self, subfolder: str) -> int:
         from transformers import CLIPTextConfig
 
+        where = self.src.config_source
         try:
-            return CLIPTextConfig.from_pretrained(self.path, subfolder=subfolder, **self._from_pretrained_kwargs()
-                                                  ).hidden_size
+            return CLIPTextConfig.from_pretrained(where, subfolder=subfolder, **self._config_kwargs()).hidden_size
         except (OSError, ValueError) as err:
-            raise ConfigError(f"model.path={self.path!r}: cannot read its {subfolder} config "
-                              f"({_first_line(err)})") from None
+            raise ConfigError(f"{where!r}: cannot read its {subfolder} config ({_first_line(err)})") from None
 
     def load_models(self, device: torch.device, dtype: torch.dtype = torch.float32,
                     vae_dtype: torch.dtype = torch.float32) -> None:
         """Read the frozen UNet, VAE and text encoders, in eval mode with gradients off."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-        kw = self._from_pretrained_kwargs()
-        weights = dict(kw, variant=self.variant) if self.variant else kw
         try:
-            self.noise_scheduler = DDPMScheduler.from_pretrained(self.path, subfolder="scheduler", **kw)
-            self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", **weights)
-            self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", **weights)
-            for enc in self.encoders:
-                enc.model = self._encoder_class(enc).from_pretrained(self.path, subfolder=enc.subfolder, **weights)
-        except (OSError, ValueError) as err:
+            if self.src.single_file:
+                self._load_single_file()
+            else:
+                self._load_folder()
+            if self.vae_path:
+                self.vae = self._load_vae(self.vae_path)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ConfigError(f"model.path={self.path!r}: cannot load the model weights ({_first_line(err)})") from None
         for module, module_dtype in [(self.unet, dtype), (self.vae, vae_dtype)] + [(e.model, dtype)
                                                                                   for e in self.encoders]:
             module.requires_grad_(False).eval().to(device)
             if module.dtype != module_dtype:
                 module.to(dtype=module_dtype)
+
+    def _load_folder(self) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        kw = self._config_kwargs()
+        weights = dict(kw, variant=self.variant) if self.variant else kw
+        self.noise_scheduler = DDPMScheduler.from_pretrained(self.path, subfolder="scheduler", **kw)
+        self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", **weights)
+        self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", **weights)
+        for enc in self.encoders:
+            enc.model = self._encoder_class(enc).from_pretrained(self.path, subfolder=enc.subfolder, **weights)
+
+    def _load_single_file(self) -> None:
+        """diffusers converts the original layout; configs and tokenizers come from the config source."""
+        from diffusers import DDPMScheduler
+
+        # resolve_source already opened torch files with weights_only=True, so pickled code was refused there
+        pipe = self.pipeline_class.from_single_file(self.path, config=self.src.config_source)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.unet, self.vae = pipe.unet, pipe.vae
+        for enc in self.encoders:
+            enc.model = getattr(pipe, enc.subfolder)
+
+    def _load_vae(self, path: str):
+        from diffusers import AutoencoderKL
+
+        local = Path(path).expanduser()
+        if local.is_dir():
+            sub = "vae" if (local / "vae" / "config.json").is_file() else None
+            return AutoencoderKL.from_pretrained(str(local), subfolder=sub)
+        read_state_dict(local, "model.vae")  # refuses pickled code before diffusers opens it
+        return AutoencoderKL.from_single_file(str(local), config=self.src.config_source, subfolder="vae")
 
     def _encoder_class(self, enc: TextEncoder):
         from transformers import CLIPTextModel
@@ -178,6 +211,12 @@ class SD1Backbone(Backbone):
     family = "sd1"
     encoder_layout = (("emb_params", "text_encoder", "tokenizer"),)
 
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
     def conditioning(self, input_ids, batch):
         model = self.encoders[0].model
         ids = input_ids[0].to(model.device)
@@ -199,6 +238,12 @@ class SDXLBackbone(Backbone):
 
     family = "sdxl"
     encoder_layout = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
 
     def _encoder_class(self, enc):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -223,39 +268,3 @@ class SDXLBackbone(Backbone):
 
 
 FAMILIES: dict[str, type[Backbone]] = {cls.family: cls for cls in (SD1Backbone, SD2Backbone, SDXLBackbone)}
-
-
-def _check_source(path: str) -> str:
-    """A local diffusers folder or a hub id; anything else fails here, before any loading."""
-    local = Path(str(path)).expanduser()
-    if local.is_dir():
-        if not (local / "model_index.json").is_file():
-            raise ConfigError(f"model.path={path!r} is a folder but not a diffusers model (no model_index.json)")
-        return str(local)
-    if local.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or local.is_file():
-        raise ConfigError(f"model.path={path!r} is a single file; single-file checkpoints are not supported yet - "
-                          "use the diffusers folder or hub id of the model")
-    parts = str(path).split("/")
-    if len(parts) != 2 or not all(parts) or str(path).startswith((".", "~")):
-        raise ConfigError(f"model.path={path!r} is neither an existing folder nor a hub id like 'org/name'")
-    return str(path)
-
-
-def _model_components(path: str, revision: str | None) -> set[str]:
-    """Component names from model_index.json, read locally or from the hub (its cache when offline)."""
-    local = Path(path) / "model_index.json"
-    try:
-        if local.is_file():
-            index = json.loads(local.read_text())
-        else:
-            from huggingface_hub import hf_hub_download
-
-            index = json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text())
-    except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        hint = (f"it is not in the Hugging Face cache and HF_HUB_OFFLINE is set - run `hf download {path}` once "
-                "online, or point model.path at a local diffusers folder") if offline else \
-            "check the hub id (and your access to it) or point model.path at a local diffusers folder"
-        raise ConfigError(f"model.path={path!r}: cannot read its model_index.json ({_first_line(err)}); {hint}") \
-            from None
-    return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
