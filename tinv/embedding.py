@@ -68,7 +68,10 @@ class ConceptToken:
             raise ConfigError(f"token.string={string!r} must be one word without spaces, e.g. token.string=mychar")
         self.string = string
         self.init_word = init_word
-        self.start = load_embedding(weights) if weights else None
+        try:
+            self.start = load_embedding(weights) if weights else None
+        except ConfigError as err:
+            raise ConfigError(f"token.weights: {err}") from None
         if self.start is not None:
             rows = next(iter(self.start.values())).shape[0]
             if num_vectors not in (None, rows):
@@ -177,77 +180,145 @@ class ConceptToken:
 
 
 # ---- file formats -------------------------------------------------------------------------------------------------
+#
+#  kohya / A1111 / ComfyUI safetensors: {"emb_params": [N, D]}  or SDXL {"clip_l": [N, 768], "clip_g": [N, 1280]}
+#  A1111 .pt: {"string_to_param": {"*": [N, D]}, "string_to_token", "name", "step", ...}  or SDXL clip_l/clip_g
+#  diffusers: {"<token>": [N, D]} in learned_embeds.safetensors/.bin; SDXL: learned_embeds.* (encoder 1) and
+#             learned_embeds_2.* (encoder 2) side by side, which tinv reads and writes as one folder
+
+FORMATS = ("kohya", "a1111", "diffusers")
+DIFFUSERS_FILES = ("learned_embeds", "learned_embeds_2")
+
 
 @dataclass
 class EmbeddingMeta:
     token: str
-    family: str
-    base_model: str
-    step: int
+    family: str = ""
+    base_model: str = ""
+    step: int = 0
 
     def header(self, vectors: dict[str, torch.Tensor]) -> dict[str, str]:
         n = next(iter(vectors.values())).shape[0]
         return {"tinv.token": self.token, "tinv.num_vectors": str(n), "tinv.family": self.family,
-                "tinv.base_model": self.base_model, "tinv.step": str(self.step), "tinv.format": "kohya"}
+                "tinv.base_model": self.base_model, "tinv.step": str(self.step)}
 
 
 def save_embedding(path: str | Path, vectors: dict[str, torch.Tensor], meta: EmbeddingMeta, fmt: str) -> Path:
-    """Write the embedding atomically: safetensors `emb_params` / `clip_l`+`clip_g`, or the A1111 torch layout."""
+    """Write the embedding atomically in one of FORMATS (save.format safetensors = kohya, pt = a1111).
+
+    Tensors keep their dtype. A NaN or inf is never written.
+    """
     path = Path(path)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in vectors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in vectors.items()}
     for key, value in tensors.items():
         if not torch.isfinite(value).all():
             raise RuntimeError(f"refusing to write {path}: the {key} vectors hold NaN or inf")
-    with atomic_path(path) as tmp:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
+    fmt = {"safetensors": "kohya", "pt": "a1111"}.get(fmt, fmt)
+    if fmt == "kohya":
+        from safetensors.torch import save_file
 
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta.header(tensors))
-        elif fmt == "pt":
-            if SD_KEY in tensors:
-                data = {"string_to_token": {"*": 265}, "string_to_param": {"*": tensors[SD_KEY]},
-                        "name": meta.token, "step": meta.step, "sd_checkpoint": None,
-                        "sd_checkpoint_name": meta.base_model}
-            else:  # A1111 reads SDXL .pt files as a plain clip_l / clip_g dict
-                data = dict(tensors)
+    elif fmt == "a1111":
+        if SD_KEY in tensors:
+            data = {"string_to_token": {"*": 265}, "string_to_param": {"*": tensors[SD_KEY]}, "name": meta.token,
+                    "step": meta.step, "sd_checkpoint": None, "sd_checkpoint_name": meta.base_model}
+        else:  # A1111 reads SDXL .pt files as a plain clip_l / clip_g dict
+            data = dict(tensors)
+        with atomic_path(path) as tmp:
             torch.save(data, str(tmp))
-        else:
-            raise ConfigError(f"save.format={fmt!r} is unknown; use safetensors or pt")
+    elif fmt == "diffusers":
+        _save_diffusers(path, tensors, meta)
+    else:
+        raise ConfigError(f"embedding format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     return path
 
 
-def load_embedding(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an embedding file into {emb_params: [N, D]} or {clip_l: ..., clip_g: ...}.
+def _save_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: EmbeddingMeta) -> None:
+    from safetensors.torch import save_file
 
-    Accepts kohya/A1111 safetensors (`emb_params` or any single tensor; `clip_l`+`clip_g`), the A1111 .pt layout
-    (`string_to_param`) and diffusers `{token: tensor}` files. Torch files load with weights_only=True: a pickle
-    that would run code is refused.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"token.weights={str(path)!r} does not exist; give the path of an embedding file")
+    def write(target: Path, tensor: torch.Tensor) -> None:
+        with atomic_path(target) as tmp:
+            if target.suffix == ".bin":
+                torch.save({meta.token: tensor}, str(tmp))
+            else:
+                save_file({meta.token: tensor}, str(tmp))
+
+    if SD_KEY in tensors:
+        if path.suffix not in (".safetensors", ".bin"):
+            path = path / f"{DIFFUSERS_FILES[0]}.safetensors"
+        write(path, tensors[SD_KEY])
+    else:  # SDXL: the folder holds one file per encoder
+        for name, key in zip(DIFFUSERS_FILES, SDXL_KEYS):
+            write(path / f"{name}.safetensors", tensors[key])
+
+
+@dataclass
+class LoadedEmbedding:
+    vectors: dict[str, torch.Tensor]  # {emb_params} or {clip_l, clip_g}, dtype as stored
+    name: str | None  # the token name the file carries, if any
+
+    @property
+    def num_vectors(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+
+def _read_tensors(path: Path) -> object:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        data = load_file(str(path))
-    else:
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means we will not trust the file
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"{path}: not a plain tensor file ({first}); only weights are loaded, never "
-                              "pickled code - convert it to .safetensors") from None
+        with safe_open(str(path), "pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}
+            name = (f.metadata() or {}).get("tinv.token")
+        return data if name is None else {**data, "__tinv_name__": name}
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means we will not trust the file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: refused - not a plain tensor file ({first}); only weights are loaded, never "
+                          "pickled code. Convert it to .safetensors") from None
+
+
+def read_embedding(path: str | Path) -> LoadedEmbedding:
+    """Any common embedding file (or the diffusers SDXL folder), normalised to our keys."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = [next((path / f"{n}{ext}" for ext in (".safetensors", ".bin") if (path / f"{n}{ext}").is_file()),
+                      None) for n in DIFFUSERS_FILES]
+        if found[0] is None:
+            raise ConfigError(f"{path}: a folder embedding must hold learned_embeds.safetensors (or .bin)")
+        parts = [read_embedding(f) for f in found if f is not None]
+        if len(parts) == 1:
+            return parts[0]
+        return LoadedEmbedding({"clip_l": parts[0].vectors[SD_KEY], "clip_g": parts[1].vectors[SD_KEY]},
+                               parts[0].name)
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r} does not exist; give the path of an embedding file")
+    data = _read_tensors(path)
+    name = None
+    if isinstance(data, dict):
+        name = data.pop("__tinv_name__", None)
     if isinstance(data, torch.Tensor):
         data = {SD_KEY: data}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: holds a {type(data).__name__}, not an embedding")
     if "string_to_param" in data:
+        name = data.get("name") if isinstance(data.get("name"), str) else name
         data = {SD_KEY: next(iter(data["string_to_param"].values()))}
     if all(k in data for k in SDXL_KEYS):
-        out = {k: data[k] for k in SDXL_KEYS}
+        vectors = {k: data[k] for k in SDXL_KEYS}
     else:
         tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         if len(tensors) != 1:
             raise ConfigError(f"{path}: expected one tensor or clip_l+clip_g, found keys {sorted(data)}")
-        out = {SD_KEY: next(iter(tensors.values()))}
-    return {k: (v.unsqueeze(0) if v.ndim == 1 else v).detach().float() for k, v in out.items()}
+        key, tensor = next(iter(tensors.items()))
+        if key not in (SD_KEY, "emp_params", "*"):  # a diffusers file names its token
+            name = name or key
+        vectors = {SD_KEY: tensor}
+    vectors = {k: v.unsqueeze(0) if v.ndim == 1 else v for k, v in vectors.items()}
+    return LoadedEmbedding({k: v.detach() for k, v in vectors.items()}, name)
+
+
+def load_embedding(path: str | Path) -> dict[str, torch.Tensor]:
+    """The vectors of any common embedding file, as fp32 (what training starts from)."""
+    return {k: v.float() for k, v in read_embedding(path).vectors.items()}

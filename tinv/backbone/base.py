@@ -71,10 +71,7 @@ class Backbone:
         if family not in FAMILIES:
             raise ConfigError(f"model.family={family!r} is unknown; use one of {', '.join(FAMILIES)}")
         source = resolve_source(path, family, config_dir, revision)
-        if v_parameterization:
-            if prediction_type not in (None, "v_prediction"):
-                raise ConfigError(f"model.v_parameterization=true contradicts model.prediction_type="
-                                  f"{prediction_type}; set one of them")
+        if v_parameterization:  # kohya's switch for v-prediction fine-tunes; it wins over the config's default
             prediction_type = "v_prediction"
         if vae is not None and not Path(vae).expanduser().exists():
             raise ConfigError(f"model.vae={vae!r} does not exist; give a VAE folder or single file")

@@ -5,7 +5,8 @@ text encoders of different widths and its text-time conditioning) at toy widths,
 checkpoint takes is exercised in seconds on a CPU. They are written as ordinary diffusers folders and loaded by the
 same loader as any other folder.
 
-    tinv-tiny sd15 DIR      # write one, then load it like any local diffusers model
+    tinv-tiny sd15 DIR                          # write one, then load it like any local diffusers model
+    tinv-tiny sdxl DIR --single-file tiny.safetensors   # also as one original-layout checkpoint file
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .tokenizer_gen import build_clip_tokenizer
 
 TINY_VERSION = "v2"  # bump when the tiny architectures change, so stale caches are not reused
 TINY_KINDS = ("sd15", "sd2", "sdxl")
+TINY_FAMILIES = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
 TINY_RESOLUTION = 64
 
 
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=TINY_KINDS)
     parser.add_argument("out_dir", help="new folder to write the diffusers model into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--single-file", metavar="FILE", help="also write it as one original-layout checkpoint "
+                        "(.safetensors or .ckpt), loadable with model.config_dir=DIR")
     args = parser.parse_args(argv)
     try:
         path = write_tiny_model(args.kind, args.out_dir, args.seed)
@@ -193,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinv-tiny: {err}", file=sys.stderr)
         return 2
     print(f"wrote tiny {args.kind} model to {path}")
+    if args.single_file:
+        from diffusers import DiffusionPipeline
+
+        from .single_file import write_single_file
+
+        written = write_single_file(DiffusionPipeline.from_pretrained(path), TINY_FAMILIES[args.kind], args.single_file)
+        print(f"wrote its single-file checkpoint to {written}")
     return 0
 
 
