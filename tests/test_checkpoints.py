@@ -172,6 +172,27 @@ def test_convert_round_trips_bit_exactly_and_loads_in_diffusers(family, tmp_path
             assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], original["emb_params"])
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_every_convert_pair_round_trips(family, tmp_path):
+    src = _formats(tmp_path, family)["kohya"]
+    original = read_embedding(src).vectors
+    names = {"kohya": "k.safetensors", "a1111": "a.pt", "diffusers": "d_dir"}
+    files = {fmt: convert(src, tmp_path / "start" / name, fmt, token="t") for fmt, name in names.items()}
+    for a, first in files.items():
+        for b in names:
+            there = convert(first, tmp_path / f"{a}-{b}" / names[b], b, token="t")
+            back = convert(there, tmp_path / f"{a}-{b}-back" / names[a], a, token="t")
+            vectors = read_embedding(back).vectors
+            assert vectors.keys() == original.keys()
+            assert all(torch.equal(vectors[k], original[k]) and vectors[k].dtype == original[k].dtype
+                       for k in original), (a, b)
+
+
+def test_sd1_and_sd2_folders_are_told_apart(tmp_path):
+    with pytest.raises(ConfigError, match="looks like an sd2 model"):
+        train(tmp_path, ["model=tiny_sd15", f"model.path={tiny_model_path('sd2')}"])
+
+
 def test_convert_cli(tmp_path):
     src = _formats(tmp_path, "sd1")["a1111_pt"]
     proc = subprocess.run([sys.executable, "-m", "tinv.convert", str(src), str(tmp_path / "o.safetensors")],

@@ -104,9 +104,17 @@ class Backbone:
 
         where = self.src.config_source
         try:
-            return CLIPTextConfig.from_pretrained(where, subfolder=subfolder, **self._config_kwargs()).hidden_size
+            config = CLIPTextConfig.from_pretrained(where, subfolder=subfolder, **self._config_kwargs())
         except (OSError, ValueError) as err:
             raise ConfigError(f"{where!r}: cannot read its {subfolder} config ({_first_line(err)})") from None
+        # SD1's CLIP-L uses quick_gelu, SD2's OpenCLIP-H plain gelu: the one cheap tell between the two
+        expected = {"sd1": "quick_gelu", "sd2": "gelu"}.get(self.family)
+        if expected and config.hidden_act != expected:
+            other = "sd2" if self.family == "sd1" else "sd1"
+            raise ConfigError(f"model.path={self.path!r} looks like an {other} model (its text encoder uses "
+                              f"{config.hidden_act}) but model.family is {self.family!r}; use model="
+                              f"{'sd2' if other == 'sd2' else 'sd15'} or set model.family={other}")
+        return config.hidden_size
 
     def load_models(self, device: torch.device, dtype: torch.dtype = torch.float32,
                     vae_dtype: torch.dtype = torch.float32) -> None:
