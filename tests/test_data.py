@@ -87,7 +87,7 @@ def test_toml_several_datasets_keep_their_resolution_and_batch_size(tmp_path):
     toml.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "{a}"\n'
                     f'[[datasets]]\nresolution = 128\nbatch_size = 4\n[[datasets.subsets]]\nimage_dir = "{b}"\n')
     data = build(dataset_config=str(toml))
-    batches = list(BucketBatchSampler(data, seed=0))
+    batches = BucketBatchSampler(data, seed=0).batches(0)
     sizes = sorted((data.samples[data.order[b[0]]].dataset, len(b)) for b in batches)
     assert sizes == [(0, 1), (0, 2), (0, 2), (1, 4)]
     assert {data.samples[data.order[b[0]]].bucket for b in batches} == {(64, 64), (128, 128)}
@@ -209,7 +209,7 @@ def test_aspect_ratios_get_distinct_buckets_and_batches_never_mix(tmp_path):
     for w, h in (wide, tall, square):
         assert w % 64 == 0 and h % 64 == 0 and w * h <= 128 * 128
     for epoch in range(3):
-        for batch in BucketBatchSampler(data, seed=epoch):
+        for batch in BucketBatchSampler(data, seed=0).batches(epoch):
             assert len({data.samples[data.order[p]].bucket for p in batch}) == 1
     item = data[data.order.index(0)]
     assert item["pixel_values"].shape == (3, wide[1], wide[0])

@@ -165,21 +165,23 @@ def test_cached_and_live_latents_give_the_same_loss(tmp_path):
 
 @pytest.mark.parametrize("model,target", [("tiny_sd15", "epsilon"), ("tiny_sd2", "v_prediction")])
 def test_loss_target_follows_the_prediction_type(model, target, run_dir):
-    result = train(run_dir, [f"model={model}", "train.max_steps=1", "template=caption"])  # deterministic prompts
+    from tinv.losses import diffusion_loss
+
+    result = train(run_dir, [f"model={model}", "train.max_steps=1"])
     trainer = result.trainer
-    assert trainer.backbone.prediction_type == target
+    backbone = trainer.backbone
+    assert backbone.prediction_type == target
     batch = next(iter(trainer.loader))
-    state = trainer.noise_gen.get_state()
-    loss = trainer.training_loss(batch)
-    # recompute by hand with the same noise and timesteps
-    trainer.noise_gen.set_state(state)
     latents = trainer.latents(batch)
-    noise = torch.randn(latents.shape, generator=trainer.noise_gen)
-    t = torch.randint(0, 1000, (latents.shape[0],), generator=trainer.noise_gen)
-    sched = trainer.backbone.noise_scheduler
-    ids = trainer.backbone.tokenize([trainer.token.expand(trainer.prompts(c)) for c in batch["captions"]])
+    ids = backbone.tokenize([trainer.token.expand(p) for p in batch["prompts"]])
     with torch.no_grad():
-        pred = trainer.backbone.predict(sched.add_noise(latents, noise, t), t, ids, batch)
+        loss = diffusion_loss(backbone, latents, ids, batch, torch.Generator().manual_seed(5))
+        # by hand, with the same draws
+        gen = torch.Generator().manual_seed(5)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
+        sched = backbone.noise_scheduler
+        pred = backbone.predict(sched.add_noise(latents, noise, t), t, ids, batch)
     alpha = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     expected = noise if target == "epsilon" else alpha * noise - sigma * latents
@@ -198,7 +200,7 @@ def test_other_optimizers_train(optimizer, run_dir):
 
 def test_caption_template_uses_captions_and_puts_the_token_first(run_dir, caplog):
     result = train(run_dir, ["template=caption", "train.max_steps=1"])
-    prompts = result.trainer.prompts
+    prompts = result.trainer.dataset.prompts
     assert prompts("a red circle on a blue background") == "mychar, a red circle on a blue background"
     assert prompts("mychar on grass") == "mychar on grass"
     assert "8 of 8 captions do not contain the token 'mychar'" in caplog.text

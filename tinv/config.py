@@ -35,6 +35,9 @@ class TokenConfig:
     init_word: Optional[str] = None  # seed the vectors from this word's token embeddings
     num_vectors: Optional[int] = None  # None = 1, or the row count of token.weights
     weights: Optional[str] = None  # continue from an existing embedding file
+    norm: str = "none"  # none | clamp_to_vocab_max | l2_to_init: keep the vectors near real word embeddings
+    norm_weight: float = 0.01  # l2_to_init: weight of ||v - v_init||^2 in the loss
+    train_encoders: str = "both"  # SDXL: both | clip_l | clip_g; an untrained encoder keeps its initial vectors
 
 
 @dataclass
@@ -95,15 +98,49 @@ class TrainConfig:
     cache_latents: bool = True  # encode every image once, in memory
     cache_latents_to_disk: bool = False  # and keep them in data.cache_dir across runs
     no_half_vae: Optional[bool] = None  # keep the VAE fp32 under mixed precision; None = yes for SDXL
-    max_grad_norm: Optional[float] = None
+    max_grad_norm: Optional[float] = None  # over the vectors of all encoders together
     log_every_n_steps: int = 1
     cpu: bool = False  # force the CPU even when an accelerator is present
+    # loss options
+    noise_offset: float = 0.0
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0: Min-SNR loss weighting
+    min_timestep: int = 0
+    max_timestep: Optional[int] = None  # None = the schedule's length
+    lr_scale: str = "none"  # none | batch: lr x batch x accumulation x processes (the original TI rule)
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    # speed and memory
+    compile: bool = False  # torch.compile the UNet
+    cache_text_encoder_outputs: bool = False  # SDXL with token.train_encoders=clip_l|clip_g: cache the frozen one
 
 
 @dataclass
 class SaveConfig:
     format: str = "safetensors"  # safetensors | pt (A1111 torch layout)
     every_n_steps: int = 0  # 0 = only the final embedding
+    state_every_n_steps: int = 0  # resumable state in <run dir>/state (0 = off; SIGINT/SIGTERM still write it)
+
+
+@dataclass
+class SampleConfig:
+    every_n_steps: int = 0  # preview images every N steps (0 = off)
+    at_start: bool = False  # also before the first step
+    prompts: Any = None  # a list of prompts, or a kohya-style prompts file; None = "a photo of <token>"
+    sampler: str = "euler_a"  # ddim | euler | euler_a | dpmsolver++
+    steps: int = 20
+    guidance_scale: float = 7.0
+    negative_prompt: str = ""
+    width: Optional[int] = None  # None = the model's resolution
+    height: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class ValConfig:
+    every_n_steps: int = 0  # deterministic val/loss every N steps (0 = off)
+    split: float = 0.0  # fraction of the images held out for validation; 0 = validate on the training images
+    max_images: int = 16
+    num_timesteps: int = 8  # fixed timesteps spread over the schedule, each image scored at every one
+    seed: int = 0
 
 
 @dataclass
@@ -125,10 +162,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     output_name: Optional[str] = None  # file stem of the embedding; None = token.string
+    resume: Optional[str] = None  # a run dir or its state dir, or "latest" (the newest state under outputs/)
 
 
 _ENUMS = {
@@ -139,10 +179,15 @@ _ENUMS = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "save.format": ("safetensors", "pt"),
     "logger.mode": (None, "online", "offline", "disabled"),
+    "token.norm": ("none", "clamp_to_vocab_max", "l2_to_init"),
+    "token.train_encoders": ("both", "clip_l", "clip_g"),
+    "train.lr_scale": ("none", "batch"),
+    "sample.sampler": ("ddim", "euler", "euler_a", "dpmsolver++"),
 }
 
 _POSITIVE = ("token.num_vectors", "train.max_steps", "train.batch_size", "train.gradient_accumulation",
-             "data.num_repeats", "model.clip_skip", "train.log_every_n_steps", "data.vae_batch_size")
+             "data.num_repeats", "model.clip_skip", "train.log_every_n_steps", "data.vae_batch_size",
+             "train.max_bad_steps", "sample.steps", "val.max_images", "val.num_timesteps")
 
 
 def check_values(cfg) -> None:
@@ -158,8 +203,17 @@ def check_values(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
-    if cfg.save.every_n_steps < 0:
-        raise ConfigError(f"save.every_n_steps={cfg.save.every_n_steps} must be 0 (off) or positive")
+    for key in ("save.every_n_steps", "save.state_every_n_steps", "sample.every_n_steps", "val.every_n_steps"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be 0 (off) or positive")
+    if not 0.0 <= cfg.val.split < 1.0:
+        raise ConfigError(f"val.split={cfg.val.split} must be in [0, 1): the fraction of images held out")
+    top = cfg.train.max_timestep if cfg.train.max_timestep is not None else 1000
+    if not 0 <= cfg.train.min_timestep < top:
+        raise ConfigError(f"train.min_timestep={cfg.train.min_timestep} must be in [0, train.max_timestep={top})")
+    if cfg.token.train_encoders != "both" and cfg.model.family != "sdxl":
+        raise ConfigError(f"token.train_encoders={cfg.token.train_encoders} applies to SDXL only; "
+                          f"{cfg.model.family} has one text encoder")
 
 
 def _tiny_model(kind: str) -> str:

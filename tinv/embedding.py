@@ -62,7 +62,9 @@ def _vocab_hit(tokenizer, name: str) -> int | None:
 class ConceptToken:
     """The trigger word, its N token names, and (once installed) the trainable vectors of every text encoder."""
 
-    def __init__(self, string: str, num_vectors: int = 1, init_word: str | None = None, weights: str | None = None):
+    def __init__(self, string: str, num_vectors: int | None = 1, init_word: str | None = None,
+                 weights: str | None = None, norm: str = "none", norm_weight: float = 0.01,
+                 train_encoders: str = "both"):
         string = (string or "").strip()
         if not string or re.search(r"\s", string):
             raise ConfigError(f"token.string={string!r} must be one word without spaces, e.g. token.string=mychar")
@@ -81,6 +83,9 @@ class ConceptToken:
         self.names = token_names(string, num_vectors or 1)
         self.splices: dict[str, SplicedEmbedding] = {}
         self.first_ids: dict[str, int] = {}  # per encoder key: the id of the first token name
+        self.norm, self.norm_weight, self.train_encoders = norm, norm_weight, train_encoders
+        self.initial: dict[str, torch.Tensor] = {}  # the starting vectors, for l2_to_init
+        self.max_norms: dict[str, float] = {}  # the longest vocabulary row per encoder, for clamp_to_vocab_max
         self._pattern = re.compile(rf"(?<!\w){re.escape(string)}(?!\w)", re.IGNORECASE)
 
     @property
@@ -149,8 +154,11 @@ class ConceptToken:
                 raise ConfigError("this model already has trained tokens spliced in; load a fresh backbone")
             init = self._initial_rows(enc, base.weight.detach(), seed)
             splice = SplicedEmbedding(base, self.first_ids[enc.key], init).to(base.weight.device)
+            splice.vectors.requires_grad_(self.train_encoders in ("both", enc.key))
             enc.model.set_input_embeddings(splice)
             self.splices[enc.key] = splice
+            self.initial[enc.key] = splice.vectors.detach().clone()
+            self.max_norms[enc.key] = base.weight.detach().float().norm(dim=1).max().item()
 
     def _initial_rows(self, enc, vocab: torch.Tensor, seed: int) -> torch.Tensor:
         width = vocab.shape[1]
@@ -172,7 +180,32 @@ class ConceptToken:
         return vocab.mean(0) + vocab.std(0) * torch.randn(self.num_vectors, width, generator=gen)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [s.vectors for s in self.splices.values()]
+        """The trained vectors (SDXL with token.train_encoders=clip_l|clip_g: one encoder's only)."""
+        return [s.vectors for s in self.splices.values() if s.vectors.requires_grad]
+
+    def frozen_keys(self) -> list[str]:
+        return [k for k, s in self.splices.items() if not s.vectors.requires_grad]
+
+    def regularizer(self) -> torch.Tensor | float:
+        """token.norm=l2_to_init: weight x squared distance of the trained vectors from where they started."""
+        if self.norm != "l2_to_init":
+            return 0.0
+        return self.norm_weight * sum(((s.vectors - self.initial[k].to(s.vectors.device)) ** 2).sum()
+                                      for k, s in self.splices.items() if s.vectors.requires_grad)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """token.norm=clamp_to_vocab_max: no vector grows longer than the longest word embedding."""
+        if self.norm != "clamp_to_vocab_max":
+            return
+        for key, splice in self.splices.items():
+            norms = splice.vectors.norm(dim=1, keepdim=True)
+            splice.vectors.mul_(torch.clamp(self.max_norms[key] / norms.clamp_min(1e-12), max=1.0))
+
+    @torch.no_grad()
+    def load_vectors(self, vectors: dict[str, torch.Tensor]) -> None:
+        for key, value in vectors.items():
+            self.splices[key].vectors.copy_(value.to(self.splices[key].vectors.device))
 
     def vectors(self) -> dict[str, torch.Tensor]:
         """The current vectors by file key, detached fp32 on the CPU."""

@@ -36,11 +36,22 @@ class Tracker:
         self._file = None
         self.summary: dict = {}
 
-    def start(self, run_dir: Path, config: dict, enabled: bool = True) -> None:
+    run_id: str | None = None
+
+    def start(self, run_dir: Path, config: dict, enabled: bool = True, resume_id: str | None = None,
+              resume_step: int = 0) -> None:
+        """Open metrics.jsonl; a resumed run keeps the records up to its step and appends after them."""
         self.run_dir = Path(run_dir)
-        if enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.run_dir / "metrics.jsonl", "w", encoding="utf-8")
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "metrics.jsonl"
+        kept = []
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        self._file = open(path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:
         if self._file is None:
@@ -48,6 +59,9 @@ class Tracker:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+
+    def log_images(self, images: dict, step: int) -> None:
+        """{key: [PIL images]}; the files themselves are written by the previewer."""
 
     def set_summary(self, **values) -> None:
         self.summary.update({k: _plain(v) for k, v in values.items()})
@@ -84,15 +98,24 @@ class WandbTracker(Tracker):
                               "or use logger.mode=offline (and `wandb sync` later)")
         self.run = None
 
-    def start(self, run_dir: Path, config: dict, enabled: bool = True) -> None:
-        super().start(run_dir, config, enabled)
+    def start(self, run_dir: Path, config: dict, enabled: bool = True, resume_id: str | None = None,
+              resume_step: int = 0) -> None:
+        super().start(run_dir, config, enabled, resume_id, resume_step)
         if not enabled:
             return
         import wandb
 
         self.run = wandb.init(project=self.project, entity=self.entity, name=self.name, group=self.group,
-                              tags=self.tags, config=config, dir=str(run_dir), mode=self.mode)
+                              tags=self.tags, config=config, dir=str(run_dir), mode=self.mode, id=resume_id,
+                              resume="allow" if resume_id else None)
+        self.run_id = self.run.id
         log.info("wandb run %s (%s)", self.run.id, self.mode)
+
+    def log_images(self, images: dict, step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({k: [wandb.Image(im) for im in v] for k, v in images.items()}, step=step)
 
     def log(self, metrics: dict, step: int) -> None:
         super().log(metrics, step)

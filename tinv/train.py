@@ -22,7 +22,9 @@ from .data import PromptBuilder
 from .embedding import ConceptToken
 from .errors import ConfigError
 from .optim import check_optimization
-from .trainer import TrainResult
+from .sampling import Previewer
+from .trainer import Interrupted, TrainResult
+from .validation import Validator
 
 log = logging.getLogger("tinv")
 
@@ -37,14 +39,14 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
-def describe_samples(dataset, prompts, token, backbone, count: int = 8) -> str:
+def describe_samples(dataset, token, backbone, count: int = 8) -> str:
     """`data.debug=true`: what the first samples become, down to token ids (new ids marked with *)."""
     lines = [f"{len(dataset.samples)} images, {len(dataset)} samples per epoch, "
              f"{len(dataset.specs)} dataset(s), {len(dataset.subsets)} subset(s)"]
     for position in range(min(count, len(dataset))):
         item = dataset[position]
         sample = dataset.samples[item["sample"]]
-        prompt = token.expand(prompts(item["caption"]))
+        prompt = token.expand(item["prompt"])
         lines.append(f"[{position}] {sample.path}  size {sample.size[0]}x{sample.size[1]} -> bucket "
                      f"{sample.bucket[0]}x{sample.bucket[1]}  crop {item['crop_top_left']}  flip {item['flip']}")
         lines.append(f"    caption: {item['caption']!r}")
@@ -64,21 +66,30 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     check_optimization(cfg.optimizer, cfg.scheduler, cfg.train.max_steps, choices)
 
-    token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights)
+    token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights,
+                         cfg.token.norm, cfg.token.norm_weight, cfg.token.train_encoders)
     dataset = build(cfg.data, family=cfg.model.family, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     backbone = build(cfg.model)  # tokenizers only; weights load in the trainer
     token.add_to_tokenizers(backbone.encoders)
     token.check_start(backbone.encoders)  # token.weights against the encoders' keys and widths, before loading
     dataset.check_token(token, cfg.template.kind)
-    prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, seed=cfg.train.seed)
+    dataset.prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates)
     if dataset.debug:
-        print(describe_samples(dataset, prompts, token, backbone))
+        print(describe_samples(dataset, token, backbone))
         return None
+    validator = None
+    if cfg.val.every_n_steps:
+        validator = Validator.for_dataset(dataset, cfg.val.every_n_steps, cfg.val.split, cfg.val.max_images,
+                                          cfg.val.num_timesteps, cfg.val.seed)
+    previewer = None
+    if cfg.sample.every_n_steps or cfg.sample.at_start:
+        previewer = Previewer(**OmegaConf.to_container(cfg.sample), token=token.string,
+                              resolution=cfg.model.resolution)
     trainer = build(
-        cfg.train, _recursive_=False, backbone=backbone, dataset=dataset, token=token, prompts=prompts,
-        optimizer=build(cfg.optimizer), lr_scheduler=build(cfg.scheduler),
-        tracker=build(cfg.logger), run_dir=run_dir, output_name=cfg.output_name or token.string,
-        save_format=cfg.save.format, save_every_n_steps=cfg.save.every_n_steps,
+        cfg.train, _recursive_=False, backbone=backbone, dataset=dataset, token=token,
+        optimizer=build(cfg.optimizer), lr_scheduler=build(cfg.scheduler), tracker=build(cfg.logger),
+        run_dir=run_dir, output_name=cfg.output_name or token.string, save=OmegaConf.to_container(cfg.save),
+        previewer=previewer, validator=validator, resume=cfg.resume,
         run_config=OmegaConf.to_container(cfg, resolve=True))
     result = trainer.fit()
     log.info("embedding: %s", result.embedding)
@@ -86,7 +97,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = run(cfg)
         return result.final_loss if result else None
@@ -94,6 +105,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"tinv-train: error: {err}", file=sys.stderr)
         _discard_untouched_run_dir(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(2)
+    except Interrupted as stop:
+        print(f"tinv-train: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
 
 
 def _discard_untouched_run_dir(run_dir: Path) -> None:
@@ -103,6 +117,17 @@ def _discard_untouched_run_dir(run_dir: Path) -> None:
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
         logging.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main() -> None:
+    """Console entry. Under torchrun / accelerate launch only rank 0 writes the run dir; the other ranks get a
+    throw-away Hydra dir (they save nothing), so no two processes race for one timestamped folder."""
+    import os
+    import tempfile
+
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='tinv-rank-')}", "hydra.output_subdir=null"]
+    hydra_main()
 
 
 if __name__ == "__main__":

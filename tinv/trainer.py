@@ -1,18 +1,22 @@
 """The training loop: data -> text encoders -> UNet -> loss -> step, for every model family.
 
-Everything family-specific sits behind `Backbone`; everything token-specific behind `ConceptToken`. accelerate
-places tensors, runs autocast and the fp16 grad scaler, and counts gradient-accumulation micro-batches.
+Everything family-specific sits behind `Backbone`, everything token-specific behind `ConceptToken`; previews,
+validation and the resumable state live in their own modules. accelerate places tensors, runs autocast and the
+fp16 grad scaler, and counts gradient-accumulation micro-batches.
+
+All randomness of a step is a pure function of (seed, epoch, position, micro-step): a resumed run, a run with
+previews and a run split over several processes see exactly the same samples, noise and timesteps.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -20,6 +24,8 @@ from .backbone.tiny import cache_root
 from .data import BucketBatchSampler, LatentCache, collate
 from .embedding import ConceptToken, EmbeddingMeta, save_embedding
 from .errors import ConfigError
+from .losses import diffusion_loss
+from .state import RunState, find_state, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -32,75 +38,113 @@ class TrainResult:
     step: int
     final_loss: float
     trainer: "Trainer"
+    summary: dict = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the embedding and the state were saved."""
+
+    def __init__(self, signum: int, run_dir: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at a step boundary; embedding and state saved "
+                         f"in {run_dir} - continue with the same command plus resume={run_dir}")
+        self.signum = signum
 
 
 class Trainer:
-    def __init__(self, backbone, dataset, token: ConceptToken, prompts, optimizer, lr_scheduler, tracker,
-                 run_dir: str | Path, output_name: str, save_format: str = "safetensors",
-                 save_every_n_steps: int = 0, run_config: dict | None = None, *, max_steps: int = 500,
+    def __init__(self, backbone, dataset, token: ConceptToken, optimizer, lr_scheduler, tracker,
+                 run_dir: str | Path, output_name: str, save: dict, previewer=None, validator=None,
+                 resume: str | None = None, run_config: dict | None = None, *, max_steps: int = 500,
                  batch_size: int = 4, gradient_accumulation: int = 1, seed: int = 42, mixed_precision: str = "no",
                  gradient_checkpointing: bool = False, cache_latents: bool = True,
                  cache_latents_to_disk: bool = False, no_half_vae: bool | None = None,
-                 max_grad_norm: float | None = None, log_every_n_steps: int = 1, cpu: bool = False):
-        self.backbone, self.dataset, self.token, self.prompts = backbone, dataset, token, prompts
+                 max_grad_norm: float | None = None, log_every_n_steps: int = 1, cpu: bool = False,
+                 noise_offset: float = 0.0, min_snr_gamma: float | None = None, min_timestep: int = 0,
+                 max_timestep: int | None = None, lr_scale: str = "none", max_bad_steps: int = 10,
+                 compile: bool = False, cache_text_encoder_outputs: bool = False):
+        self.backbone, self.dataset, self.token = backbone, dataset, token
         self.make_optimizer, self.make_lr_scheduler, self.tracker = optimizer, lr_scheduler, tracker
-        self.run_dir, self.output_name = Path(run_dir), output_name
-        self.save_format, self.save_every_n_steps = save_format, save_every_n_steps
+        self.previewer, self.validator = previewer, validator
+        self.run_dir, self.output_name, self.resume_from = Path(run_dir), output_name, resume
+        self.save_cfg = dict(save)
         # a plain dict for the trackers (Hydra hands kwargs over as DictConfig)
         self.config = OmegaConf.to_container(run_config) if isinstance(run_config, DictConfig) else run_config or {}
-        self.max_steps, self.seed = max_steps, seed  # batch_size lives in train.* but the data pipeline uses it
+        self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
         self.gradient_accumulation, self.mixed_precision = gradient_accumulation, mixed_precision
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.compile = gradient_checkpointing, compile
         self.cache_latents, self.cache_latents_to_disk = cache_latents or cache_latents_to_disk, cache_latents_to_disk
+        self.cache_text_encoder_outputs = cache_text_encoder_outputs
         self.no_half_vae = backbone.family == "sdxl" if no_half_vae is None else no_half_vae
         self.max_grad_norm, self.log_every_n_steps, self.cpu = max_grad_norm, log_every_n_steps, cpu
-        self.step = 0
+        self.loss_options = dict(noise_offset=noise_offset, min_snr_gamma=min_snr_gamma,
+                                 min_timestep=min_timestep, max_timestep=max_timestep)
+        self.lr_scale, self.max_bad_steps = lr_scale, max_bad_steps
+        self.state = RunState()
         self.latent_cache = None
+        self.last_loss = float("nan")
+        self._stop_signal: int | None = None
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     # ---- setup ----------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
-        from accelerate.utils import GradientAccumulationPlugin, set_seed
+        from accelerate.utils import GradientAccumulationPlugin
 
         # accelerate keeps process-wide singletons; several runs in one process (Hydra's basic multirun launcher,
         # tests) may differ in precision or accumulation. The distributed state (PartialState) is kept.
         AcceleratorState._reset_state()
         GradientState._reset_state()
-        self.accelerator = Accelerator(
-            mixed_precision=self.mixed_precision, cpu=self.cpu,
+        no_gpu = not torch.cuda.is_available()
+        self.accelerator = acc = Accelerator(
+            mixed_precision=self.mixed_precision, cpu=self.cpu or no_gpu,  # cpu=True: real gloo DDP on CPUs
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.gradient_accumulation,
                                                                     sync_with_dataloader=False))
-        device = self.accelerator.device
-        if self.accelerator.num_processes > 1:
-            raise ConfigError("multi-process training is not supported yet: the vectors' gradients would not be "
-                              "averaged across processes; launch one process")
+        device = acc.device
         if self.mixed_precision == "fp16" and device.type == "cpu":
             raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use train.mixed_precision=bf16 "
                               "or no")
-        set_seed(self.seed)
+        if self.resume_from:
+            self.run_dir, self.resume_state = find_state(self.resume_from, self.run_dir)
         dtype = DTYPES[self.mixed_precision]
         self.backbone.load_models(device, dtype, torch.float32 if self.no_half_vae else dtype)
         self.token.install(self.backbone.encoders, self.seed)  # after the dtype cast: the vectors stay fp32
         if self.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
+        if self.compile:
+            self.backbone.unet = torch.compile(self.backbone.unet)
+        if self.cache_text_encoder_outputs:
+            if not self.token.frozen_keys():
+                raise ConfigError("train.cache_text_encoder_outputs: an encoder whose vectors train cannot be "
+                                  "cached, and every encoder trains here; for SDXL set token.train_encoders=clip_l "
+                                  "or clip_g to cache the other one")
+            self.backbone.cache_outputs_of(self.token.frozen_keys())
 
         params = self.token.parameters()
-        self.optimizer = self.make_optimizer(params)
-        self.lr_scheduler = self.make_lr_scheduler(optimizer=self.optimizer, num_training_steps=self.max_steps)
-        self.optimizer = self.accelerator.prepare(self.optimizer)
-        self.loader = DataLoader(self.dataset, batch_sampler=BucketBatchSampler(self.dataset, self.seed),
-                                 collate_fn=collate, num_workers=self.dataset.num_workers,
-                                 worker_init_fn=self.dataset.reseed_worker,
-                                 generator=torch.Generator().manual_seed(self.seed))
-        self.noise_gen = torch.Generator(device=device).manual_seed(self.seed + self.accelerator.process_index)
+        optimizer = self.make_optimizer(params)
+        if self.lr_scale == "batch":  # the original TI rule: lr grows with the samples per optimizer step
+            factor = self.batch_size * self.gradient_accumulation * acc.num_processes
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+        self.lr_scheduler = self.make_lr_scheduler(optimizer=optimizer, num_training_steps=self.max_steps)
+        self.optimizer = acc.prepare(optimizer)
+        self.sampler = BucketBatchSampler(self.dataset, self.seed, acc.num_processes, acc.process_index)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate,
+                                 num_workers=self.dataset.num_workers)
         if self.cache_latents:
             self._cache_latents(device)
-        self.tracker.start(self.run_dir, self.config, enabled=self.accelerator.is_main_process)
+        if self.resume_from:
+            load_state(self.resume_state, self)
+            log.info("resumed %s at step %d", self.run_dir, self.step)
+        self.tracker.start(self.run_dir, self.config, enabled=acc.is_main_process, resume_id=self.state.tracker_id,
+                           resume_step=self.step)
+        self.state.tracker_id = self.tracker.run_id
         n = sum(p.numel() for p in params)
-        log.info("training %d vectors (%d floats) of token %r on %s (%s); %d images, %d samples per epoch",
-                 self.token.num_vectors, n, self.token.string, device, self.mixed_precision,
+        log.info("training %d vectors (%d floats) of token %r on %s x%d (%s); %d images, %d samples per epoch",
+                 self.token.num_vectors, n, self.token.string, device, acc.num_processes, self.mixed_precision,
                  len(self.dataset.samples), len(self.dataset))
 
     def _cache_latents(self, device: torch.device) -> None:
@@ -123,20 +167,19 @@ class Trainer:
         if self.latent_cache is not None:
             return self.latent_cache.get(batch["sample"], batch["flip"])
         with torch.no_grad():
-            return self.backbone.encode_latents(batch["pixel_values"]).float()
+            return self.backbone.encode_latents(batch["pixel_values"]).float().to(self.accelerator.device)
 
     def training_loss(self, batch: dict) -> torch.Tensor:
-        bb, sched = self.backbone, self.backbone.noise_scheduler
+        """This process's share of the global batch: noise and timesteps are drawn for the whole global batch
+        from (seed, micro-step) and sliced, so any process count gives the same draws per sample."""
         latents = self.latents(batch)
-        noise = torch.randn(latents.shape, generator=self.noise_gen, device=latents.device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.noise_gen,
-                          device=latents.device)
-        noisy = sched.add_noise(latents, noise, t)
-        input_ids = bb.tokenize([self.token.expand(self.prompts(c)) for c in batch["captions"]])
-        with self.accelerator.autocast():
-            pred = bb.predict(noisy.to(bb.unet.dtype), t, input_ids, batch)
-        target = noise if bb.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        return F.mse_loss(pred.float(), target.float())
+        acc = self.accelerator
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.state.micro_step) % 2**63)
+        input_ids = self.backbone.tokenize([self.token.expand(p) for p in batch["prompts"]])
+        with acc.autocast():
+            loss = diffusion_loss(self.backbone, latents, input_ids, batch, gen, acc.num_processes,
+                                  acc.process_index, **self.loss_options)
+        return loss + self.token.regularizer()
 
     def fit(self) -> TrainResult:
         from tqdm.auto import tqdm
@@ -144,66 +187,161 @@ class Trainer:
         ok = False
         try:
             self.setup()
+            acc = self.accelerator
+            self._install_signal_handlers()
+            if self.previewer and self.previewer.at_start and self.step == 0 and acc.is_main_process:
+                self.previewer.run(self, 0)
             bar = tqdm(total=self.max_steps, initial=self.step, desc="tinv", dynamic_ncols=True,
-                       disable=not self.accelerator.is_main_process)
+                       disable=not acc.is_main_process)
             batches, losses, since, logged = self._batches(), [], time.perf_counter(), self.step
             while self.step < self.max_steps:
-                with self.accelerator.accumulate():
+                with acc.accumulate():
                     loss = self.training_loss(next(batches))
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients:
-                        grad_norm = self._grad_norm()
-                    self.optimizer.step()
+                    acc.backward(loss)
+                    self.state.micro_step += 1
+                    if acc.sync_gradients:
+                        grad_norm, finite = self._reduce_and_clip(loss)
+                        if finite:
+                            self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach().float())
-                if not self.accelerator.sync_gradients:
+                if not acc.sync_gradients:
                     continue
                 lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
                 self.lr_scheduler.step()
-                self.step += 1
-                self.last_loss = torch.stack(losses).mean().item()
+                self.state.step += 1
+                step_loss = acc.reduce(torch.stack(losses).mean().to(acc.device), "mean").item()
                 losses = []
-                bar.update(1)
+                if not self._guard(finite, step_loss):
+                    continue
+                self.token.after_step()
+                self.last_loss = step_loss
+                bar.update(self.step - bar.n)
                 bar.set_postfix(loss=f"{self.last_loss:.4f}")
                 if self.step % self.log_every_n_steps == 0 or self.step == self.max_steps:
                     rate = (self.step - logged) / max(time.perf_counter() - since, 1e-9)
                     self._log(grad_norm, lr, rate)
                     since, logged = time.perf_counter(), self.step
-                if self.save_every_n_steps and self.step % self.save_every_n_steps == 0:
-                    self.save(f"-step{self.step:08d}")
+                self._after_step()
             bar.close()
             path = self.save("")
-            self.tracker.set_summary(final_loss=self.last_loss, step=self.step, embedding=str(path),
-                                     base_model=self.backbone.source, family=self.backbone.family)
+            summary = dict(final_loss=self.last_loss, step=self.step, embedding=str(path),
+                           base_model=self.backbone.source, family=self.backbone.family,
+                           bad_steps=self.state.bad_steps_total, **self.state.best_summary())
+            self.tracker.set_summary(**summary)
             ok = True
-            return TrainResult(path, self.step, self.last_loss, self)
+            return TrainResult(path, self.step, self.last_loss, self, summary)
         finally:
+            self._restore_signal_handlers()
             self.tracker.finish(ok)
 
     def _batches(self):
+        """Batches from where the state says, epoch after epoch, counting the position for resume."""
         while True:
-            yield from self.loader
+            self.sampler.epoch, self.sampler.start = self.state.epoch, self.state.position
+            for batch in self.loader:
+                self.state.position += 1
+                yield batch
+            self.state.epoch, self.state.position = self.state.epoch + 1, 0
 
-    def _grad_norm(self) -> torch.Tensor:
-        params = self.token.parameters()
+    def _reduce_and_clip(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Average the vectors' gradients over processes, unscale, clip; report whether all is finite."""
+        acc, params = self.accelerator, self.token.parameters()
+        if acc.num_processes > 1:  # the vectors live outside any DDP wrapper, so average them here
+            for p in params:
+                p.grad = acc.reduce(p.grad, "mean")
         if self.max_grad_norm:
-            return self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
-        self.accelerator.unscale_gradients()
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            norm = acc.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            acc.unscale_gradients()
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(loss.detach()))
+        if acc.num_processes > 1:  # every process must agree to step or skip
+            finite = bool(acc.reduce(torch.tensor(float(finite), device=acc.device), "sum").item() ==
+                          acc.num_processes)
+        return norm, finite
+
+    def _guard(self, finite: bool, step_loss: float) -> bool:
+        """A non-finite step was skipped (the optimizer did not move); stop after too many in a row."""
+        if finite and torch.isfinite(torch.tensor(step_loss)):
+            self.state.bad_steps = 0
+            return True
+        self.state.bad_steps += 1
+        self.state.bad_steps_total += 1
+        self.tracker.log({"train/bad_steps": self.state.bad_steps_total}, self.step)
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step,
+                    self.state.bad_steps)
+        if self.state.bad_steps >= self.max_bad_steps:
+            raise ConfigError(f"{self.state.bad_steps} steps in a row had a non-finite loss or gradient "
+                              f"(train.max_bad_steps={self.max_bad_steps}); the last good embedding is in "
+                              f"{self.run_dir}. Lower optimizer.lr, or use train.mixed_precision=bf16/no")
+        return False
+
+    def _after_step(self) -> None:
+        every = self.save_cfg.get("every_n_steps", 0)
+        if every and self.step % every == 0:
+            self.save(f"-step{self.step:08d}")
+        if self.validator and self.validator.every_n_steps and self.step % self.validator.every_n_steps == 0:
+            self.validate()
+        if self.previewer and self.previewer.every_n_steps and self.step % self.previewer.every_n_steps == 0:
+            if self.accelerator.is_main_process:
+                self.previewer.run(self, self.step)
+        state_every = self.save_cfg.get("state_every_n_steps", 0)
+        if state_every and self.step % state_every == 0:
+            self.save_state()
+        if self._stop_signal is not None:
+            self.save("")
+            self.save_state()
+            raise Interrupted(self._stop_signal, self.run_dir)
+
+    def validate(self) -> float:
+        value = self.validator.loss(self)
+        self.tracker.log({"val/loss": value}, self.step)
+        if value < self.state.best_val_loss:
+            self.state.best_val_loss, self.state.best_step = value, self.step
+            self.save("-best")
+        return value
 
     def _log(self, grad_norm: torch.Tensor, lr: float, steps_per_s: float) -> None:
-        metrics = {"train/loss": self.last_loss, "train/lr": lr,
-                   "train/grad_norm": grad_norm, "train/it_per_s": steps_per_s}
+        metrics = {"train/loss": self.last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "train/it_per_s": steps_per_s}
         for key, vectors in self.token.vectors().items():
             for i, norm in enumerate(vectors.norm(dim=1).tolist()):
                 metrics[f"embedding/{key}/norm_{i}"] = norm
         self.tracker.log(metrics, self.step)
 
+    # ---- files ----------------------------------------------------------------------------------------------------
+
     def save(self, suffix: str) -> Path:
-        ext = "safetensors" if self.save_format == "safetensors" else "pt"
-        path = self.run_dir / f"{self.output_name}{suffix}.{ext}"
+        fmt = self.save_cfg.get("format", "safetensors")
+        path = self.run_dir / f"{self.output_name}{suffix}.{'safetensors' if fmt == 'safetensors' else 'pt'}"
         if self.accelerator.is_main_process:
             meta = EmbeddingMeta(self.token.string, self.backbone.family, self.backbone.source, self.step)
-            save_embedding(path, self.token.vectors(), meta, self.save_format)
+            save_embedding(path, self.token.vectors(), meta, fmt)
             log.info("saved %s (step %d)", path, self.step)
         return path
+
+    def save_state(self) -> None:
+        if self.accelerator.is_main_process:
+            save_state(self.run_dir, self)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM finish the current step, then save the embedding and the state and stop."""
+        import threading
+
+        self._previous_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[sig] = signal.signal(sig, request_stop)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)

@@ -255,16 +255,47 @@ class SDXLBackbone(Backbone):
 
         return CLIPTextModelWithProjection if enc.key == "clip_g" else CLIPTextModel
 
-    def conditioning(self, input_ids, batch):
-        first, second = (e.model for e in self.encoders)
-        ids1, ids2 = input_ids[0].to(first.device), input_ids[1].to(second.device)
-        hidden1 = first(ids1, output_hidden_states=True).hidden_states[-2]
-        out2 = second(ids2, output_hidden_states=True)
+    def load_models(self, *args, **kwargs) -> None:
+        super().load_models(*args, **kwargs)
+        # Real SDXL encoders ship eos_token_id=2, which makes transformers pool at argmax(ids) - a new token once
+        # tokens are added. Point it at the real end token, so the pipeline used for previews pools as training does.
+        self.encoders[1].model.text_model.eos_token_id = self.encoders[1].tokenizer.eos_token_id
+
+    def cache_outputs_of(self, keys: list[str]) -> None:
+        """Compute these (frozen) encoders once per distinct prompt and reuse the result."""
+        self.output_cache = {i: {} for i, e in enumerate(self.encoders) if e.key in keys}
+
+    def _encode(self, i: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Penultimate hidden states, and for the second encoder the projected state at the EOS position."""
+        model = self.encoders[i].model
+        out = model(ids, output_hidden_states=True)
+        if i == 0:
+            return out.hidden_states[-2], None
         # EOS by the tokenizer's id, not argmax(ids): the new tokens have the highest ids.
-        eos_id = self.encoders[1].tokenizer.eos_token_id
-        eos_pos = (ids2 == eos_id).int().argmax(dim=-1)
-        pooled = second.text_projection(out2.last_hidden_state[torch.arange(ids2.shape[0]), eos_pos])
-        hidden = torch.cat([hidden1, out2.hidden_states[-2].to(hidden1.dtype)], dim=-1)
+        eos_pos = (ids == self.encoders[1].tokenizer.eos_token_id).int().argmax(dim=-1)
+        return out.hidden_states[-2], model.text_projection(out.last_hidden_state[torch.arange(ids.shape[0]),
+                                                                                  eos_pos])
+
+    def _encode_cached(self, i: int, ids: torch.Tensor):
+        cache = self.output_cache[i]
+        keys = [tuple(row.tolist()) for row in ids]
+        missing = [k for k in dict.fromkeys(keys) if k not in cache]
+        if missing:
+            with torch.no_grad():
+                hidden, pooled = self._encode(i, torch.tensor(missing, device=ids.device))
+            for j, k in enumerate(missing):
+                cache[k] = (hidden[j], None if pooled is None else pooled[j])
+        hidden = torch.stack([cache[k][0] for k in keys])
+        return hidden, None if i == 0 else torch.stack([cache[k][1] for k in keys])
+
+    def conditioning(self, input_ids, batch):
+        outputs = []
+        for i, enc in enumerate(self.encoders):
+            ids = input_ids[i].to(enc.model.device)
+            cached = i in getattr(self, "output_cache", {})
+            outputs.append(self._encode_cached(i, ids) if cached else self._encode(i, ids))
+        (hidden1, _), (hidden2, pooled) = outputs
+        hidden = torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1)
         # Built from the real batch, so a partial last batch works.
         time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
         time_ids = time_ids.to(hidden.device, hidden.dtype)

@@ -54,8 +54,8 @@ class TrainingSet(Dataset):
         self.missing_token, self.debug = missing_token, debug
         self.cache_dir, self.vae_batch_size, self.num_workers = cache_dir, vae_batch_size, num_workers
         self.processors = [CaptionProcessor(sub) for sub in self.subsets]
-        self.rng = random.Random(seed)
         self.seed = seed
+        self.prompts = None  # PromptBuilder, set by the trainer: items then carry their training prompt
         self.samples: list[Sample] = []
         self.order: list[int] = []  # epoch positions -> sample index, repeats expanded
         subset_index = 0
@@ -131,23 +131,32 @@ class TrainingSet(Dataset):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, position: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """`key` = (epoch, position) from the batch sampler, or a bare position (epoch 0).
+
+        Every random choice of a sample (flip, crop, caption shuffle, template) comes from an RNG seeded by
+        (seed, epoch, position): the same sample gets the same choices on any process, after any resume.
+        """
+        epoch, position = key if isinstance(key, tuple) else (0, key)
+        rng = random.Random(f"{self.seed}:{epoch}:{position}")
         index = self.order[position]
         sample, sub = self.samples[index], self.subsets[self.samples[index].subset]
-        flip = sub.flip_aug and self.rng.random() < 0.5
+        flip = sub.flip_aug and rng.random() < 0.5
         resized, (top, left) = fit_to_bucket(sample.size, sample.bucket)
         if sub.random_crop:
-            top = self.rng.randint(0, resized[1] - sample.bucket[1])
-            left = self.rng.randint(0, resized[0] - sample.bucket[0])
-        pixels = None if self.cached else self.pixels(index, flip, (top, left))
+            top = rng.randint(0, resized[1] - sample.bucket[1])
+            left = rng.randint(0, resized[0] - sample.bucket[0])
+        pixels = None if self.cached else self.pixels(index, flip, (top, left), rng)
         if flip:  # SDXL's crop conditioning describes the image it sees, i.e. the mirrored one
             left = resized[0] - sample.bucket[0] - left
-        return {"pixel_values": pixels, "sample": index, "flip": flip,
-                "caption": self.processors[sample.subset](sample.caption, self.rng),
+        caption = self.processors[sample.subset](sample.caption, rng)
+        return {"pixel_values": pixels, "sample": index, "flip": flip, "caption": caption,
+                "prompt": self.prompts(caption, rng) if self.prompts else caption,
                 "original_size": (sample.size[1], sample.size[0]), "crop_top_left": (top, left),
                 "target_size": (sample.bucket[1], sample.bucket[0])}
 
-    def pixels(self, index: int, flip: bool, crop: tuple[int, int] | None = None) -> torch.Tensor:
+    def pixels(self, index: int, flip: bool, crop: tuple[int, int] | None = None,
+               rng: random.Random | None = None) -> torch.Tensor:
         """The sample's image scaled to cover its bucket, cropped (centre unless `crop`), maybe mirrored, in [-1, 1]."""
         from PIL import Image
 
@@ -161,20 +170,26 @@ class TrainingSet(Dataset):
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if sub.color_aug:
-            img = self._shift_hue(img)
+            img = self._shift_hue(img, rng or random.Random(0))
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
-    def _shift_hue(self, img):
+    @staticmethod
+    def _shift_hue(img, rng: random.Random):
         from PIL import Image
 
         hsv = np.asarray(img.convert("HSV")).copy()
-        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + self.rng.randint(-20, 20)) % 256
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + rng.randint(-20, 20)) % 256
         return Image.fromarray(hsv, "HSV").convert("RGB")
 
-    def reseed_worker(self, worker_id: int) -> None:
-        """DataLoader workers each get a distinct, reproducible caption/flip RNG."""
-        self.rng.seed(torch.initial_seed())
+    def hold_out(self, fraction: float, seed: int) -> list[int]:
+        """Take round(fraction x images) images (at least one) out of training; returns their sample indices."""
+        count = max(1, round(fraction * len(self.samples)))
+        if count >= len(self.samples):
+            raise ConfigError(f"val.split={fraction} would hold out all {len(self.samples)} images; lower it")
+        held = sorted(random.Random(f"holdout:{seed}").sample(range(len(self.samples)), count))
+        self.order = [i for i in self.order if i not in set(held)]
+        return held
 
     # ---- checks and debugging ---------------------------------------------------------------------------------------
 
@@ -200,6 +215,7 @@ def collate(items: list[dict]) -> dict:
     return {
         "pixel_values": None if pixels[0] is None else torch.stack(pixels),
         "captions": [it["caption"] for it in items],
+        "prompts": [it["prompt"] for it in items],
         "sample": torch.tensor([it["sample"] for it in items]),
         "flip": torch.tensor([it["flip"] for it in items]),
         "original_size": torch.tensor([it["original_size"] for it in items], dtype=torch.float32),
@@ -209,12 +225,18 @@ def collate(items: list[dict]) -> dict:
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Shuffled batches of one dataset and one bucket each; every epoch reshuffles from (seed, epoch)."""
+    """Batches of one dataset and one bucket each, reshuffled every epoch from (seed, epoch).
 
-    def __init__(self, data: TrainingSet, seed: int):
-        self.data, self.seed, self.epoch = data, seed, 0
+    A batch here is global: with P processes it holds P x the dataset's batch size, and each process takes its own
+    contiguous slice, so P processes see exactly what one process with the global batch would. Iteration starts at
+    (`epoch`, `start`) - where a resumed run left off - and covers the rest of that epoch.
+    """
 
-    def _batches(self, epoch: int) -> list[list[int]]:
+    def __init__(self, data: TrainingSet, seed: int, num_processes: int = 1, rank: int = 0):
+        self.data, self.seed, self.num_processes, self.rank = data, seed, num_processes, rank
+        self.epoch, self.start = 0, 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         groups: dict[tuple, list[int]] = {}
         for position, index in enumerate(self.data.order):
@@ -223,18 +245,22 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         batches = []
         for (dataset, _), positions in sorted(groups.items()):
             rng.shuffle(positions)
-            size = self.data.specs[dataset].batch_size
-            batches += [positions[i:i + size] for i in range(0, len(positions), size)]
+            size = self.data.specs[dataset].batch_size * self.num_processes
+            for i in range(0, len(positions), size):
+                batch = positions[i:i + size]
+                batch = batch[:len(batch) // self.num_processes * self.num_processes]  # equal slices per process
+                if batch:
+                    batches.append(batch)
         rng.shuffle(batches)
         return batches
 
     def __iter__(self):
-        batches = self._batches(self.epoch)
-        self.epoch += 1
-        return iter(batches)
+        for batch in self.batches(self.epoch)[self.start:]:
+            share = len(batch) // self.num_processes
+            yield [(self.epoch, p) for p in batch[self.rank * share:(self.rank + 1) * share]]
 
     def __len__(self) -> int:
-        return len(self._batches(self.epoch))
+        return len(self.batches(self.epoch)) - self.start
 
 
 def build_training_set(*, family: str, batch_size: int, seed: int = 0, image_dir: str | None = None,

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 class PromptBuilder:
-    def __init__(self, kind: str, token, templates: list[str] | None = None, seed: int = 0):
+    def __init__(self, kind: str, token, templates: list[str] | None = None):
         self.kind = kind
         self.token = token
         self.templates = list(templates) if templates else TEMPLATES.get(kind)
@@ -20,12 +20,11 @@ class PromptBuilder:
             bad = [t for t in self.templates if t.count("{}") != 1]
             if bad:
                 raise ConfigError(f"template.templates entry {bad[0]!r} needs exactly one '{{}}' for the token")
-        self.rng = random.Random(seed)
 
-    def __call__(self, caption: str) -> str:
-        """The prompt for one sample, with the token string still unexpanded."""
+    def __call__(self, caption: str, rng: random.Random | None = None) -> str:
+        """The prompt for one sample, with the token string still unexpanded (templates: a random one)."""
         if self.kind != "caption":
-            return self.rng.choice(self.templates).format(self.token.string)
+            return (rng or random).choice(self.templates).format(self.token.string)
         caption = caption.strip()
         if self.token.contains_token(caption):
             return caption

@@ -1,0 +1,169 @@
+"""Preview images during training, from the models already in memory.
+
+Prompts come from the config or a kohya-style prompts file (one prompt a line, `#` comments, `--n` negative,
+`--w`/`--h` size, `--s` steps, `--l` guidance, `--d` seed, `--ss` sampler). The token in a prompt expands to all of
+its vectors. Sampling runs under no_grad and leaves the training state as it found it: module modes, devices and
+every global RNG are restored, and the training randomness does not depend on global RNGs anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmsolver++")
+_FLAGS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
+          "l": ("guidance_scale", float), "d": ("seed", int), "ss": ("sampler", str)}
+
+
+@dataclass
+class PreviewPrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    guidance_scale: float = 7.0
+    seed: int = 0
+    sampler: str = "euler_a"
+
+
+def parse_prompt_line(line: str, defaults: PreviewPrompt, where: str) -> PreviewPrompt:
+    """`a photo of mychar --n blurry --w 512 --h 768 --s 30 --l 7.5 --d 42 --ss euler_a` (kohya's flags)."""
+    parts = re.split(r"\s--(?=[a-z]+\s)", " " + line.strip())
+    values = {}
+    for part in parts[1:]:
+        flag, _, value = part.partition(" ")
+        if flag not in _FLAGS:
+            raise ConfigError(f"{where}: unknown flag --{flag}; use --n --w --h --s --l --d --ss")
+        name, kind = _FLAGS[flag]
+        try:
+            values[name] = kind(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: --{flag} {value.strip()!r} is not a {kind.__name__}") from None
+    spec = replace(defaults, prompt=parts[0].strip(), **values)
+    if spec.sampler not in SAMPLERS:
+        raise ConfigError(f"{where}: sampler {spec.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    return spec
+
+
+def read_prompts(prompts, defaults: PreviewPrompt) -> list[PreviewPrompt]:
+    if prompts is None:
+        return [defaults]
+    if isinstance(prompts, str):
+        path = Path(prompts).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"sample.prompts={prompts!r}: no such prompts file; give a file or a list of prompts")
+        lines = [(f"{path}:{n}", line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    else:
+        lines = [(f"sample.prompts[{n}]", line) for n, line in enumerate(prompts)]
+    specs = [parse_prompt_line(line, defaults, where) for where, line in lines
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not specs:
+        raise ConfigError(f"sample.prompts={prompts!r} holds no prompt")
+    return specs
+
+
+def _scheduler(name: str, config, prediction_type: str):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
+
+    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+               "dpmsolver++": DPMSolverMultistepScheduler}
+    extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    return classes[name].from_config(config, prediction_type=prediction_type, **extra)
+
+
+def grid(images: list) -> "object":
+    from PIL import Image
+
+    cols = min(4, len(images))
+    rows = (len(images) + cols - 1) // cols
+    w, h = max(i.width for i in images), max(i.height for i in images)
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for n, image in enumerate(images):
+        sheet.paste(image, ((n % cols) * w, (n // cols) * h))
+    return sheet
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:48] or "prompt"
+
+
+class Previewer:
+    def __init__(self, every_n_steps: int = 0, at_start: bool = False, prompts=None, sampler: str = "euler_a",
+                 steps: int = 20, guidance_scale: float = 7.0, negative_prompt: str = "", width: int | None = None,
+                 height: int | None = None, seed: int = 0, token: str = "mychar", resolution: int = 512):
+        self.every_n_steps, self.at_start = every_n_steps, at_start
+        defaults = PreviewPrompt(f"a photo of {token}", negative_prompt, width or resolution, height or resolution,
+                                 steps, guidance_scale, seed, sampler)
+        self.prompts = read_prompts(prompts, defaults)
+        self.images_written: list[Path] = []
+
+    def _pipeline(self, backbone, scheduler):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        encoders = backbone.encoders
+        if backbone.family == "sdxl":
+            return StableDiffusionXLPipeline(vae=backbone.vae, text_encoder=encoders[0].model,
+                                             text_encoder_2=encoders[1].model, tokenizer=encoders[0].tokenizer,
+                                             tokenizer_2=encoders[1].tokenizer, unet=backbone.unet,
+                                             scheduler=scheduler)
+        return StableDiffusionPipeline(vae=backbone.vae, text_encoder=encoders[0].model,
+                                       tokenizer=encoders[0].tokenizer, unet=backbone.unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    @torch.no_grad()
+    def run(self, trainer, step: int) -> list[Path]:
+        backbone, token, acc = trainer.backbone, trainer.token, trainer.accelerator
+        modules = [backbone.unet, backbone.vae] + [e.model for e in backbone.encoders]
+        modes = [m.training for m in modules]
+        vae_device = backbone.vae.device
+        rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        out_dir = trainer.run_dir / "samples" / f"step-{step:08d}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        images, written = [], []
+        try:
+            backbone.vae.to(acc.device)
+            for m in modules:
+                m.eval()
+            for n, spec in enumerate(self.prompts):
+                pipe = self._pipeline(backbone, _scheduler(spec.sampler, backbone.noise_scheduler.config,
+                                                           backbone.prediction_type))
+                pipe.set_progress_bar_config(disable=True)
+                gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+                with acc.autocast():
+                    image = pipe(token.expand(spec.prompt), negative_prompt=token.expand(spec.negative_prompt) or None,
+                                 width=spec.width, height=spec.height, num_inference_steps=spec.steps,
+                                 guidance_scale=spec.guidance_scale, generator=gen).images[0]
+                path = out_dir / f"{n:02d}-{_slug(spec.prompt)}.png"
+                image.save(path)
+                images.append(image)
+                written.append(path)
+            grid(images).save(out_dir / "grid.png")
+            trainer.tracker.log_images({f"samples/{n:02d} {spec.prompt}": [im] for n, (spec, im)
+                                        in enumerate(zip(self.prompts, images))}, step)
+        finally:
+            backbone.vae.to(vae_device)
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+            torch.set_rng_state(rng[0])
+            random.setstate(rng[1])
+            np.random.set_state(rng[2])
+            if rng[3] is not None:
+                torch.cuda.set_rng_state_all(rng[3])
+        self.images_written += written
+        log.info("step %d: %d preview images in %s", step, len(written), out_dir)
+        return written
+

@@ -1,0 +1,98 @@
+"""The resumable state of a run: small (the trained vectors, optimizer, schedule, counters), never the frozen models.
+
+Written atomically as <run dir>/state/ (a new folder is filled, then swapped in), so a crash at any moment leaves
+either the previous state or the new one. Randomness is derived from (seed, epoch, position, micro-step), so these
+counters are all a resumed run needs to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+STATE_DIR = "state"
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # micro-batches done (seeds each one's noise)
+    epoch: int = 0
+    position: int = 0  # batches of `epoch` already used
+    bad_steps: int = 0
+    bad_steps_total: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    tracker_id: str | None = None
+
+    def best_summary(self) -> dict:
+        if self.best_step < 0:
+            return {}
+        return {"best_val_loss": self.best_val_loss, "best_step": self.best_step}
+
+
+def save_state(run_dir: Path, trainer) -> Path:
+    target = Path(run_dir) / STATE_DIR
+    staging = Path(tempfile.mkdtemp(prefix=".state-", dir=run_dir))
+    try:
+        torch.save({"vectors": trainer.token.vectors(),
+                    "optimizer": trainer.optimizer.optimizer.state_dict(),
+                    "lr_scheduler": trainer.lr_scheduler.state_dict(),
+                    "scaler": trainer.accelerator.scaler.state_dict() if trainer.accelerator.scaler else None},
+                   staging / "state.pt")
+        (staging / "state.json").write_text(json.dumps({**asdict(trainer.state), "token": trainer.token.string,
+                                                         "num_vectors": trainer.token.num_vectors,
+                                                         "base_model": trainer.backbone.source}, indent=2))
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=".state-old-", dir=run_dir))
+            os.replace(target, old / STATE_DIR)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:
+    """(run dir, state dir) for `resume=<run dir>|<state dir>|latest`."""
+    if resume == "latest":
+        root = Path("outputs")
+        candidates = [p for p in root.rglob(f"{STATE_DIR}/state.json")] if root.is_dir() else []
+        candidates = [p for p in candidates if p.parent.parent.resolve() != Path(fallback_run_dir).resolve()]
+        if not candidates:
+            raise ConfigError(f"resume=latest: no saved state under {root.resolve()}; give the run dir instead")
+        state = max(candidates, key=lambda p: p.stat().st_mtime).parent
+    else:
+        path = Path(resume).expanduser()
+        state = path if (path / "state.json").is_file() else path / STATE_DIR
+        if not (state / "state.json").is_file():
+            raise ConfigError(f"resume={resume!r}: no saved state there (expected {state / 'state.json'}); "
+                              "runs save one with save.state_every_n_steps or when stopped by Ctrl-C/SIGTERM")
+    return state.parent, state
+
+
+def load_state(state_dir: Path, trainer) -> None:
+    meta = json.loads((state_dir / "state.json").read_text())
+    if meta["token"] != trainer.token.string or meta["num_vectors"] != trainer.token.num_vectors:
+        raise ConfigError(f"resume: the state in {state_dir} is for token {meta['token']!r} with "
+                          f"{meta['num_vectors']} vectors, not {trainer.token.string!r} with "
+                          f"{trainer.token.num_vectors}; resume with the run's own settings")
+    data = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
+    trainer.token.load_vectors(data["vectors"])
+    trainer.optimizer.optimizer.load_state_dict(data["optimizer"])
+    trainer.lr_scheduler.load_state_dict(data["lr_scheduler"])
+    if data.get("scaler") and trainer.accelerator.scaler:
+        trainer.accelerator.scaler.load_state_dict(data["scaler"])
+    fields = RunState.__dataclass_fields__
+    trainer.state = RunState(**{k: v for k, v in meta.items() if k in fields})
