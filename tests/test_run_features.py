@@ -1,0 +1,260 @@
+"""What users expect of a run: previews, validation, resume after a crash, the numerical guard, loss options,
+and several processes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import train
+from tinv.errors import ConfigError
+from tinv.sampling import PreviewPrompt, read_prompts
+
+
+def _vectors(path):
+    return load_file(str(path))
+
+
+# ---- previews ----------------------------------------------------------------------------------------------------
+
+def test_previews_at_the_right_steps_and_training_unchanged(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# previews\na photo of mychar --d 1 --s 2\nmychar on a beach --n blurry --w 64 --h 128 --ss ddim\n")
+    common = ["train.max_steps=6", "token.init_word=photo"]
+    plain = train(tmp_path / "plain", common)
+    sampled = train(tmp_path / "sampled", common + ["sample.every_n_steps=2", "sample.at_start=true",
+                                                    f"sample.prompts={prompts}", "sample.steps=2"])
+    steps = sorted(p.name for p in (tmp_path / "sampled" / "samples").iterdir())
+    assert steps == ["step-00000000", "step-00000002", "step-00000004", "step-00000006"]
+    for step in steps:
+        files = sorted(p.name for p in (tmp_path / "sampled" / "samples" / step).iterdir())
+        assert len(files) == 3 and "grid.png" in files
+    from PIL import Image
+
+    tall = next((tmp_path / "sampled" / "samples" / "step-00000002").glob("01-*.png"))
+    assert Image.open(tall).size == (64, 128)
+    assert torch.equal(_vectors(plain.embedding)["emb_params"], _vectors(sampled.embedding)["emb_params"])
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmsolver++"])
+def test_previews_on_sdxl_with_other_samplers(tmp_path, sampler):
+    result = train(tmp_path, ["model=tiny_sdxl", "train.max_steps=1", "sample.every_n_steps=1", "sample.steps=2",
+                              f"sample.sampler={sampler}", "sample.prompts=[a photo of mychar]"])
+    assert len(result.trainer.previewer.images_written) == 1
+
+
+def test_prompt_file_parsing_and_errors(tmp_path):
+    defaults = PreviewPrompt("x")
+    specs = read_prompts(["a mychar --n ugly hands --w 768 --h 512 --s 30 --l 5.5 --d 7 --ss euler", "# comment", ""],
+                         defaults)
+    assert len(specs) == 1
+    s = specs[0]
+    assert (s.prompt, s.negative_prompt, s.width, s.height, s.steps, s.guidance_scale, s.seed, s.sampler) == \
+        ("a mychar", "ugly hands", 768, 512, 30, 5.5, 7, "euler")
+    with pytest.raises(ConfigError, match=r"sample.prompts\[0\]: unknown flag --q"):
+        read_prompts(["a --q 3"], defaults)
+    with pytest.raises(ConfigError, match="--w 'wide' is not a int"):
+        read_prompts(["a --w wide"], defaults)
+    with pytest.raises(ConfigError, match="no such prompts file"):
+        read_prompts(str(tmp_path / "none.txt"), defaults)
+
+
+# ---- validation --------------------------------------------------------------------------------------------------
+
+def test_validation_is_deterministic_and_best_tracks_the_minimum(tmp_path):
+    result = train(tmp_path / "a", ["train.max_steps=6", "val.every_n_steps=1", "val.split=0.25",
+                                    "optimizer.lr=0.05"])
+    trainer = result.trainer
+    first, second = trainer.validate(), trainer.validate()
+    assert first == second
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    vals = [(r["step"], r["val/loss"]) for r in records if "val/loss" in r]
+    assert len(vals) >= 6
+    best_step, best = min(vals[:6], key=lambda x: x[1])
+    assert result.summary["best_step"] == best_step and result.summary["best_val_loss"] == pytest.approx(best)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["best_step"] == best_step
+    # the best file holds the vectors of the best step: validating it again gives the best loss
+    trainer.token.load_vectors({k: v for k, v in _vectors(tmp_path / "a" / "mychar-best.safetensors").items()})
+    assert trainer.validator.loss(trainer) == pytest.approx(best, rel=1e-6)
+    # held-out images never train
+    held = set(trainer.validator.samples)
+    assert held and not held & set(trainer.dataset.order)
+    # a second run with the same embedding scores the same
+    again = train(tmp_path / "b", ["train.max_steps=1", "val.every_n_steps=1", "val.split=0.25",
+                                   f"token.weights={tmp_path / 'a' / 'mychar-best.safetensors'}", "optimizer.lr=0"])
+    assert again.trainer.validator.loss(again.trainer) == pytest.approx(best, rel=1e-6)
+
+
+# ---- resume ------------------------------------------------------------------------------------------------------
+
+def _cli(args, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "tinv.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_step(run_dir, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.is_file():
+            lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            if lines and lines[-1]["step"] >= step:
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("run did not reach the step in time")
+
+
+RESUME_ARGS = ["train.max_steps=24", "save.state_every_n_steps=3", "logger=none", "token.num_vectors=2",
+               "train.batch_size=3", "data.flip_aug=true", "template=object", "train.gradient_accumulation=2",
+               "scheduler=cosine", "scheduler.num_warmup_steps=4"]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    whole = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
+    killed = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
+    _wait_for_step(tmp_path / "killed", 8, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert whole.wait() == 0, whole.stderr.read()[-2000:]
+    assert not (tmp_path / "killed" / "mychar.safetensors").exists()
+    state = json.loads((tmp_path / "killed" / "state" / "state.json").read_text())
+    assert 3 <= state["step"] < 24
+    resumed = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'resumed'}", f"resume={tmp_path / 'killed'}"],
+                   tmp_path)
+    assert resumed.wait() == 0, resumed.stderr.read()[-2000:]
+    a = _vectors(tmp_path / "whole" / "mychar.safetensors")["emb_params"]
+    b = _vectors(tmp_path / "killed" / "mychar.safetensors")["emb_params"]  # the resumed run finishes in place
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))
+
+
+def test_sigint_saves_embedding_and_state_then_resumes(tmp_path):
+    run = tmp_path / "outputs" / "day" / "run"  # resume=latest looks under ./outputs
+    proc = _cli(RESUME_ARGS + [f"hydra.run.dir={run}"], tmp_path)
+    _wait_for_step(run, 5, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    err = proc.stderr.read()
+    assert f"resume={run}" in err and "Traceback" not in err
+    stopped = json.loads((run / "state" / "state.json").read_text())["step"]
+    meta_step = int(__import__("safetensors").safe_open(str(run / "mychar.safetensors"), "pt").metadata()["tinv.step"])
+    assert meta_step == stopped and stopped < 24
+    again = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'outputs' / 'day' / 'again'}", "resume=latest"],
+                 tmp_path)
+    assert again.wait() == 0, again.stderr.read()[-2000:]
+    assert json.loads((run / "summary.json").read_text())["step"] == 24
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no saved state there"):
+        train(tmp_path / "r", [f"resume={tmp_path}"])
+
+
+# ---- the numerical guard -------------------------------------------------------------------------------------------
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+    from tinv.trainer import Trainer
+
+    original = Trainer.training_loss
+    bad = {3, 5, 6}
+    calls = []
+
+    def poisoned(self, batch):
+        calls.append(1)
+        loss = original(self, batch)
+        return loss * float("nan") if len(calls) in bad else loss
+
+    monkeypatch.setattr(Trainer, "training_loss", poisoned)
+    result = train(tmp_path / "a", ["train.max_steps=8"])
+    assert result.summary["bad_steps"] == 3 and math.isfinite(result.final_loss)
+    assert torch.isfinite(_vectors(result.embedding)["emb_params"]).all()
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("train/bad_steps", 0) for r in records) == 3
+
+    calls.clear()
+    bad.update(range(4, 100))
+    with pytest.raises(ConfigError, match="3 steps in a row had a non-finite loss"):
+        train(tmp_path / "b", ["train.max_steps=20", "train.max_bad_steps=3", "save.every_n_steps=1"])
+    last_good = _vectors(tmp_path / "b" / "mychar-step00000002.safetensors")["emb_params"]  # steps 3-5 were bad
+    assert torch.isfinite(last_good).all()
+    assert not list((tmp_path / "b").glob("mychar-step0000000[3-9].safetensors"))
+
+
+# ---- loss and optimisation options ---------------------------------------------------------------------------------
+
+def test_loss_options_run_and_change_the_loss(tmp_path):
+    base = train(tmp_path / "a", ["train.max_steps=2"])
+    for i, extra in enumerate([["train.noise_offset=0.1"], ["train.min_snr_gamma=5"],
+                               ["train.min_timestep=500", "train.max_timestep=600"]]):
+        other = train(tmp_path / f"o{i}", ["train.max_steps=2", *extra])
+        assert math.isfinite(other.final_loss) and other.final_loss != base.final_loss, extra
+
+
+def test_lr_scale_batch(tmp_path):
+    result = train(tmp_path, ["train.max_steps=1", "train.lr_scale=batch", "train.batch_size=2",
+                              "train.gradient_accumulation=3", "optimizer.lr=1e-3"])
+    assert result.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(6e-3)
+
+
+def test_token_norm_options(tmp_path):
+    clamp = train(tmp_path / "c", ["train.max_steps=5", "optimizer.lr=1.0", "token.norm=clamp_to_vocab_max"])
+    token = clamp.trainer.token
+    assert token.vectors()["emb_params"].norm(dim=1).max() <= token.max_norms["emb_params"] * (1 + 1e-5)
+    free = train(tmp_path / "f", ["train.max_steps=5", "optimizer.lr=1.0"])
+    assert free.trainer.token.vectors()["emb_params"].norm(dim=1).max() > token.max_norms["emb_params"]
+    pulled = train(tmp_path / "p", ["train.max_steps=5", "optimizer.lr=0.05", "token.norm=l2_to_init",
+                                    "token.norm_weight=100"])
+    loose = train(tmp_path / "l", ["train.max_steps=5", "optimizer.lr=0.05"])
+    drift = {r: (x.trainer.token.vectors()["emb_params"] - x.trainer.token.initial["emb_params"]).norm()
+             for r, x in (("pulled", pulled), ("loose", loose))}
+    assert drift["pulled"] < drift["loose"]
+
+
+def test_sdxl_train_one_encoder_and_cache_the_other(tmp_path):
+    result = train(tmp_path / "a", ["model=tiny_sdxl", "train.max_steps=3", "token.train_encoders=clip_l",
+                                    "train.cache_text_encoder_outputs=true", "token.init_word=photo"])
+    token = result.trainer.token
+    saved = _vectors(result.embedding)
+    assert torch.equal(saved["clip_g"], token.initial["clip_g"])  # kept (and saved) at its start
+    assert not torch.equal(saved["clip_l"], token.initial["clip_l"])
+    assert len(result.trainer.backbone.output_cache[1]) > 0
+    plain = train(tmp_path / "b", ["model=tiny_sdxl", "train.max_steps=3", "token.train_encoders=clip_l",
+                                   "token.init_word=photo"])
+    torch.testing.assert_close(_vectors(plain.embedding)["clip_l"], saved["clip_l"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="an encoder whose vectors train cannot be cached"):
+        train(tmp_path / "c", ["train.max_steps=1", "train.cache_text_encoder_outputs=true"])
+    with pytest.raises(ConfigError, match="applies to SDXL only"):
+        train(tmp_path / "d", ["train.max_steps=1", "token.train_encoders=clip_l"])
+
+
+# ---- several processes -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl"])
+def test_two_cpu_processes_match_one(tmp_path, model):
+    common = [f"model={model}", "train.max_steps=4", "logger=none", "token.num_vectors=2", "data.flip_aug=true"]
+    single = subprocess.run([sys.executable, "-m", "tinv.train", *common, "train.batch_size=4",
+                             f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29500 + os.getpid() % 1000), "-m", "tinv.train", *common,
+                             "train.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "on cpu x2" in (tmp_path / "two" / "train.log").read_text()  # really two processes
+    one, two = _vectors(tmp_path / "one" / "mychar.safetensors"), _vectors(tmp_path / "two" / "mychar.safetensors")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    assert len(list(tmp_path.glob("two*"))) == 1  # only rank 0 wrote a run dir here
