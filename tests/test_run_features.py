@@ -258,3 +258,28 @@ def test_two_cpu_processes_match_one(tmp_path, model):
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
     assert len(list(tmp_path.glob("two*"))) == 1  # only rank 0 wrote a run dir here
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path):
+    first = train(tmp_path / "a", ["logger=wandb", "train.max_steps=2", "save.state_every_n_steps=2"])
+    run_id = first.trainer.tracker.run_id
+    assert run_id and json.loads((tmp_path / "a" / "state" / "state.json").read_text())["tracker_id"] == run_id
+    second = train(tmp_path / "b", ["logger=wandb", "train.max_steps=4", f"resume={tmp_path / 'a'}"])
+    assert second.trainer.tracker.run_id == run_id and second.step == 4
+    assert [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_unet_attention_uses_sdpa(tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    result = train(tmp_path, ["train.max_steps=1"])
+    processors = result.trainer.backbone.unet.attn_processors.values()
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains_like_eager(tmp_path):
+    """Minutes on a CPU (inductor compiles C++): run with `python -m pytest -m slow`."""
+    eager = train(tmp_path / "e", ["train.max_steps=3"])
+    compiled = train(tmp_path / "c", ["train.max_steps=3", "train.compile=true"])
+    assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-3)
