@@ -289,10 +289,14 @@ class Trainer:
         state_every = self.save_cfg.get("state_every_n_steps", 0)
         if state_every and self.step % state_every == 0:
             self.save_state()
-        if self._stop_signal is not None:
+        stop = self._stop_signal
+        if self.accelerator.num_processes > 1:  # signals reach processes at different moments: agree on one step
+            flag = torch.tensor(float(stop or 0), device=self.accelerator.device)
+            stop = int(self.accelerator.reduce(flag, "max").item()) or None
+        if stop is not None:
             self.save("")
             self.save_state()
-            raise Interrupted(self._stop_signal, self.run_dir)
+            raise Interrupted(stop, self.run_dir)
 
     def validate(self) -> float:
         value = self.validator.loss(self)
