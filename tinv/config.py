@@ -152,6 +152,7 @@ class LoggerConfig:
     name: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    log_embedding: bool = False  # upload the final embedding as a wandb artifact
 
 
 @dataclass

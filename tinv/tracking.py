@@ -45,6 +45,11 @@ class Tracker:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        from .sweeping import sweep_identity
+
+        sweep = sweep_identity()
+        if sweep:
+            self.set_summary(sweep=sweep["sweep"], job_num=sweep["job_num"], overrides=sweep["overrides"])
         path = self.run_dir / "metrics.jsonl"
         kept = []
         if resume_step and path.is_file():
@@ -84,7 +89,8 @@ def wandb_api_key_configured() -> bool:
 
 class WandbTracker(Tracker):
     def __init__(self, project: str = "tinv", mode: str | None = None, entity: str | None = None,
-                 name: str | None = None, group: str | None = None, tags: list[str] | None = None, **_ignored):
+                 name: str | None = None, group: str | None = None, tags: list[str] | None = None,
+                 log_embedding: bool = False, **_ignored):
         super().__init__()
         try:
             import wandb  # noqa: F401
@@ -92,6 +98,7 @@ class WandbTracker(Tracker):
             raise ConfigError("logger=wandb needs the wandb package: pip install wandb, or use logger=none") from None
         self.project, self.entity, self.name, self.group = project, entity, name, group
         self.tags = list(tags or [])
+        self.log_embedding = log_embedding
         self.mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_configured() else "offline")
         if self.mode == "online" and not wandb_api_key_configured():
             raise ConfigError("logger.mode=online needs a wandb API key: run `wandb login` or set WANDB_API_KEY, "
@@ -105,10 +112,16 @@ class WandbTracker(Tracker):
             return
         import wandb
 
-        self.run = wandb.init(project=self.project, entity=self.entity, name=self.name, group=self.group,
-                              tags=self.tags, config=config, dir=str(run_dir), mode=self.mode, id=resume_id,
-                              resume="allow" if resume_id else None)
+        from .sweeping import sweep_identity
+
+        sweep = sweep_identity()  # a multirun job: one wandb group per sweep, named runs, overrides in the config
+        if sweep:
+            config = {**config, "sweep": {k: sweep[k] for k in ("sweep", "sweep_dir", "job_num", "overrides")}}
+        self.run = wandb.init(project=self.project, entity=self.entity, name=self.name or sweep.get("job_name"),
+                              group=self.group or sweep.get("group"), tags=self.tags, config=config,
+                              dir=str(run_dir), mode=self.mode, id=resume_id, resume="allow" if resume_id else None)
         self.run_id = self.run.id
+        self.set_summary(wandb_id=self.run.id, wandb_group=self.run.group or "")
         log.info("wandb run %s (%s)", self.run.id, self.mode)
 
     def log_images(self, images: dict, step: int) -> None:
@@ -125,6 +138,14 @@ class WandbTracker(Tracker):
     def finish(self, ok: bool = True) -> None:
         if self.run is not None:
             self.run.summary.update(self.summary)
+            embedding = self.summary.get("embedding")
+            if ok and self.log_embedding and embedding and Path(embedding).is_file():
+                import wandb
+
+                artifact = wandb.Artifact(f"embedding-{self.run.id}", type="embedding",
+                                          metadata={k: v for k, v in self.summary.items() if k != "embedding"})
+                artifact.add_file(embedding)
+                self.run.log_artifact(artifact)
             self.run.finish(exit_code=0 if ok else 1)
             self.run = None
         super().finish(ok)

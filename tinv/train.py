@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ from .data import PromptBuilder
 from .embedding import ConceptToken
 from .errors import ConfigError
 from .optim import check_optimization
+from .atomic import write_text_atomic
 from .sampling import Previewer
+from .sweeping import sweep_identity
 from .trainer import Interrupted, TrainResult
 from .validation import Validator
 
@@ -96,18 +99,32 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
     return result
 
 
+def objective(result: TrainResult) -> float:
+    """What a sweep minimises: the best validation loss when validation ran, else the final training loss."""
+    return result.summary["objective"]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    in_sweep = bool(sweep_identity())
     try:
         result = run(cfg)
-        return result.final_loss if result else None
-    except ConfigError as err:
-        print(f"tinv-train: error: {err}", file=sys.stderr)
-        _discard_untouched_run_dir(Path(HydraConfig.get().runtime.output_dir))
+        return objective(result) if result else None
+    except (ConfigError, Interrupted) as err:
+        message = f"tinv-train: {'error: ' if isinstance(err, ConfigError) else ''}{err}"
+        print(message, file=sys.stderr)
+        if in_sweep:  # record the failure in the job's folder and let the sweep go on with the other jobs
+            write_text_atomic(job_dir / "summary.json", json.dumps({"ok": False, "error": str(err)}, indent=2))
+            raise
+        if isinstance(err, Interrupted):
+            sys.exit(128 + err.signum)
+        _discard_untouched_run_dir(job_dir)
         sys.exit(2)
-    except Interrupted as stop:
-        print(f"tinv-train: {stop}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+    except Exception as err:
+        if in_sweep:
+            write_text_atomic(job_dir / "summary.json", json.dumps({"ok": False, "error": repr(err)}, indent=2))
+        raise
 
 
 def _discard_untouched_run_dir(run_dir: Path) -> None:

@@ -184,7 +184,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        ok = False
+        ok, started, started_at = False, time.perf_counter(), time.time()
         try:
             self.setup()
             acc = self.accelerator
@@ -225,9 +225,12 @@ class Trainer:
                 self._after_step()
             bar.close()
             path = self.save("")
+            best = self.state.best_summary()
             summary = dict(final_loss=self.last_loss, step=self.step, embedding=str(path),
                            base_model=self.backbone.source, family=self.backbone.family,
-                           bad_steps=self.state.bad_steps_total, **self.state.best_summary())
+                           bad_steps=self.state.bad_steps_total, wall_s=round(time.perf_counter() - started, 2),
+                           started_at=started_at, finished_at=time.time(),
+                           objective=best.get("best_val_loss", self.last_loss), **best)
             self.tracker.set_summary(**summary)
             ok = True
             return TrainResult(path, self.step, self.last_loss, self, summary)

@@ -1,0 +1,122 @@
+"""Sweeps through the real CLI: a grid with wandb groups and a report, a resumable Optuna study, parallel and
+failing jobs."""
+
+import csv
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+
+
+def tinv(args, cwd, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "tinv.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def summaries(sweep_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))]
+
+
+def test_grid_sweep_wandb_group_and_report(tmp_path):
+    sweep = tmp_path / "grid"
+    proc = tinv(["-m", "optimizer.lr=1e-3,1e-2", "token.num_vectors=1,2", "train.max_steps=2",
+                 "val.every_n_steps=2", f"hydra.sweep.dir={sweep}", "logger.tags=[grid-test]"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1", "2", "3"]
+    assert len(list(sweep.glob("*/mychar.safetensors"))) == 4
+    assert (sweep / "multirun.yaml").is_file()
+    found = summaries(sweep)
+    assert len({s["wandb_id"] for s in found}) == 4  # four wandb runs...
+    assert len({s["wandb_group"] for s in found}) == 1 and found[0]["wandb_group"].startswith("multirun-")  # one group
+    assert len(list(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))) == 4
+    assert all(s["objective"] == s["best_val_loss"] for s in found)
+
+    report = subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert len(rows) == 4 and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    objectives = [float(r["objective"]) for r in rows]
+    assert objectives == sorted(objectives)
+    assert (sweep / "report.md").read_text().count("| ok |") == 4
+    for png in ("loss_curves.png", "objective_vs_optimizer.lr.png", "objective_vs_token.num_vectors.png"):
+        assert (sweep / png).stat().st_size > 1000
+
+
+def _complete_trials(db: Path) -> int:
+    with sqlite3.connect(db) as con:
+        return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+
+
+def test_optuna_study_interrupted_and_resumed(tmp_path):
+    sweep = tmp_path / "study"
+    args = ["sweep=optuna", "hydra.sweeper.n_trials=3", "train.max_steps=3", "logger=none",
+            f"hydra.sweep.dir={sweep}"]
+    first = subprocess.Popen([sys.executable, "-m", "tinv.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    db = sweep / "optuna.db"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (db.is_file() and _complete_trials(db) >= 1):
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done = _complete_trials(db)
+    assert 1 <= done < 3
+    second = tinv(args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{done} trials recorded, {3 - done} to run" in second.stdout + second.stderr
+    assert _complete_trials(db) == 3
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in results and (sweep / "multirun.yaml").is_file()
+    numbers = [p.name.split("_")[0] for p in sweep.iterdir() if p.is_dir()]
+    assert len(numbers) == len(set(numbers))  # resumed trials got new job folders
+
+
+def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
+    sweep = tmp_path / "par"
+    proc = tinv(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,-1,1e-2",
+                 "train.max_steps=3", "logger=none", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode != 0  # the sweep says a job failed...
+    found = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert len(found) == 3
+    failed = [s for s in found.values() if not s["ok"]]
+    assert len(failed) == 1 and "Invalid learning rate" in failed[0]["error"]
+    good = sorted((s for s in found.values() if s["ok"]), key=lambda s: s["started_at"])
+    assert len(good) == 2 and len(list(sweep.glob("*/mychar.safetensors"))) == 2  # ...and the others finished
+    assert good[1]["started_at"] < good[0]["finished_at"]  # the two ran at the same time
+    assert subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True).returncode == 0
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "failed"]
+
+
+def test_submitit_local_launcher(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sub"
+    proc = tinv(["-m", "hydra/launcher=submitit_local", "optimizer.lr=5e-3,1e-2", "train.max_steps=2",
+                 "logger=none", f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(sweep.glob("*/mychar.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("name,jobs", [("templates", 3), ("optimizers", 3)])
+def test_named_sweeps_compose(name, jobs, tmp_path):
+    proc = tinv([f"sweep={name}", "--cfg", "hydra", "-p", "hydra.sweeper.params"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    values = next(line for line in proc.stdout.splitlines() if ":" in line).split(":", 1)[1]
+    assert len(values.split(",")) == jobs
+
+
+def test_shipped_slurm_launcher_config(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = tinv(["hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
