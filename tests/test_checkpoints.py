@@ -159,11 +159,17 @@ def test_convert_round_trips_bit_exactly_and_loads_in_diffusers(family, tmp_path
         back = read_embedding(convert(written, tmp_path / f"back-{fmt}.safetensors", "kohya")).vectors
         assert all(torch.equal(back[k], original[k]) and back[k].dtype == original[k].dtype for k in original), fmt
         if family == "sdxl":
-            loaded = read_embedding(written).vectors
-            pipe.load_textual_inversion(loaded["clip_l"], token=f"tok{fmt}", text_encoder=pipe.text_encoder,
-                                        tokenizer=pipe.tokenizer)
-            pipe.load_textual_inversion(loaded["clip_g"], token=f"tok{fmt}", text_encoder=pipe.text_encoder_2,
-                                        tokenizer=pipe.tokenizer_2)
+            if fmt == "diffusers":  # the two files, as diffusers' own loader reads them
+                pipe.load_textual_inversion(str(written / "learned_embeds.safetensors"), token=f"tok{fmt}",
+                                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+                pipe.load_textual_inversion(str(written / "learned_embeds_2.safetensors"), token=f"tok{fmt}",
+                                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+            else:
+                loaded = read_embedding(written).vectors
+                pipe.load_textual_inversion(loaded["clip_l"], token=f"tok{fmt}", text_encoder=pipe.text_encoder,
+                                            tokenizer=pipe.tokenizer)
+                pipe.load_textual_inversion(loaded["clip_g"], token=f"tok{fmt}", text_encoder=pipe.text_encoder_2,
+                                            tokenizer=pipe.tokenizer_2)
             ids = pipe.tokenizer_2.convert_tokens_to_ids([f"tok{fmt}", f"tok{fmt}_1", f"tok{fmt}_2"])
             assert torch.equal(pipe.text_encoder_2.get_input_embeddings().weight[ids], original["clip_g"])
         else:

@@ -193,7 +193,20 @@ def test_missing_token_modes(tmp_path, caplog, mode):
     assert ("put first" in caplog.text) == (mode == "prepend")
     from tinv.data import PromptBuilder
 
-    assert PromptBuilder("caption", token)("a red thing") == "mychar, a red thing"
+    prompt = PromptBuilder("caption", token, missing_token=mode)("a red thing")
+    assert prompt == ("mychar, a red thing" if mode == "prepend" else "a red thing")
+
+
+def test_resolution_as_width_height_from_the_command_line(tmp_path, run_dir):
+    d = make_images(tmp_path / "imgs", [(128, 96)] * 2)
+    result = train(run_dir, ["data=folder", f"data.image_dir={d}", "data.resolution=[96,64]", "train.max_steps=1"])
+    assert result.trainer.dataset.samples[0].bucket == (96, 64)
+
+
+def test_bucket_limits_are_rounded_to_the_step(tmp_path):
+    d = make_images(tmp_path / "imgs", [(300, 100)])
+    data = build(image_dir=str(d), resolution=128, enable_bucket=True, min_bucket_reso=100, max_bucket_reso=300)
+    assert all(side % 64 == 0 for side in data.samples[0].bucket)
 
 
 # ---- buckets -----------------------------------------------------------------------------------------------------

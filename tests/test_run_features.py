@@ -283,3 +283,26 @@ def test_compiled_unet_trains_like_eager(tmp_path):
     eager = train(tmp_path / "e", ["train.max_steps=3"])
     compiled = train(tmp_path / "c", ["train.max_steps=3", "train.compile=true"])
     assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["sample.every_n_steps=2", "sample.prompts=[a photo of mychar --w 100]"], "width 100 must be a positive multiple"),
+    (["train.max_timestep=2000"], "train.max_timestep=2000 must be in"),
+    (["model.clip_skip=50"], "model.clip_skip=50 is more than the 3 layers"),
+])
+def test_bad_run_settings_fail_at_start(tmp_path, overrides, message, monkeypatch):
+    from tinv.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "fit", lambda self: pytest.fail("training started"))
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, overrides)
+
+
+def test_resume_finds_the_previous_state_if_killed_mid_save(tmp_path):
+    from tinv.state import find_state
+
+    run = tmp_path / "run"
+    old = run / ".state-old-x1" / "state"
+    old.mkdir(parents=True)
+    (old / "state.json").write_text("{}")
+    assert find_state(str(run), tmp_path) == (old.parent, old)

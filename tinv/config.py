@@ -53,6 +53,7 @@ class DataConfig:
     _target_: str = "tinv.data.build_training_set"
     image_dir: Optional[str] = None
     dataset_config: Optional[str] = None  # a kohya dataset TOML; its datasets/subsets replace image_dir
+    metadata_file: Optional[str] = None  # kohya fine-tuning metadata JSON (captions) for image_dir
     caption_extension: str = ".txt"
     resolution: Any = II("model.resolution")  # int or [width, height]; defaults to the model's native size
     num_repeats: int = 1
@@ -210,6 +211,8 @@ def check_values(cfg) -> None:
     if not 0.0 <= cfg.val.split < 1.0:
         raise ConfigError(f"val.split={cfg.val.split} must be in [0, 1): the fraction of images held out")
     top = cfg.train.max_timestep if cfg.train.max_timestep is not None else 1000
+    if not 0 < top <= 1000:
+        raise ConfigError(f"train.max_timestep={top} must be in (0, 1000]: the schedule has 1000 timesteps")
     if not 0 <= cfg.train.min_timestep < top:
         raise ConfigError(f"train.min_timestep={cfg.train.min_timestep} must be in [0, train.max_timestep={top})")
     if cfg.token.train_encoders != "both" and cfg.model.family != "sdxl":

@@ -52,6 +52,11 @@ def parse_prompt_line(line: str, defaults: PreviewPrompt, where: str) -> Preview
         except ValueError:
             raise ConfigError(f"{where}: --{flag} {value.strip()!r} is not a {kind.__name__}") from None
     spec = replace(defaults, prompt=parts[0].strip(), **values)
+    for name in ("width", "height"):
+        if getattr(spec, name) < 8 or getattr(spec, name) % 8:
+            raise ConfigError(f"{where}: {name} {getattr(spec, name)} must be a positive multiple of 8")
+    if spec.steps < 1:
+        raise ConfigError(f"{where}: steps {spec.steps} must be at least 1")
     if spec.sampler not in SAMPLERS:
         raise ConfigError(f"{where}: sampler {spec.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
     return spec
@@ -143,8 +148,12 @@ class Previewer:
                                                            backbone.prediction_type))
                 pipe.set_progress_bar_config(disable=True)
                 gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+                # diffusers counts clip_skip from 0 (1 = penultimate layer); ours from 1, like A1111
+                skip = {"clip_skip": backbone.clip_skip - 1} if backbone.family != "sdxl" and backbone.clip_skip > 1 \
+                    else {}
                 with acc.autocast():
                     image = pipe(token.expand(spec.prompt), negative_prompt=token.expand(spec.negative_prompt) or None,
+                                 **skip,
                                  width=spec.width, height=spec.height, num_inference_steps=spec.steps,
                                  guidance_scale=spec.guidance_scale, generator=gen).images[0]
                 path = out_dir / f"{n:02d}-{_slug(spec.prompt)}.png"

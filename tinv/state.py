@@ -76,6 +76,9 @@ def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:
     else:
         path = Path(resume).expanduser()
         state = path if (path / "state.json").is_file() else path / STATE_DIR
+        if not (state / "state.json").is_file():  # killed between the two renames of a save: the previous state
+            older = sorted(path.glob(f".state-old-*/{STATE_DIR}/state.json"), key=lambda p: p.stat().st_mtime)
+            state = older[-1].parent if older else state
         if not (state / "state.json").is_file():
             raise ConfigError(f"resume={resume!r}: no saved state there (expected {state / 'state.json'}); "
                               "runs save one with save.state_every_n_steps or when stopped by Ctrl-C/SIGTERM")

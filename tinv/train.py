@@ -76,7 +76,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
     token.add_to_tokenizers(backbone.encoders)
     token.check_start(backbone.encoders)  # token.weights against the encoders' keys and widths, before loading
     dataset.check_token(token, cfg.template.kind)
-    dataset.prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates)
+    dataset.prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, cfg.data.missing_token)
     if dataset.debug:
         print(describe_samples(dataset, token, backbone))
         return None

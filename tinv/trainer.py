@@ -126,7 +126,10 @@ class Trainer:
         params = self.token.parameters()
         optimizer = self.make_optimizer(params)
         if self.lr_scale == "batch":  # the original TI rule: lr grows with the samples per optimizer step
-            factor = self.batch_size * self.gradient_accumulation * acc.num_processes
+            sizes = {ds.batch_size for ds in self.dataset.specs}  # a kohya TOML may set its own
+            if len(sizes) > 1:
+                log.warning("train.lr_scale=batch: datasets have batch sizes %s; scaling by the largest", sorted(sizes))
+            factor = max(sizes) * self.gradient_accumulation * acc.num_processes
             for group in optimizer.param_groups:
                 group["lr"] *= factor
         self.lr_scheduler = self.make_lr_scheduler(optimizer=optimizer, num_training_steps=self.max_steps)
@@ -201,7 +204,7 @@ class Trainer:
                     self.state.micro_step += 1
                     if acc.sync_gradients:
                         grad_norm, finite = self._reduce_and_clip(loss)
-                        if finite:
+                        if finite or acc.scaler is not None:  # fp16: the scaler skips inf steps and lowers its scale
                             self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach().float())
@@ -212,17 +215,17 @@ class Trainer:
                 self.state.step += 1
                 step_loss = acc.reduce(torch.stack(losses).mean().to(acc.device), "mean").item()
                 losses = []
-                if not self._guard(finite, step_loss):
-                    continue
-                self.token.after_step()
-                self.last_loss = step_loss
                 bar.update(self.step - bar.n)
-                bar.set_postfix(loss=f"{self.last_loss:.4f}")
-                if self.step % self.log_every_n_steps == 0 or self.step == self.max_steps:
-                    rate = (self.step - logged) / max(time.perf_counter() - since, 1e-9)
-                    self._log(grad_norm, lr, rate)
-                    since, logged = time.perf_counter(), self.step
-                self._after_step()
+                good = self._guard(finite, step_loss)  # a skipped step left the vectors as they were
+                if good:
+                    self.token.after_step()
+                    self.last_loss = step_loss
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}")
+                    if self.step % self.log_every_n_steps == 0 or self.step == self.max_steps:
+                        rate = (self.step - logged) / max(time.perf_counter() - since, 1e-9)
+                        self._log(grad_norm, lr, rate)
+                        since, logged = time.perf_counter(), self.step
+                self._after_step(good)
             bar.close()
             path = self.save("")
             best = self.state.best_summary()
@@ -280,15 +283,16 @@ class Trainer:
                               f"{self.run_dir}. Lower optimizer.lr, or use train.mixed_precision=bf16/no")
         return False
 
-    def _after_step(self) -> None:
+    def _after_step(self, good: bool = True) -> None:
+        """Periodic files after a step; a skipped step still keeps the state and honours a stop request."""
         every = self.save_cfg.get("every_n_steps", 0)
-        if every and self.step % every == 0:
+        if good and every and self.step % every == 0:
             self.save(f"-step{self.step:08d}")
-        if self.validator and self.validator.every_n_steps and self.step % self.validator.every_n_steps == 0:
+        if good and self.validator and self.validator.every_n_steps and self.step % self.validator.every_n_steps == 0:
             self.validate()
-        if self.previewer and self.previewer.every_n_steps and self.step % self.previewer.every_n_steps == 0:
-            if self.accelerator.is_main_process:
-                self.previewer.run(self, self.step)
+        if good and self.previewer and self.previewer.every_n_steps and \
+                self.step % self.previewer.every_n_steps == 0 and self.accelerator.is_main_process:
+            self.previewer.run(self, self.step)
         state_every = self.save_cfg.get("state_every_n_steps", 0)
         if state_every and self.step % state_every == 0:
             self.save_state()

@@ -114,6 +114,9 @@ class Backbone:
             raise ConfigError(f"model.path={self.path!r} looks like an {other} model (its text encoder uses "
                               f"{config.hidden_act}) but model.family is {self.family!r}; use model="
                               f"{'sd2' if other == 'sd2' else 'sd15'} or set model.family={other}")
+        if self.clip_skip > config.num_hidden_layers:
+            raise ConfigError(f"model.clip_skip={self.clip_skip} is more than the {config.num_hidden_layers} layers "
+                              f"of {where!r}'s {subfolder}; use 1 or 2")
         return config.hidden_size
 
     def load_models(self, device: torch.device, dtype: torch.dtype = torch.float32,

@@ -107,8 +107,9 @@ class TrainingSet(Dataset):
         if not ds.enable_bucket or ds.bucket_no_upscale:
             return None
         step = ds.bucket_reso_steps
-        low = ds.min_bucket_reso or max(step, min(ds.resolution) // 2 // step * step)
+        low = ds.min_bucket_reso or min(ds.resolution) // 2
         high = ds.max_bucket_reso or max(ds.resolution) * 2
+        low, high = max(step, -(-low // step) * step), max(step, high // step * step)  # whole steps, as kohya does
         return make_buckets(ds.resolution, low, high, step)
 
     @staticmethod

@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 
 
 class PromptBuilder:
-    def __init__(self, kind: str, token, templates: list[str] | None = None):
+    def __init__(self, kind: str, token, templates: list[str] | None = None, missing_token: str = "prepend"):
+        self.missing_token = missing_token  # prepend | warn | error: what a caption without the token gets
         self.kind = kind
         self.token = token
         self.templates = list(templates) if templates else TEMPLATES.get(kind)
@@ -26,6 +27,6 @@ class PromptBuilder:
         if self.kind != "caption":
             return (rng or random).choice(self.templates).format(self.token.string)
         caption = caption.strip()
-        if self.token.contains_token(caption):
+        if self.token.contains_token(caption) or self.missing_token != "prepend":
             return caption
         return f"{self.token.string}, {caption}" if caption else self.token.string

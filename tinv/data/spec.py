@@ -89,8 +89,10 @@ IGNORED = {
 def _resolution(value, where: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (int(value[0]), int(value[1]))
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):  # list, tuple, OmegaConf ListConfig
+        value = list(value)
+        if len(value) == 2 and all(isinstance(v, int) for v in value):
+            return (int(value[0]), int(value[1]))
     raise ConfigError(f"{where}: resolution={value!r} must be an integer or [width, height]")
 
 
