@@ -135,13 +135,16 @@ def test_family_mismatch_is_named(tmp_path):
 
 def test_named_sweep_runs_from_any_directory(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.run(_script("tinv-train") + ["sweep=lr_vectors", "train.max_steps=1", "logger=none",
-                                                   f"hydra.sweep.dir={sweep_dir}"],
+    # optimizer.lr given on the command line wins over the sweep's lr values: 2 jobs (token.num_vectors 1, 4)
+    proc = subprocess.run(_script("tinv-train") + ["sweep=lr_vectors", "optimizer.lr=1e-3", "train.max_steps=1",
+                                                   "logger=none", f"hydra.sweep.dir={sweep_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(sweep_dir.glob("*/mychar.safetensors"))
-    assert len(files) == 6
+    assert len(files) == 2
     from safetensors.torch import load_file
 
     shapes = sorted(load_file(f)["emb_params"].shape[0] for f in files)
-    assert shapes == [1, 1, 1, 4, 4, 4]
+    assert shapes == [1, 4]
+    configs = [(p.parent / ".hydra" / "config.yaml").read_text() for p in files]
+    assert all("lr: 0.001" in c for c in configs)

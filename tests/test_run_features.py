@@ -114,7 +114,7 @@ def _wait_for_step(run_dir, step, proc, timeout=240):
     raise AssertionError("run did not reach the step in time")
 
 
-RESUME_ARGS = ["train.max_steps=24", "save.state_every_n_steps=3", "logger=none", "token.num_vectors=2",
+RESUME_ARGS = ["train.max_steps=16", "save.state_every_n_steps=3", "logger=none", "token.num_vectors=2",
                "train.batch_size=3", "data.flip_aug=true", "template=object", "train.gradient_accumulation=2",
                "scheduler=cosine", "scheduler.num_warmup_steps=4"]
 
@@ -122,13 +122,13 @@ RESUME_ARGS = ["train.max_steps=24", "save.state_every_n_steps=3", "logger=none"
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     whole = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
     killed = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
-    _wait_for_step(tmp_path / "killed", 8, killed)
+    _wait_for_step(tmp_path / "killed", 6, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert whole.wait() == 0, whole.stderr.read()[-2000:]
     assert not (tmp_path / "killed" / "mychar.safetensors").exists()
     state = json.loads((tmp_path / "killed" / "state" / "state.json").read_text())
-    assert 3 <= state["step"] < 24
+    assert 3 <= state["step"] < 16
     resumed = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'resumed'}", f"resume={tmp_path / 'killed'}"],
                    tmp_path)
     assert resumed.wait() == 0, resumed.stderr.read()[-2000:]
@@ -136,7 +136,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     b = _vectors(tmp_path / "killed" / "mychar.safetensors")["emb_params"]  # the resumed run finishes in place
     torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 25))
+    assert steps == list(range(1, 17))
 
 
 def test_sigint_saves_embedding_and_state_then_resumes(tmp_path):
@@ -149,11 +149,11 @@ def test_sigint_saves_embedding_and_state_then_resumes(tmp_path):
     assert f"resume={run}" in err and "Traceback" not in err
     stopped = json.loads((run / "state" / "state.json").read_text())["step"]
     meta_step = int(__import__("safetensors").safe_open(str(run / "mychar.safetensors"), "pt").metadata()["tinv.step"])
-    assert meta_step == stopped and stopped < 24
+    assert meta_step == stopped and stopped < 16
     again = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'outputs' / 'day' / 'again'}", "resume=latest"],
                  tmp_path)
     assert again.wait() == 0, again.stderr.read()[-2000:]
-    assert json.loads((run / "summary.json").read_text())["step"] == 24
+    assert json.loads((run / "summary.json").read_text())["step"] == 16
 
 
 def test_resume_errors(tmp_path):

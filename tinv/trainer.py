@@ -68,7 +68,7 @@ class Trainer:
         self.save_cfg = dict(save)
         # a plain dict for the trackers (Hydra hands kwargs over as DictConfig)
         self.config = OmegaConf.to_container(run_config) if isinstance(run_config, DictConfig) else run_config or {}
-        self.max_steps, self.batch_size, self.seed = max_steps, batch_size, seed
+        self.max_steps, self.seed = max_steps, seed  # batch_size lives in train.*; the data pipeline uses it
         self.gradient_accumulation, self.mixed_precision = gradient_accumulation, mixed_precision
         self.gradient_checkpointing, self.compile = gradient_checkpointing, compile
         self.cache_latents, self.cache_latents_to_disk = cache_latents or cache_latents_to_disk, cache_latents_to_disk
