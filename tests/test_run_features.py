@@ -306,3 +306,10 @@ def test_resume_finds_the_previous_state_if_killed_mid_save(tmp_path):
     old.mkdir(parents=True)
     (old / "state.json").write_text("{}")
     assert find_state(str(run), tmp_path) == (old.parent, old)
+
+
+def test_previews_reach_wandb_keyed_by_prompt(tmp_path):
+    train(tmp_path, ["logger=wandb", "train.max_steps=1", "sample.every_n_steps=1", "sample.steps=2",
+                     "logger.log_embedding=true"])
+    images = list(tmp_path.glob("wandb/offline-run-*/files/media/images/samples/*.png"))
+    assert len(images) == 1 and images[0].name.startswith("00 a photo of mychar")
