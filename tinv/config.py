@@ -157,6 +157,12 @@ class LoggerConfig:
 
 
 @dataclass
+class BenchConfig:
+    steps: int = 10  # timed optimizer steps
+    warmup: int = 3  # untimed steps first
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     token: TokenConfig = field(default_factory=TokenConfig)
@@ -166,6 +172,7 @@ class RunConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)  # tinv-bench only
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     optimizer: Any = MISSING
     scheduler: Any = MISSING
@@ -226,11 +233,20 @@ def _tiny_model(kind: str) -> str:
     return tiny_model_path(kind)
 
 
+def _shape_model(kind: str) -> str:
+    from .backbone.shapes import shape_model_path
+
+    return shape_model_path(kind)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     if not OmegaConf.has_resolver("tiny_model"):
         # `${tiny_model:sd15}` in a model config = the cached tiny folder, written on first use.
         OmegaConf.register_new_resolver("tiny_model", _tiny_model)
+    if not OmegaConf.has_resolver("shape_model"):
+        # `${shape_model:sd15}` = a full-size random-weight model with the real architecture, for benchmarks.
+        OmegaConf.register_new_resolver("shape_model", _shape_model)
 
 
 register_configs()

@@ -62,7 +62,18 @@ def describe_samples(dataset, token, backbone, count: int = 8) -> str:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | None:
-    """Train one embedding. Cheap checks first, so bad input fails before any weights load."""
+    """Train one embedding (None for data.debug, which only prints)."""
+    trainer = prepare(cfg, run_dir)
+    if trainer is None:
+        return None
+    result = trainer.fit()
+    log.info("embedding: %s", result.embedding)
+    return result
+
+
+def prepare(cfg: DictConfig, run_dir: str | Path | None = None, **trainer_overrides):
+    """Compose everything a run needs into a Trainer. Cheap checks first, so bad input fails before any weights
+    load. `trainer_overrides` replace built parts (tinv-bench passes its own tracker)."""
     check_values(cfg)
     hydra_ready = HydraConfig.initialized()
     choices = HydraConfig.get().runtime.choices if hydra_ready else {}
@@ -88,15 +99,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
     if cfg.sample.every_n_steps or cfg.sample.at_start:
         previewer = Previewer(**OmegaConf.to_container(cfg.sample), token=token.string,
                               resolution=cfg.model.resolution)
-    trainer = build(
-        cfg.train, _recursive_=False, backbone=backbone, dataset=dataset, token=token,
-        optimizer=build(cfg.optimizer), lr_scheduler=build(cfg.scheduler), tracker=build(cfg.logger),
-        run_dir=run_dir, output_name=cfg.output_name or token.string, save=OmegaConf.to_container(cfg.save),
-        previewer=previewer, validator=validator, resume=cfg.resume,
-        run_config=OmegaConf.to_container(cfg, resolve=True))
-    result = trainer.fit()
-    log.info("embedding: %s", result.embedding)
-    return result
+    parts = dict(backbone=backbone, dataset=dataset, token=token, optimizer=build(cfg.optimizer),
+                 lr_scheduler=build(cfg.scheduler), run_dir=run_dir, output_name=cfg.output_name or token.string,
+                 save=OmegaConf.to_container(cfg.save), previewer=previewer, validator=validator, resume=cfg.resume,
+                 run_config=OmegaConf.to_container(cfg, resolve=True))
+    parts.update(trainer_overrides)
+    if "tracker" not in parts:
+        parts["tracker"] = build(cfg.logger)
+    return build(cfg.train, _recursive_=False, **parts)
 
 
 def objective(result: TrainResult) -> float:

@@ -196,25 +196,9 @@ class Trainer:
                 self.previewer.run(self, 0)
             bar = tqdm(total=self.max_steps, initial=self.step, desc="tinv", dynamic_ncols=True,
                        disable=not acc.is_main_process)
-            batches, losses, since, logged = self._batches(), [], time.perf_counter(), self.step
+            batches, since, logged = self._batches(), time.perf_counter(), self.step
             while self.step < self.max_steps:
-                with acc.accumulate():
-                    loss = self.training_loss(next(batches))
-                    acc.backward(loss)
-                    self.state.micro_step += 1
-                    if acc.sync_gradients:
-                        grad_norm, finite = self._reduce_and_clip(loss)
-                        if finite or acc.scaler is not None:  # fp16: the scaler skips inf steps and lowers its scale
-                            self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().float())
-                if not acc.sync_gradients:
-                    continue
-                lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
-                self.lr_scheduler.step()
-                self.state.step += 1
-                step_loss = acc.reduce(torch.stack(losses).mean().to(acc.device), "mean").item()
-                losses = []
+                step_loss, grad_norm, finite, lr = self.optimizer_step(batches)
                 bar.update(self.step - bar.n)
                 good = self._guard(finite, step_loss)  # a skipped step left the vectors as they were
                 if good:
@@ -240,6 +224,28 @@ class Trainer:
         finally:
             self._restore_signal_handlers()
             self.tracker.finish(ok)
+
+    def optimizer_step(self, batches) -> tuple[float, torch.Tensor, bool, float]:
+        """One optimizer step: `gradient_accumulation` micro-batches, gradients averaged over processes, clipped,
+        applied (or skipped when not finite). Returns (mean loss, grad norm, finite, the lr it used)."""
+        acc, losses = self.accelerator, []
+        while True:
+            with acc.accumulate():
+                loss = self.training_loss(next(batches))
+                acc.backward(loss)
+                self.state.micro_step += 1
+                if acc.sync_gradients:
+                    grad_norm, finite = self._reduce_and_clip(loss)
+                    if finite or acc.scaler is not None:  # fp16: the scaler skips inf steps and lowers its scale
+                        self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+            if acc.sync_gradients:
+                break
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        self.state.step += 1
+        return acc.reduce(torch.stack(losses).mean().to(acc.device), "mean").item(), grad_norm, finite, lr
 
     def _batches(self):
         """Batches from where the state says, epoch after epoch, counting the position for resume."""

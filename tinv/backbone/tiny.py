@@ -149,21 +149,26 @@ def build_tiny_pipeline(kind: str, seed: int = 0):
     )
 
 
-def write_tiny_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny pipeline as a diffusers folder. The folder appears whole or not at all (built aside, renamed)."""
+def write_pipeline_folder(build, out_dir: str | os.PathLike) -> Path:
+    """Save `build()`'s pipeline as a diffusers folder that appears whole or not at all (built aside, renamed)."""
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pass a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        build_tiny_pipeline(kind, seed).save_pretrained(staging, safe_serialization=True)
+        build().save_pretrained(staging, safe_serialization=True)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def write_tiny_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny pipeline as a diffusers folder."""
+    return write_pipeline_folder(lambda: build_tiny_pipeline(kind, seed), out_dir)
 
 
 def cache_root() -> Path:

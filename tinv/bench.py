@@ -1,0 +1,162 @@
+"""`tinv-bench`: time real training steps and the irreducible work inside them.
+
+    tinv-bench model=sd15_shape data.resolution=256 train.batch_size=1 bench.steps=10
+    tinv-bench model=tiny_sdxl train.mixed_precision=bf16
+
+Takes every `tinv-train` override plus `bench.steps` / `bench.warmup`. Steps run through the real trainer
+(`Trainer.optimizer_step`). The floor is the work no trainer can avoid on the same shapes and dtype: the text
+encoders forward and backward into the vectors and the UNet forward and backward, from a batch already in memory;
+overhead = step time / floor time. Results print as a table and go to bench.json in the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as _config  # noqa: F401 - schemas and resolvers
+from .atomic import write_text_atomic
+from .errors import ConfigError
+from .losses import diffusion_loss
+from .tracking import Tracker
+
+log = logging.getLogger("tinv.bench")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _TimedBatches:
+    """Wraps the trainer's batch iterator and adds up the time spent waiting for data."""
+
+    def __init__(self, batches, device):
+        self.batches, self.device, self.wait = batches, device, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        batch = next(self.batches)
+        self.wait += time.perf_counter() - start
+        return batch
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return peak_kb * (1 if sys.platform == "darwin" else 1024)
+
+
+def measure(trainer, steps: int, warmup: int) -> dict:
+    trainer.setup()
+    acc, bb = trainer.accelerator, trainer.backbone
+    device = acc.device
+    batches = _TimedBatches(trainer._batches(), device)
+    for _ in range(warmup):
+        trainer.optimizer_step(batches)
+    _sync(device)
+    batches.wait, vae_before = 0.0, bb.vae_calls
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.optimizer_step(batches)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    data_wait, vae_calls = batches.wait, bb.vae_calls - vae_before
+
+    # the floor: encoders + UNet forward and backward on a batch already in memory, nothing else
+    batch = next(trainer._batches())
+    latents = trainer.latents(batch)
+    input_ids = bb.tokenize([trainer.token.expand(p) for p in batch["prompts"]])
+    params = trainer.token.parameters()
+    floor = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        with acc.autocast():
+            loss = diffusion_loss(bb, latents, input_ids, batch, torch.Generator().manual_seed(i))
+        loss.backward()
+        _sync(device)
+        if i >= warmup:
+            floor.append(time.perf_counter() - start)
+        for p in params:
+            p.grad = None
+
+    optimizer_state = sum(t.numel() * t.element_size() for state in trainer.optimizer.optimizer.state.values()
+                          for t in state.values() if torch.is_tensor(t))
+    step_s, floor_s = statistics.median(times), statistics.median(floor)
+    samples = len(batch["prompts"]) * trainer.gradient_accumulation * acc.num_processes
+    widths = sum(e.width for e in bb.encoders)
+    return {
+        "step_s": step_s, "floor_s": floor_s, "overhead": step_s / floor_s, "steps_per_s": 1 / step_s,
+        "samples_per_s": samples / step_s, "peak_mem_bytes": _peak_memory(device),
+        "optimizer_state_bytes": optimizer_state,
+        "optimizer_state_limit_bytes": 3 * trainer.token.num_vectors * widths * 4,
+        "vae_calls_per_step": vae_calls / steps, "data_wait_frac": data_wait / sum(times),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "host": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+        "step_times_s": times, "floor_times_s": floor,
+    }
+
+
+def format_table(result: dict, settings: dict) -> str:
+    rows = [("model", settings["model"]), ("resolution", settings["resolution"]),
+            ("batch", settings["batch_size"]), ("precision", settings["mixed_precision"]),
+            ("vectors", settings["num_vectors"]), ("device", result["device"]),
+            ("step (median)", f"{result['step_s'] * 1000:.1f} ms"), ("floor (median)", f"{result['floor_s'] * 1000:.1f} ms"),
+            ("overhead", f"{result['overhead']:.3f}"), ("steps/s", f"{result['steps_per_s']:.2f}"),
+            ("samples/s", f"{result['samples_per_s']:.2f}"), ("peak memory", f"{result['peak_mem_bytes'] / 2**20:.0f} MiB"),
+            ("optimizer state", f"{result['optimizer_state_bytes']} B (limit {result['optimizer_state_limit_bytes']} B)"),
+            ("VAE calls/step", f"{result['vae_calls_per_step']:.2f}"), ("data wait", f"{result['data_wait_frac']:.2%}")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def bench_main(cfg: DictConfig) -> float:
+    from .train import prepare
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if cfg.bench.steps < 1 or cfg.bench.warmup < 0:
+            raise ConfigError("bench.steps must be at least 1 and bench.warmup at least 0")
+        trainer = prepare(cfg, run_dir, tracker=Tracker())
+        if trainer is None:
+            return 0.0
+        result = measure(trainer, cfg.bench.steps, cfg.bench.warmup)
+    except ConfigError as err:
+        print(f"tinv-bench: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    settings = {"model": HydraConfig.get().runtime.choices.get("model"), "resolution": cfg.data.resolution,
+                "batch_size": cfg.train.batch_size, "mixed_precision": cfg.train.mixed_precision,
+                "num_vectors": trainer.token.num_vectors, "cache_latents": cfg.train.cache_latents,
+                "steps": cfg.bench.steps, "warmup": cfg.bench.warmup,
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+    write_text_atomic(run_dir / "bench.json", json.dumps({**result, "settings": settings}, indent=2, default=str))
+    print(format_table(result, settings))
+    return result["step_s"]
+
+
+def main() -> None:
+    bench_main()
+
+
+if __name__ == "__main__":
+    main()
