@@ -66,38 +66,41 @@ def measure(trainer, steps: int, warmup: int) -> dict:
     trainer.setup()
     acc, bb = trainer.accelerator, trainer.backbone
     device = acc.device
-    batches = _TimedBatches(trainer._batches(), device)
-    for _ in range(warmup):
-        trainer.optimizer_step(batches)
-    _sync(device)
-    batches.wait, vae_before = 0.0, bb.vae_calls
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        trainer.optimizer_step(batches)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    data_wait, vae_calls = batches.wait, bb.vae_calls - vae_before
-
-    # the floor: encoders + UNet forward and backward on a batch already in memory, nothing else
+    # the floor's input: a batch already in memory, tokenized, its latents looked up
     batch = next(trainer._batches())
     latents = trainer.latents(batch)
     input_ids = bb.tokenize([trainer.token.expand(p) for p in batch["prompts"]])
     params = trainer.token.parameters()
-    floor = []
-    for i in range(warmup + steps):
+
+    def floor_once(seed: int) -> float:
+        """Encoders + UNet forward and backward, nothing else."""
         _sync(device)
         start = time.perf_counter()
         with acc.autocast():
-            loss = diffusion_loss(bb, latents, input_ids, batch, torch.Generator().manual_seed(i))
+            loss = diffusion_loss(bb, latents, input_ids, batch, torch.Generator().manual_seed(seed))
         loss.backward()
         _sync(device)
-        if i >= warmup:
-            floor.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
         for p in params:
             p.grad = None
+        return elapsed
+
+    batches = _TimedBatches(trainer._batches(), device)
+    for i in range(warmup):
+        trainer.optimizer_step(batches)
+        floor_once(i)
+    _sync(device)
+    batches.wait, vae_before = 0.0, bb.vae_calls
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, floor = [], []
+    for i in range(steps):  # interleaved, so both see the same machine state (caches, clocks, allocator)
+        start = time.perf_counter()
+        trainer.optimizer_step(batches)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        floor.append(floor_once(warmup + i))
+    data_wait, vae_calls = batches.wait, bb.vae_calls - vae_before
 
     optimizer_state = sum(t.numel() * t.element_size() for state in trainer.optimizer.optimizer.state.values()
                           for t in state.values() if torch.is_tensor(t))
