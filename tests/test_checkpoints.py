@@ -141,6 +141,10 @@ def test_weights_mismatches_fail_before_models_load(tmp_path, monkeypatch):
         train(tmp_path / "a", ["model=tiny_sdxl", f"token.weights={files['kohya']}"])
     with pytest.raises(ConfigError, match="emb_params vectors are 32 wide but the model's emb_params encoder is 48"):
         train(tmp_path / "b", ["model=tiny_sd2", f"token.weights={files['kohya']}"])
+    (tmp_path / "xl").mkdir()
+    pair = _formats(tmp_path / "xl", "sdxl")["diffusers_pair"]
+    with pytest.raises(ConfigError, match="is one file of a diffusers SDXL pair; give the folder"):
+        train(tmp_path / "d", ["model=tiny_sdxl", f"token.weights={pair / 'learned_embeds.safetensors'}"])
     with pytest.raises(ConfigError, match="token.num_vectors=2 but token.weights=.* has 3 vectors"):
         train(tmp_path / "c", [f"token.weights={files['kohya']}", "token.num_vectors=2"])
 

@@ -70,6 +70,7 @@ class ConceptToken:
             raise ConfigError(f"token.string={string!r} must be one word without spaces, e.g. token.string=mychar")
         self.string = string
         self.init_word = init_word
+        self.weights_path = weights
         try:
             self.start = load_embedding(weights) if weights else None
         except ConfigError as err:
@@ -113,6 +114,9 @@ class ConceptToken:
             raise ConfigError(f"token.weights: its tensors have different vector counts {rows}; the file is broken")
         for enc in encoders:
             if enc.key not in self.start:
+                if self.weights_path and Path(self.weights_path).name.startswith(DIFFUSERS_FILES[0]):
+                    raise ConfigError(f"token.weights={self.weights_path} is one file of a diffusers SDXL pair; give "
+                                      "the folder holding learned_embeds.safetensors and learned_embeds_2.safetensors")
                 raise ConfigError(f"token.weights has {sorted(self.start)} but this {enc.key!r} model needs "
                                   f"{[e.key for e in encoders]}; it was trained for another model family")
             width = self.start[enc.key].shape[1]
