@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +311,7 @@ def _read_tensors(path: Path) -> object:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means we will not trust the file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{path}: refused - not a plain tensor file ({first}); only weights are loaded, never "
+        raise ConfigError(f"{path}: refused - not a plain tensor file ({first_line(err)}); only weights are loaded, never "
                           "pickled code. Convert it to .safetensors") from None
 
 

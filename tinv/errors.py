@@ -3,3 +3,9 @@
 
 class ConfigError(Exception):
     """Bad input from the user (config, files, environment). The CLI prints it as one line and exits with 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line (or its type name), for one-line messages about a library's failure."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

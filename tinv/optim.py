@@ -12,17 +12,13 @@ import torch
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 PACKAGES = {"bitsandbytes": "bitsandbytes", "lion_pytorch": "lion-pytorch", "prodigyopt": "prodigyopt"}
 # arguments the trainer passes itself
 PROVIDED = {"optimizer": {"params"}, "scheduler": {"optimizer", "num_training_steps"}}
 FALLBACK = {"optimizer": "adamw", "scheduler": "constant"}
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_target(group: str, node: DictConfig, choice: str | None = None) -> None:
@@ -62,5 +58,5 @@ def check_optimization(optimizer: DictConfig, scheduler: DictConfig, max_steps: 
             build()
         except Exception as err:  # noqa: BLE001 - any failure here is a bad value in the user's config
             cause = err.__cause__ or err
-            raise ConfigError(f"{group}: {_first_line(cause)} (from {group} settings "
+            raise ConfigError(f"{group}: {first_line(cause)} (from {group} settings "
                               f"{OmegaConf.to_container(node)})") from None

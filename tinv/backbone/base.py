@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .single_file import read_state_dict
 from .source import ModelSource, resolve_source
 
@@ -33,10 +33,6 @@ class TextEncoder:
 
     width: int = 0  # hidden size, read from the encoder's config before any weights load
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _final_layer_norm(model: nn.Module) -> nn.Module:
@@ -95,7 +91,7 @@ class Backbone:
                 raise OSError("no tokenizer files found")
             return tokenizer
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{where!r}: cannot load its {subfolder} ({_first_line(err)}); offline "
+            raise ConfigError(f"{where!r}: cannot load its {subfolder} ({first_line(err)}); offline "
                               "(HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache - download it "
                               "once, or use a local diffusers folder") from None
 
@@ -106,7 +102,7 @@ class Backbone:
         try:
             config = CLIPTextConfig.from_pretrained(where, subfolder=subfolder, **self._config_kwargs())
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{where!r}: cannot read its {subfolder} config ({_first_line(err)})") from None
+            raise ConfigError(f"{where!r}: cannot read its {subfolder} config ({first_line(err)})") from None
         # SD1's CLIP-L uses quick_gelu, SD2's OpenCLIP-H plain gelu: the one cheap tell between the two
         expected = {"sd1": "quick_gelu", "sd2": "gelu"}.get(self.family)
         if expected and config.hidden_act != expected:
@@ -130,7 +126,7 @@ class Backbone:
             if self.vae_path:
                 self.vae = self._load_vae(self.vae_path)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise ConfigError(f"model.path={self.path!r}: cannot load the model weights ({_first_line(err)})") from None
+            raise ConfigError(f"model.path={self.path!r}: cannot load the model weights ({first_line(err)})") from None
         for module, module_dtype in [(self.unet, dtype), (self.vae, vae_dtype)] + [(e.model, dtype)
                                                                                   for e in self.encoders]:
             module.requires_grad_(False).eval().to(device)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -33,12 +33,12 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as err:  # noqa: BLE001
-            raise ConfigError(f"{what}={str(path)!r}: not a readable safetensors file ({_first_line(err)})") from None
+            raise ConfigError(f"{what}={str(path)!r}: not a readable safetensors file ({first_line(err)})") from None
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not plain tensors
         raise ConfigError(f"{what}={str(path)!r}: refused to load - it is not a plain tensor file "
-                          f"({_first_line(err)}); only weights are loaded, never pickled code. Convert it to "
+                          f"({first_line(err)}); only weights are loaded, never pickled code. Convert it to "
                           ".safetensors, or re-save it from a trusted source") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
@@ -46,10 +46,6 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{what}={str(path)!r}: holds a {type(data).__name__}, not a state dict")
     return data
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def checkpoint_family(keys) -> str | None:

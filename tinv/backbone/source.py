@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .single_file import SINGLE_FILE_SUFFIXES, checkpoint_family, read_state_dict
 
 # Where diffusers takes a single file's configs and tokenizers from when model.config_dir is not set.
@@ -27,10 +27,6 @@ class ModelSource:
     single_file: bool
     config_source: str  # folder or hub id holding the configs and tokenizers
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _offline() -> bool:
@@ -50,7 +46,7 @@ def read_model_index(path: str, revision: str | None, what: str = "model.path") 
         hint = (f"it is not in the Hugging Face cache and HF_HUB_OFFLINE is set - run `hf download {path}` once "
                 "online, or point it at a local diffusers folder") if _offline() else \
             "check the hub id (and your access to it) or point it at a local diffusers folder"
-        raise ConfigError(f"{what}={path!r}: cannot read its model_index.json ({_first_line(err)}); {hint}") from None
+        raise ConfigError(f"{what}={path!r}: cannot read its model_index.json ({first_line(err)}); {hint}") from None
 
 
 def _components(index: dict) -> set[str]:
@@ -80,7 +76,7 @@ def _single_file_keys(path: Path) -> list[str]:
             with safe_open(str(path), "pt") as f:
                 return list(f.keys())
         except Exception as err:  # noqa: BLE001
-            raise ConfigError(f"model.path={str(path)!r}: not a readable safetensors file ({_first_line(err)})") \
+            raise ConfigError(f"model.path={str(path)!r}: not a readable safetensors file ({first_line(err)})") \
                 from None
     return list(read_state_dict(path, "model.path"))  # weights_only: a pickle with code is refused here
 
