@@ -18,6 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
+TEST_MODEL = "model=tiny_sd15"  # the suite's default: random tiny weights; tests of the toy model name model=toy
+
+
+def with_test_model(args):
+    """The tiny model unless the arguments choose a model (or an experiment, which may)."""
+    args = list(args)
+    if any(a.startswith(("model=", "experiment=")) for a in args):
+        return args
+    return [TEST_MODEL, *args]
+
+
 def compose(overrides=()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -25,7 +36,7 @@ def compose(overrides=()):
     import tinv.config  # noqa: F401 - schemas and resolvers
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+        return hydra_compose(config_name="train", overrides=with_test_model(overrides))
 
 
 def train(run_dir, overrides=()):
@@ -39,7 +50,7 @@ def train(run_dir, overrides=()):
 def cli(args, cwd, timeout=300):
     """`tinv-train ARGS` as a user types it, in a subprocess."""
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "tinv.train", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -6,10 +6,12 @@ import sys
 
 import pytest
 
+from conftest import TEST_MODEL
+
 
 def test_bench_reports_the_promised_numbers(tmp_path):
     run = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "tinv.bench", "bench.steps=3", "bench.warmup=1",
+    proc = subprocess.run([sys.executable, "-m", "tinv.bench", TEST_MODEL, "bench.steps=3", "bench.warmup=1",
                            "train.batch_size=2", "token.num_vectors=4", f"hydra.run.dir={run}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -23,7 +25,7 @@ def test_bench_reports_the_promised_numbers(tmp_path):
     assert 0 < result["optimizer_state_bytes"] <= result["optimizer_state_limit_bytes"]  # AdamW: 2 x N x width + step
     assert result["settings"]["num_vectors"] == 4 and result["settings"]["batch_size"] == 2
     assert "overhead" in proc.stdout and "floor (median)" in proc.stdout
-    live = subprocess.run([sys.executable, "-m", "tinv.bench", "bench.steps=2", "bench.warmup=0",
+    live = subprocess.run([sys.executable, "-m", "tinv.bench", TEST_MODEL, "bench.steps=2", "bench.warmup=0",
                            "train.cache_latents=false", f"hydra.run.dir={tmp_path / 'live'}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert live.returncode == 0, live.stderr[-3000:]

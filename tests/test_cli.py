@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, cli
+from conftest import ROOT, TEST_MODEL, cli
 
 
 def _script(name):
@@ -136,7 +136,7 @@ def test_family_mismatch_is_named(tmp_path):
 def test_named_sweep_runs_from_any_directory(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # optimizer.lr given on the command line wins over the sweep's lr values: 2 jobs (token.num_vectors 1, 4)
-    proc = subprocess.run(_script("tinv-train") + ["sweep=lr_vectors", "optimizer.lr=1e-3", "train.max_steps=1",
+    proc = subprocess.run(_script("tinv-train") + [TEST_MODEL, "sweep=lr_vectors", "optimizer.lr=1e-3", "train.max_steps=1",
                                                    "logger=none", f"hydra.sweep.dir={sweep_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

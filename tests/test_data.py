@@ -405,7 +405,7 @@ def test_data_debug_prints_and_trains_nothing(tmp_path):
     proc = cli(["data.debug=true", "token.num_vectors=2", "template=caption", "logger=none",
                 f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "prompt:  'mychar mychar1, a red circle" in proc.stdout
+    assert "prompt:  'mychar mychar1, a yellow triangle on a navy background'" in proc.stdout
     assert "emb_params ids: " in proc.stdout and "* " in proc.stdout
     assert "bucket 64x64" in proc.stdout
     assert not list((tmp_path / "run").glob("*.safetensors"))

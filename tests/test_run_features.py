@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import train
+from conftest import train, with_test_model
 from tinv.errors import ConfigError
 from tinv.sampling import PreviewPrompt, read_prompts
 
@@ -96,7 +96,7 @@ def test_validation_is_deterministic_and_best_tracks_the_minimum(tmp_path):
 # ---- resume ------------------------------------------------------------------------------------------------------
 
 def _cli(args, cwd, **kw):
-    return subprocess.Popen([sys.executable, "-m", "tinv.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 

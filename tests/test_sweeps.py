@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import with_test_model
+
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
 
 
 def tinv(args, cwd, timeout=600, **kw):
-    return subprocess.run([sys.executable, "-m", "tinv.train", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
 
@@ -60,7 +62,7 @@ def test_optuna_study_interrupted_and_resumed(tmp_path):
     sweep = tmp_path / "study"
     args = ["sweep=optuna", "hydra.sweeper.n_trials=3", "train.max_steps=3", "logger=none",
             f"hydra.sweep.dir={sweep}"]
-    first = subprocess.Popen([sys.executable, "-m", "tinv.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+    first = subprocess.Popen([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     db = sweep / "optuna.db"
     deadline = time.time() + 300

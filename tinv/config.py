@@ -142,6 +142,12 @@ class ValConfig:
     max_images: int = 16
     num_timesteps: int = 8  # fixed timesteps spread over the schedule, each image scored at every one
     seed: int = 0
+    # concept scoring on the toy model: samples judged for the concept's attributes, at the end of the run and at
+    # every validation; the sweep objective becomes 1 - concept_accuracy
+    judge: Optional[str] = None  # toy (the shipped judge) or a judge .safetensors; None = off
+    concept: Optional[str] = None  # e.g. "red circle on a black background"; None = named by the training captions
+    num_samples: int = 32
+    guidance_scale: Optional[float] = None  # None = the toy world's scale
 
 
 @dataclass
@@ -196,7 +202,8 @@ _ENUMS = {
 
 _POSITIVE = ("token.num_vectors", "train.max_steps", "train.batch_size", "train.gradient_accumulation",
              "data.num_repeats", "model.clip_skip", "train.log_every_n_steps", "data.vae_batch_size",
-             "train.max_bad_steps", "sample.steps", "val.max_images", "val.num_timesteps")
+             "train.max_bad_steps", "sample.steps", "val.max_images", "val.num_timesteps",
+             "val.num_samples")
 
 
 def check_values(cfg) -> None:
@@ -239,6 +246,12 @@ def _shape_model(kind: str) -> str:
     return shape_model_path(kind)
 
 
+def _toy_model() -> str:
+    from .toy.model import toy_model_path
+
+    return toy_model_path()
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     if not OmegaConf.has_resolver("tiny_model"):
@@ -247,6 +260,9 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("shape_model"):
         # `${shape_model:sd15}` = a full-size random-weight model with the real architecture, for benchmarks.
         OmegaConf.register_new_resolver("shape_model", _shape_model)
+    if not OmegaConf.has_resolver("toy_model"):
+        # `${toy_model:}` = the pretrained toy model shipped in the package, as a cached diffusers folder.
+        OmegaConf.register_new_resolver("toy_model", _toy_model)
 
 
 register_configs()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -105,6 +106,46 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:48] or "prompt"
 
 
+def pipeline_for(backbone, scheduler):
+    """A diffusers pipeline around the backbone's modules as they are now (the token's vectors spliced in)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    encoders = backbone.encoders
+    if backbone.family == "sdxl":
+        return StableDiffusionXLPipeline(vae=backbone.vae, text_encoder=encoders[0].model,
+                                         text_encoder_2=encoders[1].model, tokenizer=encoders[0].tokenizer,
+                                         tokenizer_2=encoders[1].tokenizer, unet=backbone.unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=backbone.vae, text_encoder=encoders[0].model,
+                                   tokenizer=encoders[0].tokenizer, unet=backbone.unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@contextmanager
+def sampling_mode(backbone, device):
+    """Eval mode with the VAE on `device`; afterwards every module mode, the VAE's place and all global RNGs are
+    as they were, so sampling in the middle of training changes nothing in it."""
+    modules = [backbone.unet, backbone.vae] + [e.model for e in backbone.encoders]
+    modes = [m.training for m in modules]
+    vae_device = backbone.vae.device
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        backbone.vae.to(device)
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        backbone.vae.to(vae_device)
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
+
+
 class Previewer:
     def __init__(self, every_n_steps: int = 0, at_start: bool = False, prompts=None, sampler: str = "euler_a",
                  steps: int = 20, guidance_scale: float = 7.0, negative_prompt: str = "", width: int | None = None,
@@ -115,37 +156,15 @@ class Previewer:
         self.prompts = read_prompts(prompts, defaults)
         self.images_written: list[Path] = []
 
-    def _pipeline(self, backbone, scheduler):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        encoders = backbone.encoders
-        if backbone.family == "sdxl":
-            return StableDiffusionXLPipeline(vae=backbone.vae, text_encoder=encoders[0].model,
-                                             text_encoder_2=encoders[1].model, tokenizer=encoders[0].tokenizer,
-                                             tokenizer_2=encoders[1].tokenizer, unet=backbone.unet,
-                                             scheduler=scheduler)
-        return StableDiffusionPipeline(vae=backbone.vae, text_encoder=encoders[0].model,
-                                       tokenizer=encoders[0].tokenizer, unet=backbone.unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-    @torch.no_grad()
     def run(self, trainer, step: int) -> list[Path]:
         backbone, token, acc = trainer.backbone, trainer.token, trainer.accelerator
-        modules = [backbone.unet, backbone.vae] + [e.model for e in backbone.encoders]
-        modes = [m.training for m in modules]
-        vae_device = backbone.vae.device
-        rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
-               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         out_dir = trainer.run_dir / "samples" / f"step-{step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         images, written = [], []
-        try:
-            backbone.vae.to(acc.device)
-            for m in modules:
-                m.eval()
+        with sampling_mode(backbone, acc.device):
             for n, spec in enumerate(self.prompts):
-                pipe = self._pipeline(backbone, _scheduler(spec.sampler, backbone.noise_scheduler.config,
-                                                           backbone.prediction_type))
+                pipe = pipeline_for(backbone, _scheduler(spec.sampler, backbone.noise_scheduler.config,
+                                                         backbone.prediction_type))
                 pipe.set_progress_bar_config(disable=True)
                 gen = torch.Generator(device="cpu").manual_seed(spec.seed)
                 # diffusers counts clip_skip from 0 (1 = penultimate layer); ours from 1, like A1111
@@ -163,15 +182,6 @@ class Previewer:
             grid(images).save(out_dir / "grid.png")
             trainer.tracker.log_images({f"samples/{n:02d} {spec.prompt}": [im] for n, (spec, im)
                                         in enumerate(zip(self.prompts, images))}, step)
-        finally:
-            backbone.vae.to(vae_device)
-            for m, mode in zip(modules, modes):
-                m.train(mode)
-            torch.set_rng_state(rng[0])
-            random.setstate(rng[1])
-            np.random.set_state(rng[2])
-            if rng[3] is not None:
-                torch.cuda.set_rng_state_all(rng[3])
         self.images_written += written
         log.info("step %d: %d preview images in %s", step, len(written), out_dir)
         return written

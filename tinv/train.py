@@ -95,13 +95,20 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, **trainer_overri
     if cfg.val.every_n_steps:
         validator = Validator.for_dataset(dataset, cfg.val.every_n_steps, cfg.val.split, cfg.val.max_images,
                                           cfg.val.num_timesteps, cfg.val.seed)
+    scorer = None
+    if cfg.val.judge:
+        from .toy.evaluation import ConceptScorer
+
+        scorer = ConceptScorer.for_dataset(dataset, cfg.val.judge, cfg.val.concept, num_samples=cfg.val.num_samples,
+                                           guidance_scale=cfg.val.guidance_scale, seed=cfg.val.seed)
     previewer = None
     if cfg.sample.every_n_steps or cfg.sample.at_start:
         previewer = Previewer(**OmegaConf.to_container(cfg.sample), token=token.string,
                               resolution=cfg.model.resolution)
     parts = dict(backbone=backbone, dataset=dataset, token=token, optimizer=build(cfg.optimizer),
                  lr_scheduler=build(cfg.scheduler), run_dir=run_dir, output_name=cfg.output_name or token.string,
-                 save=OmegaConf.to_container(cfg.save), previewer=previewer, validator=validator, resume=cfg.resume,
+                 save=OmegaConf.to_container(cfg.save), previewer=previewer, validator=validator, scorer=scorer,
+                 resume=cfg.resume,
                  run_config=OmegaConf.to_container(cfg, resolve=True))
     parts.update(trainer_overrides)
     if "tracker" not in parts:

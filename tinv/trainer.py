@@ -53,7 +53,7 @@ class Interrupted(Exception):
 class Trainer:
     def __init__(self, backbone, dataset, token: ConceptToken, optimizer, lr_scheduler, tracker,
                  run_dir: str | Path, output_name: str, save: dict, previewer=None, validator=None,
-                 resume: str | None = None, run_config: dict | None = None, *, max_steps: int = 500,
+                 scorer=None, resume: str | None = None, run_config: dict | None = None, *, max_steps: int = 500,
                  batch_size: int = 4, gradient_accumulation: int = 1, seed: int = 42, mixed_precision: str = "no",
                  gradient_checkpointing: bool = False, cache_latents: bool = True,
                  cache_latents_to_disk: bool = False, no_half_vae: bool | None = None,
@@ -63,7 +63,7 @@ class Trainer:
                  compile: bool = False, cache_text_encoder_outputs: bool = False):
         self.backbone, self.dataset, self.token = backbone, dataset, token
         self.make_optimizer, self.make_lr_scheduler, self.tracker = optimizer, lr_scheduler, tracker
-        self.previewer, self.validator = previewer, validator
+        self.previewer, self.validator, self.scorer = previewer, validator, scorer
         self.run_dir, self.output_name, self.resume_from = Path(run_dir), output_name, resume
         self.save_cfg = dict(save)
         # a plain dict for the trackers (Hydra hands kwargs over as DictConfig)
@@ -217,7 +217,12 @@ class Trainer:
                            base_model=self.backbone.source, family=self.backbone.family,
                            bad_steps=self.state.bad_steps_total, wall_s=round(time.perf_counter() - started, 2),
                            started_at=started_at, finished_at=time.time(),
-                           objective=best.get("best_val_loss", self.last_loss), **best)
+                           objective=best.get("best_val_loss", self.last_loss),
+                           objective_name="best_val_loss" if best else "final_loss", **best)
+            if self.scorer and acc.is_main_process:
+                scores = self.score()
+                # what a sweep minimises when the judge can tell: the share of samples that miss the concept
+                summary.update(scores, objective=1.0 - scores["concept_accuracy"], objective_name="concept_error")
             self.tracker.set_summary(**summary)
             ok = True
             return TrainResult(path, self.step, self.last_loss, self, summary)
@@ -311,9 +316,18 @@ class Trainer:
             self.save_state()
             raise Interrupted(stop, self.run_dir)
 
+    def score(self) -> dict:
+        """Concept scores of samples drawn with the token now (val.judge), logged as val/*."""
+        scores = self.scorer.run(self)
+        self.tracker.log({f"val/{k}": v for k, v in scores.items()}, self.step)
+        log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return scores
+
     def validate(self) -> float:
         value = self.validator.loss(self)
         self.tracker.log({"val/loss": value}, self.step)
+        if self.scorer and self.accelerator.is_main_process and self.step < self.max_steps:
+            self.score()  # the last step's scores come with the summary
         if value < self.state.best_val_loss:
             self.state.best_val_loss, self.state.best_step = value, self.step
             self.save("-best")

@@ -61,3 +61,39 @@ def build_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>")
     tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)
     tok.model_max_length = max_length
     return tok
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the lowest-ranked adjacent pair."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def word_level_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP vocabulary in which every given word is exactly one token (other text falls back to characters).
+
+    A merge made for one word can fire inside another and leave it split ("an" inside "cyan"), so each word is run
+    through BPE as built so far and gets merges for whatever is left. New merges rank below all earlier ones, so
+    they never change how an earlier word splits.
+    """
+    symbols = _byte_symbols()
+    vocab: list[str] = symbols + [s + "</w>" for s in symbols]
+    seen, merges, ranks = set(vocab), [], {}
+    for word in dict.fromkeys(words):
+        parts = _bpe(word, ranks)
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in seen:
+                vocab.append(pair[0] + pair[1])
+                seen.add(pair[0] + pair[1])
+            parts = _bpe(word, ranks)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges

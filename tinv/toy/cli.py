@@ -1,0 +1,73 @@
+"""tinv-toy: render concepts of the toy world, or pretrain the toy model and its judge.
+
+    tinv-toy render --concept "yellow triangle on a navy background" --n 16 DIR
+    tinv-toy pretrain OUT_DIR [--seed 0]      # maintainers: about an hour on 2 CPU cores; ships as tinv/toy/weights
+    tinv-toy targets WORK_DIR                 # measure the quality targets (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .world import render_concept
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinv-toy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("render", help="write K captioned images of one concept")
+    r.add_argument("out_dir")
+    r.add_argument("--concept", required=True, help='e.g. "red circle on a black background"')
+    r.add_argument("--n", type=int, default=16)
+    r.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("pretrain", help="pretrain the judge, VAE, text encoder and UNet")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge-steps", type=int, default=800)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--denoiser-steps", type=int, default=4000)
+    p.add_argument("--per-concept", type=int, default=600, help="pool images per concept")
+    p.add_argument("--eval-samples", type=int, default=2, help="samples per concept at each checkpoint (0 = none)")
+    t = sub.add_parser("targets", help="measure and print the quality targets (base model, init word, training)")
+    t.add_argument("work_dir", help="folder for rendered concepts and training runs")
+    t.add_argument("--samples", type=int, default=64, help="samples per score")
+    t.add_argument("--base-per-concept", type=int, default=16, help="samples per concept for the base model")
+    t.add_argument("--others", type=int, default=2, help="concepts besides the demo one")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", help="also write the numbers as JSON here")
+    t.add_argument("overrides", nargs="*", help="tinv-train overrides for every training run (default: none)")
+    args = parser.parse_args(argv)
+    if args.command == "targets":
+        import json
+
+        from .targets import measure, print_table
+
+        result = measure(Path(args.work_dir), args.samples, args.base_per_concept, args.others, args.seed,
+                         args.overrides)
+        print_table(result)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    if args.command == "render":
+        try:
+            out = render_concept(args.concept, args.n, Path(args.out_dir), args.seed)
+        except (ValueError, FileExistsError) as err:
+            print(f"tinv-toy render: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.n} images of {args.concept!r} to {out}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from .pretrain import pretrain
+
+    report = pretrain(Path(args.out_dir), seed=args.seed, judge_steps=args.judge_steps, vae_steps=args.vae_steps,
+                      denoiser_steps=args.denoiser_steps, per_concept=args.per_concept,
+                      eval_samples=args.eval_samples)
+    print({k: v for k, v in report.items() if k != "checkpoints"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

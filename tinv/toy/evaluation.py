@@ -1,0 +1,200 @@
+"""How well an embedding draws its concept on the toy model: `tinv-eval`, and the trainer's concept scoring.
+
+K images are sampled with fixed seeds at the world's guidance scale from the object templates with the subject
+("a photo of a <token>", "a rendering of a <token>", ...), and judged: concept_accuracy, per-attribute accuracies
+and reconstruction (see tinv.toy.scoring). The same subject slot takes plain text, which scores the base model on
+a full caption ("yellow triangle on a navy background") or on the init word alone ("shape").
+
+    tinv-eval outputs/.../mytoken.safetensors --concept "yellow triangle on a navy background"
+    tinv-eval --text "yellow triangle on a navy background" --concept "yellow triangle on a navy background"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..data.templates import OBJECT_TEMPLATES
+from ..errors import ConfigError
+from .model import GUIDANCE_SCALE, WEIGHTS_DIR
+from .world import Concept
+
+log = logging.getLogger(__name__)
+
+JUDGE = "toy"  # val.judge / --judge value meaning the judge shipped with the toy model
+
+
+def judge_path(value: str) -> Path:
+    return WEIGHTS_DIR / "judge.safetensors" if value == JUDGE else Path(value).expanduser()
+
+
+def eval_prompts(subject: str, count: int) -> list[str]:
+    return [OBJECT_TEMPLATES[i % len(OBJECT_TEMPLATES)].format(subject) for i in range(count)]
+
+
+def eval_seeds(seed: int, count: int) -> list[int]:
+    return [seed * 1_000_003 + i for i in range(count)]
+
+
+def load_references(paths: list[Path], limit: int = 64) -> np.ndarray:
+    """Training images as uint8 (n, 32, 32, 3), for `reconstruction`."""
+    from PIL import Image
+
+    from .world import SIZE
+
+    out = []
+    for path in paths[:limit]:
+        with Image.open(path) as im:
+            out.append(np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BOX)))
+    return np.stack(out) if out else np.zeros((0, SIZE, SIZE, 3), np.uint8)
+
+
+def concept_from_captions(captions: list[str], where: str) -> Concept:
+    """The world concept most training captions name (`tinv-toy render` writes full captions)."""
+    named = []
+    for text in captions:
+        try:
+            named.append(Concept.parse(text))
+        except ValueError:
+            pass
+    if not named:
+        raise ConfigError(f"val.judge is set but no caption in {where} names a toy-world concept; "
+                          f"set val.concept, e.g. val.concept='red circle on a black background'")
+    return Counter(named).most_common(1)[0][0]
+
+
+class ConceptScorer:
+    """The trainer's concept scoring (val.judge): samples from the models in memory, token spliced in."""
+
+    def __init__(self, judge: str, concept: Concept, references: np.ndarray, num_samples: int = 32,
+                 guidance_scale: float | None = None, seed: int = 0):
+        from .judge import load_judge
+
+        path = judge_path(judge)
+        if not path.is_file():
+            raise ConfigError(f"val.judge={judge!r}: no judge file at {path}; use val.judge=toy or a judge path")
+        self.judge, self.concept, self.references = load_judge(path), concept, references
+        self.num_samples, self.seed = num_samples, seed
+        self.guidance_scale = guidance_scale if guidance_scale is not None else GUIDANCE_SCALE
+
+    @classmethod
+    def for_dataset(cls, dataset, judge: str, concept: str | None, **kwargs) -> "ConceptScorer":
+        try:
+            target = Concept.parse(concept) if concept else concept_from_captions(
+                [s.caption for s in dataset.samples], "the training set")
+        except ValueError as err:
+            raise ConfigError(f"val.concept: {err}") from None
+        log.info("concept scoring against %r", target.text())
+        return cls(judge, target, load_references([s.path for s in dataset.samples]), **kwargs)
+
+    def run(self, trainer) -> dict:
+        from diffusers import DDIMScheduler
+
+        from ..sampling import pipeline_for, sampling_mode
+        from .scoring import sample_images, score
+
+        backbone, token = trainer.backbone, trainer.token
+        with sampling_mode(backbone, trainer.accelerator.device):
+            pipe = pipeline_for(backbone, DDIMScheduler.from_config(backbone.noise_scheduler.config))
+            prompts = [token.expand(p) for p in eval_prompts(token.string, self.num_samples)]
+            images = sample_images(pipe, prompts, eval_seeds(self.seed, self.num_samples), self.guidance_scale)
+        return score(self.judge, images, self.concept, self.references)
+
+
+def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, model: str | None = None,
+             judge: str = JUDGE, samples: int = 64, seed: int = 0, guidance_scale: float | None = None,
+             references: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """Score a subject (a token of a loaded embedding, or plain text) on the toy model; returns (scores, images)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from .judge import load_judge
+    from .model import toy_model_path
+    from .scoring import sample_images, score
+
+    pipe = StableDiffusionPipeline.from_pretrained(model or toy_model_path(), safety_checker=None,
+                                                   requires_safety_checker=False)
+    if embedding:
+        from ..embedding import SD_KEY, read_embedding
+
+        loaded = read_embedding(embedding)
+        if SD_KEY not in loaded.vectors:
+            raise ConfigError(f"{embedding}: not an SD1/SD2 embedding (keys {sorted(loaded.vectors)})")
+        pipe.load_textual_inversion(loaded.vectors[SD_KEY].float(), token=subject)
+    with torch.no_grad():
+        images = sample_images(pipe, eval_prompts(subject, samples), eval_seeds(seed, samples),
+                               guidance_scale if guidance_scale is not None else GUIDANCE_SCALE)
+    result = score(load_judge(judge_path(judge)), images, concept, references)
+    return result, images
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinv-eval", description="Score an embedding (or a text) on the toy model.")
+    parser.add_argument("embedding", nargs="?", help="embedding file (kohya, A1111 .pt or diffusers)")
+    parser.add_argument("--concept", required=True, help='the concept it should draw, e.g. "red circle on a black '
+                        'background"')
+    parser.add_argument("--text", help="score this text in the subject slot instead of an embedding's token")
+    parser.add_argument("--token", help="the embedding's token in prompts (default: its stored name, else <concept>)")
+    parser.add_argument("--references", help="folder of training images, for `reconstruction`")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float, default=None, help=f"default {GUIDANCE_SCALE}")
+    parser.add_argument("--model", help="toy model folder (default: the shipped toy model)")
+    parser.add_argument("--judge", default=JUDGE, help="judge weights (default: the shipped judge)")
+    parser.add_argument("--out", help="also write the scores as JSON here")
+    parser.add_argument("--grid", help="also write the samples as a PNG grid here")
+    args = parser.parse_args(argv)
+    try:
+        concept = Concept.parse(args.concept)
+        if bool(args.embedding) == bool(args.text):
+            raise ConfigError("give an embedding file or --text, not both and not neither")
+        subject = args.text
+        if args.embedding:
+            from ..embedding import read_embedding
+
+            subject = args.token or read_embedding(args.embedding).name or "<concept>"
+        refs = None
+        if args.references:
+            from ..data.images import list_images
+
+            refs = load_references(list_images(Path(args.references)))
+        result, images = evaluate(subject, concept, embedding=args.embedding, model=args.model, judge=args.judge,
+                                  samples=args.samples, seed=args.seed, guidance_scale=args.guidance_scale,
+                                  references=refs)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"tinv-eval: {err}", file=sys.stderr)
+        return 2
+    result.update(concept=concept.text(), subject=subject, samples=args.samples, seed=args.seed,
+                  guidance_scale=args.guidance_scale if args.guidance_scale is not None else GUIDANCE_SCALE)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        from ..atomic import write_text_atomic
+
+        write_text_atomic(Path(args.out), text + "\n")
+    if args.grid:
+        save_grid(images, Path(args.grid))
+    return 0
+
+
+def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 2) -> Path:
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = (n + cols - 1) // cols
+    sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        sheet[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST).save(path)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Pretraining of the toy model and its judge on the toy world, deterministic from a seed.
+
+Three stages, each from the one before: the judge (renders with noise and blur, so it also reads imperfect
+samples), the VAE (renders -> 16x16x4 latents -> renders), then the text encoder and UNet together on a fixed
+pool of cached latents with captions drawn per step. The demo concept is left out of the pool entirely. Weights
+are written after each stage and at every checkpoint, so a long run can be inspected while it goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.templates import OBJECT_TEMPLATES
+from . import world
+from .judge import HEADS, Judge, to_tensor
+from .model import build_pipeline, save_weights
+
+log = logging.getLogger("tinv.toy")
+
+
+def _render_labelled(rng: random.Random, n: int, concepts: list[world.Concept]):
+    chosen = [concepts[rng.randrange(len(concepts))] for _ in range(n)]
+    return world.render_batch(chosen, rng), torch.tensor([c.labels() for c in chosen])
+
+
+def _degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Noise and blur like an imperfect sample, on a random half of the batch."""
+    n = x.shape[0]
+    pick = (torch.rand(n, 1, 1, 1, generator=gen) < 0.5).float()
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(n, 1, 1, 1, generator=gen)
+    y = x * (1 - mix) + blurred * mix + torch.randn(x.shape, generator=gen) * 0.08 * torch.rand(n, 1, 1, 1, generator=gen)
+    return pick * y + (1 - pick) * x
+
+
+def train_judge(steps: int, seed: int, batch: int = 128) -> tuple[Judge, float]:
+    rng, gen = random.Random(f"judge:{seed}"), torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    judge, concepts = Judge(), world.all_concepts()
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        images, labels = _render_labelled(rng, batch, concepts)
+        logits = judge(_degrade(to_tensor(images), gen))
+        loss = sum(F.cross_entropy(logits[k], labels[:, i]) for i, k in enumerate(HEADS))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0:
+            log.info("judge step %d loss %.4f", step, loss.item())
+    judge.eval().requires_grad_(False)
+    return judge, judge_accuracy(judge, seed + 1)
+
+
+def judge_accuracy(judge: Judge, seed: int, n: int = 2000) -> float:
+    """Held-out accuracy (all three attributes right) on fresh renders from a seed training never used."""
+    images, labels = _render_labelled(random.Random(f"judge-heldout:{seed}"), n, world.all_concepts())
+    return (judge.predict(to_tensor(images)) == labels).all(dim=1).float().mean().item()
+
+
+def train_vae(vae, steps: int, seed: int, batch: int = 64) -> float:
+    rng = random.Random(f"vae:{seed}")
+    torch.manual_seed(seed)
+    concepts = world.all_concepts()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    vae.train()
+    for step in range(steps):
+        x = to_tensor(_render_labelled(rng, batch, concepts)[0])
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0:
+            log.info("vae step %d loss %.5f", step, loss.item())
+    vae.eval().requires_grad_(False)
+    # scale latents to unit variance, as SD's 0.18215 does for its VAE
+    with torch.no_grad():
+        x = to_tensor(_render_labelled(random.Random(f"vae-scale:{seed}"), 512, concepts)[0])
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return loss.item()
+
+
+def training_concepts() -> list[world.Concept]:
+    demo = world.Concept(*world.DEMO_CONCEPT)
+    return [c for c in world.all_concepts() if c != demo]
+
+
+@torch.no_grad()
+def latent_pool(vae, per_concept: int, seed: int) -> tuple[torch.Tensor, list[world.Concept]]:
+    rng = random.Random(f"pool:{seed}")
+    concepts = [c for c in training_concepts() for _ in range(per_concept)]
+    latents = []
+    for i in range(0, len(concepts), 256):
+        x = to_tensor(world.render_batch(concepts[i:i + 256], rng))
+        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(latents), concepts
+
+
+def pretrain_caption(concept: world.Concept, rng: random.Random) -> str:
+    """A description (full, partial or empty), bare ("a ...") or inside a random object template."""
+    desc = world.caption(concept, rng)
+    if desc and rng.random() < 0.4:
+        return rng.choice(OBJECT_TEMPLATES).format(desc)
+    return world.as_prompt(desc)
+
+
+def train_denoiser(pipe, latents: torch.Tensor, concepts: list[world.Concept], steps: int, seed: int,
+                   batch: int = 64, lr: float = 5e-4, ema_decay: float = 0.999, on_checkpoint=None,
+                   checkpoint_every: int = 500) -> dict:
+    """Text encoder + UNet on the latent pool: epsilon loss with Min-SNR-5 weighting; returns the final EMA."""
+    rng, gen = random.Random(f"denoiser:{seed}"), torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    te, unet, tok, sched = pipe.text_encoder, pipe.unet, pipe.tokenizer, pipe.scheduler
+    params = list(te.parameters()) + list(unet.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = min(200, steps // 10 + 1)
+    lr_at = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    te.train(), unet.train()
+    history = []
+    start = time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(latents), (batch,), generator=gen)
+        x0 = latents[idx]
+        prompts = [pretrain_caption(concepts[i], rng) for i in idx.tolist()]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        pred = unet(sched.add_noise(x0, noise, t), t, te(ids)[0]).sample
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_at.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        history.append(loss.item())
+        if step % 100 == 0:
+            log.info("denoiser step %d loss %.4f (mean of last 100 %.4f) %.1f min", step, loss.item(),
+                     sum(history[-100:]) / 100, (time.time() - start) / 60)
+        if on_checkpoint and (step % checkpoint_every == 0 or step == steps):
+            on_checkpoint(step, _with_weights(pipe, params, ema))
+    _copy_into(params, ema)
+    te.eval(), unet.eval()
+    return {"final_loss_mean100": sum(history[-100:]) / min(100, len(history))}
+
+
+def _copy_into(params, values):
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def _with_weights(pipe, params, values):
+    """A copy of the pipeline carrying `values` (the EMA) instead of the live weights."""
+    live = [p.detach().clone() for p in params]
+    _copy_into(params, values)
+    snapshot = deepcopy(pipe)
+    _copy_into(params, live)
+    snapshot.text_encoder.eval(), snapshot.unet.eval()
+    return snapshot
+
+
+def pretrain(out_dir: Path, seed: int = 0, judge_steps: int = 800, vae_steps: int = 1000,
+             denoiser_steps: int = 4000, per_concept: int = 600, eval_samples: int = 2) -> dict:
+    from safetensors.torch import save_file
+
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"seed": seed, "judge_steps": judge_steps, "vae_steps": vae_steps, "denoiser_steps": denoiser_steps,
+              "per_concept": per_concept, "torch_threads": torch.get_num_threads()}
+    t0 = time.time()
+    judge, acc = train_judge(judge_steps, seed)
+    save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, str(out_dir / "judge.safetensors"))
+    report.update(judge_heldout_accuracy=acc, judge_minutes=(time.time() - t0) / 60)
+    log.info("judge held-out accuracy %.4f", acc)
+
+    t0 = time.time()
+    pipe = build_pipeline(seed)
+    report["vae_final_loss"] = train_vae(pipe.vae, vae_steps, seed)
+    recon_images, recon_labels = _render_labelled(random.Random(f"vae-check:{seed}"), 1000, world.all_concepts())
+    with torch.no_grad():
+        recon = pipe.vae.decode(pipe.vae.encode(to_tensor(recon_images)).latent_dist.mean).sample
+    report["judge_on_vae_reconstructions"] = (judge.predict(recon.clamp(-1, 1)) == recon_labels).all(1).float().mean().item()
+    report["vae_minutes"] = (time.time() - t0) / 60
+    log.info("judge on VAE reconstructions %.4f", report["judge_on_vae_reconstructions"])
+
+    t0 = time.time()
+    latents, concepts = latent_pool(pipe.vae, per_concept, seed)
+    report["pool_minutes"] = (time.time() - t0) / 60
+
+    checkpoints = []
+
+    def on_checkpoint(step, snapshot):
+        save_weights(snapshot, out_dir)
+        entry = {"step": step, "minutes": (time.time() - t_den) / 60}
+        if eval_samples:
+            entry["base_full_caption_accuracy"] = base_accuracy(snapshot, judge, eval_samples)
+        checkpoints.append(entry)
+        report["checkpoints"] = checkpoints
+        (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
+        log.info("checkpoint %s", entry)
+
+    t_den = time.time()
+    report.update(train_denoiser(pipe, latents, concepts, denoiser_steps, seed, on_checkpoint=on_checkpoint,
+                                 checkpoint_every=1000))
+    report["denoiser_minutes"] = (time.time() - t_den) / 60
+    save_weights(pipe, out_dir)
+    (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def base_accuracy(pipe, judge, per_concept: int, guidance_scale: float | None = None) -> float:
+    """Mean concept accuracy over every concept, each drawn from its full bare caption."""
+    from .model import GUIDANCE_SCALE
+    from .scoring import sample_images
+
+    concepts = world.all_concepts()
+    prompts = [world.as_prompt(c.text()) for c in concepts for _ in range(per_concept)]
+    images = sample_images(pipe, prompts, list(range(len(prompts))), guidance_scale or GUIDANCE_SCALE)
+    want = torch.tensor([c.labels() for c in concepts for _ in range(per_concept)])
+    return (judge.predict(to_tensor(images)) == want).all(1).float().mean().item()

@@ -1,0 +1,110 @@
+"""`tinv-toy targets`: the toy world's quality targets, measured and printed (a benchmark, not a test).
+
+1. the base model drawing every concept from its full caption (mean concept accuracy over the world);
+2. the init word alone ("a photo of a shape") scored against the demo concept;
+3. `tinv-train` with its defaults on the demo concept and on other concepts rendered by `tinv-toy render`:
+   wall time, concept accuracy of the embedding, and its ratio to the base model's full-caption accuracy on the
+   same concept. Each training run goes through the real entry point in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .world import DEMO_CONCEPT, Concept, all_concepts, render_concept
+
+TARGETS = {"base_full_caption": 0.7, "init_word_max": 0.1, "trained": 0.6, "trained_vs_base": 0.8}
+
+
+def other_concepts(count: int, seed: int = 0) -> list[Concept]:
+    """Concepts besides the demo one, picked by seed (never hand-picked, so defaults are not tuned to one)."""
+    demo = Concept(*DEMO_CONCEPT)
+    return random.Random(f"targets:{seed}").sample([c for c in all_concepts() if c != demo], count)
+
+
+def train_embedding(concept: Concept, work: Path, image_dir: Path | None, overrides: list[str]) -> tuple[Path, float]:
+    run_dir = work / "runs" / concept.text().replace(" ", "_")
+    args = [sys.executable, "-m", "tinv.train", "logger=none", f"hydra.run.dir={run_dir}", *overrides]
+    if image_dir is not None:
+        args.append(f"data.image_dir={image_dir}")
+    started = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"tinv-train failed for {concept.text()!r}:\n{proc.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return Path(summary["embedding"]), wall
+
+
+def measure(work: Path, samples: int = 64, base_per_concept: int = 16, others: int = 2, seed: int = 0,
+            overrides: list[str] | None = None) -> dict:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from .evaluation import evaluate, load_references
+    from .judge import load_judge, to_tensor
+    from .model import GUIDANCE_SCALE, WEIGHTS_DIR, toy_model_path
+    from ..data.demo import DEMO_IMAGES, demo_images_dir
+    from ..data.images import list_images
+    from .evaluation import eval_prompts, eval_seeds
+    from .scoring import sample_images
+
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"guidance_scale": GUIDANCE_SCALE, "samples": samples, "targets": TARGETS}
+    # 1. base model on every concept, from its full caption in the eval templates
+    pipe = StableDiffusionPipeline.from_pretrained(toy_model_path(), safety_checker=None,
+                                                   requires_safety_checker=False)
+    judge = load_judge(WEIGHTS_DIR / "judge.safetensors")
+
+    per_concept = {}
+    with torch.no_grad():
+        for c in all_concepts():
+            images = sample_images(pipe, eval_prompts(c.text(), base_per_concept), eval_seeds(seed, base_per_concept))
+            hits = (judge.predict(to_tensor(images)) == torch.tensor(c.labels())).all(1).float().mean().item()
+            per_concept[c.text()] = hits
+    result["base_full_caption_mean"] = sum(per_concept.values()) / len(per_concept)
+    result["base_full_caption_per_concept"] = per_concept
+    # 2. the init word alone
+    demo = Concept(*DEMO_CONCEPT)
+    result["init_word_demo"] = evaluate("shape", demo, samples=samples, seed=seed)[0]["concept_accuracy"]
+    # 3. training with defaults
+    runs = []
+    for concept in [demo, *other_concepts(others, seed)]:
+        image_dir = None
+        refs_dir = demo_images_dir()
+        if concept != demo:
+            image_dir = work / "images" / concept.text().replace(" ", "_")
+            if not image_dir.is_dir():
+                render_concept(concept.text(), DEMO_IMAGES, image_dir, seed)
+            refs_dir = image_dir
+        embedding, wall = train_embedding(concept, work, image_dir, overrides or [])
+        refs = load_references(list_images(refs_dir))
+        trained = evaluate("<concept>", concept, embedding=str(embedding), samples=samples, seed=seed,
+                           references=refs)[0]
+        base = evaluate(concept.text(), concept, samples=samples, seed=seed, references=refs)[0]
+        runs.append({"concept": concept.text(), "demo": concept == demo, "train_wall_s": round(wall, 1),
+                     "trained": trained, "base_full_caption": base,
+                     "ratio": trained["concept_accuracy"] / max(base["concept_accuracy"], 1e-9)})
+    result["runs"] = runs
+    return result
+
+
+def print_table(result: dict) -> None:
+    t = result["targets"]
+    print(f"toy world targets at guidance scale {result['guidance_scale']} ({result['samples']} samples per score)")
+    print(f"  base model, full captions, mean over {len(result['base_full_caption_per_concept'])} concepts: "
+          f"{result['base_full_caption_mean']:.3f}  (target >= {t['base_full_caption']})")
+    print(f"  init word alone on the demo concept: {result['init_word_demo']:.3f}  (target <= {t['init_word_max']})")
+    print(f"  {'concept':44s} {'train s':>8s} {'trained':>8s} {'base':>6s} {'ratio':>6s} {'recon':>6s}")
+    for r in result["runs"]:
+        name = r["concept"] + (" (demo)" if r["demo"] else "")
+        print(f"  {name:44s} {r['train_wall_s']:8.1f} {r['trained']['concept_accuracy']:8.3f} "
+              f"{r['base_full_caption']['concept_accuracy']:6.3f} {r['ratio']:6.2f} "
+              f"{r['trained'].get('reconstruction', float('nan')):6.3f}")
+    print(f"  targets: trained >= {t['trained']}, ratio >= {t['trained_vs_base']}, training <= ~120 s")
