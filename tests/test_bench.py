@@ -12,7 +12,8 @@ from conftest import TEST_MODEL
 def test_bench_reports_the_promised_numbers(tmp_path):
     run = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "tinv.bench", TEST_MODEL, "bench.steps=3", "bench.warmup=1",
-                           "train.batch_size=2", "token.num_vectors=4", f"hydra.run.dir={run}"],
+                           "train.batch_size=2", "token.num_vectors=4", "bench.cache_images=6",
+                           f"hydra.run.dir={run}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "bench.json").read_text())
@@ -25,6 +26,8 @@ def test_bench_reports_the_promised_numbers(tmp_path):
     assert 0 < result["optimizer_state_bytes"] <= result["optimizer_state_limit_bytes"]  # AdamW: 2 x N x width + step
     assert result["settings"]["num_vectors"] == 4 and result["settings"]["batch_size"] == 2
     assert "overhead" in proc.stdout and "floor (median)" in proc.stdout
+    assert result["images"] == 6 and len(list((run / "images").glob("*.png"))) == 6  # generated at 64 px
+    assert result["cache_build_s"] > 0 and "latent cache" in proc.stdout
     live = subprocess.run([sys.executable, "-m", "tinv.bench", TEST_MODEL, "bench.steps=2", "bench.warmup=0",
                            "train.cache_latents=false", f"hydra.run.dir={tmp_path / 'live'}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)

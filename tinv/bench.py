@@ -116,7 +116,24 @@ def measure(trainer, steps: int, warmup: int) -> dict:
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "host": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "step_times_s": times, "floor_times_s": floor,
+        "images": len(trainer.dataset.samples), "cache_build_s": trainer.cache_build_s,
     }
+
+
+def generated_images(out_dir: Path, count: int, resolution) -> Path:
+    """`count` toy-world renders at the training resolution, for timing the latent cache against dataset size."""
+    import random
+
+    from .toy.world import Concept, all_concepts, render
+
+    size = resolution if isinstance(resolution, int) else max(resolution)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng, concepts = random.Random(0), all_concepts()
+    for i in range(count):
+        concept: Concept = concepts[i % len(concepts)]
+        render(concept, rng, size=size).save(out_dir / f"{i:05d}.png")
+        (out_dir / f"{i:05d}.txt").write_text(f"a {concept.text()}\n", encoding="utf-8")
+    return out_dir
 
 
 def format_table(result: dict, settings: dict) -> str:
@@ -128,6 +145,9 @@ def format_table(result: dict, settings: dict) -> str:
             ("samples/s", f"{result['samples_per_s']:.2f}"), ("peak memory", f"{result['peak_mem_bytes'] / 2**20:.0f} MiB"),
             ("optimizer state", f"{result['optimizer_state_bytes']} B (limit {result['optimizer_state_limit_bytes']} B)"),
             ("VAE calls/step", f"{result['vae_calls_per_step']:.2f}"), ("data wait", f"{result['data_wait_frac']:.2%}")]
+    if result["cache_build_s"] is not None:
+        rows.append(("latent cache", f"{result['cache_build_s']:.2f} s for {result['images']} images "
+                                     f"({result['cache_build_s'] / result['images'] * 1000:.1f} ms each)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -140,6 +160,8 @@ def bench_main(cfg: DictConfig) -> float:
     try:
         if cfg.bench.steps < 1 or cfg.bench.warmup < 0:
             raise ConfigError("bench.steps must be at least 1 and bench.warmup at least 0")
+        if cfg.bench.cache_images > 0:
+            cfg.data.image_dir = str(generated_images(run_dir / "images", cfg.bench.cache_images, cfg.data.resolution))
         trainer = prepare(cfg, run_dir, tracker=Tracker())
         if trainer is None:
             return 0.0
@@ -150,7 +172,7 @@ def bench_main(cfg: DictConfig) -> float:
     settings = {"model": HydraConfig.get().runtime.choices.get("model"), "resolution": cfg.data.resolution,
                 "batch_size": cfg.train.batch_size, "mixed_precision": cfg.train.mixed_precision,
                 "num_vectors": trainer.token.num_vectors, "cache_latents": cfg.train.cache_latents,
-                "steps": cfg.bench.steps, "warmup": cfg.bench.warmup,
+                "steps": cfg.bench.steps, "warmup": cfg.bench.warmup, "cache_images": cfg.bench.cache_images,
                 "config": OmegaConf.to_container(cfg, resolve=True)}
     write_text_atomic(run_dir / "bench.json", json.dumps({**result, "settings": settings}, indent=2, default=str))
     print(format_table(result, settings))

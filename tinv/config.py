@@ -166,6 +166,7 @@ class LoggerConfig:
 class BenchConfig:
     steps: int = 10  # timed optimizer steps
     warmup: int = 3  # untimed steps first
+    cache_images: int = 0  # > 0: train on this many generated images at data.resolution and time the latent cache
 
 
 @dataclass

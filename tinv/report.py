@@ -18,8 +18,8 @@ from pathlib import Path
 
 from .atomic import atomic_path, write_text_atomic
 
-COLUMNS = ["rank", "job", "overrides", "objective", "final_loss", "best_val_loss", "best_step", "steps", "wall_s",
-           "embedding", "status"]
+COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "concept_accuracy", "reconstruction",
+           "final_loss", "best_val_loss", "best_step", "steps", "wall_s", "embedding", "status"]
 
 
 @dataclass
@@ -80,6 +80,8 @@ def _rows(jobs: list[Job]) -> list[dict]:
         s = job.summary
         rows.append({"rank": rank if job.ok else "", "job": job.folder.name,
                      "overrides": " ".join(s.get("overrides", [])), "objective": job.objective,
+                     "objective_name": s.get("objective_name"), "concept_accuracy": s.get("concept_accuracy"),
+                     "reconstruction": s.get("reconstruction"),
                      "final_loss": s.get("final_loss"), "best_val_loss": s.get("best_val_loss"),
                      "best_step": s.get("best_step"), "steps": s.get("step"), "wall_s": s.get("wall_s"),
                      "embedding": s.get("embedding", ""),

@@ -80,6 +80,7 @@ class Trainer:
         self.lr_scale, self.max_bad_steps = lr_scale, max_bad_steps
         self.state = RunState()
         self.latent_cache = None
+        self.cache_build_s: float | None = None  # seconds spent encoding the latent cache
         self.last_loss = float("nan")
         self._stop_signal: int | None = None
 
@@ -160,7 +161,9 @@ class Trainer:
         if self.cache_latents_to_disk:
             cache_dir = self.dataset.cache_dir or str(cache_root() / "latents")
         self.latent_cache = LatentCache(self.dataset, self.backbone, cache_dir, self.dataset.vae_batch_size)
+        started = time.perf_counter()
         self.latent_cache.build(device)
+        self.cache_build_s = time.perf_counter() - started
         self.dataset.cached = True
         self.backbone.vae.to("cpu")  # no longer needed on the accelerator
 

@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge-steps", type=int, default=800)
     p.add_argument("--vae-steps", type=int, default=1000)
-    p.add_argument("--denoiser-steps", type=int, default=4000)
+    p.add_argument("--denoiser-steps", type=int, default=3000)
     p.add_argument("--per-concept", type=int, default=600, help="pool images per concept")
     p.add_argument("--eval-samples", type=int, default=2, help="samples per concept at each checkpoint (0 = none)")
+    p.add_argument("--continue-from", metavar="DIR", help="an earlier pretrain output: train its text encoder and "
+                   "UNet for --denoiser-steps more (judge and VAE kept)")
     t = sub.add_parser("targets", help="measure and print the quality targets (base model, init word, training)")
     t.add_argument("work_dir", help="folder for rendered concepts and training runs")
     t.add_argument("--samples", type=int, default=64, help="samples per score")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = pretrain(Path(args.out_dir), seed=args.seed, judge_steps=args.judge_steps, vae_steps=args.vae_steps,
                       denoiser_steps=args.denoiser_steps, per_concept=args.per_concept,
-                      eval_samples=args.eval_samples)
+                      eval_samples=args.eval_samples, continue_from=args.continue_from)
     print({k: v for k, v in report.items() if k != "checkpoints"})
     return 0
 

@@ -121,10 +121,12 @@ def pretrain_caption(concept: world.Concept, rng: random.Random) -> str:
 
 def train_denoiser(pipe, latents: torch.Tensor, concepts: list[world.Concept], steps: int, seed: int,
                    batch: int = 64, lr: float = 5e-4, ema_decay: float = 0.999, on_checkpoint=None,
-                   checkpoint_every: int = 500) -> dict:
-    """Text encoder + UNet on the latent pool: epsilon loss with Min-SNR-5 weighting; returns the final EMA."""
-    rng, gen = random.Random(f"denoiser:{seed}"), torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+                   checkpoint_every: int = 500, first_step: int = 0) -> dict:
+    """Text encoder + UNet on the latent pool: epsilon loss with Min-SNR-5 weighting; leaves the final EMA in the
+    pipeline. `first_step` > 0 continues an earlier run's count (fresh optimizer, data streams of their own)."""
+    rng = random.Random(f"denoiser:{seed}" + (f":{first_step}" if first_step else ""))
+    gen = torch.Generator().manual_seed(seed + first_step * 7919)
+    torch.manual_seed(seed + first_step)
     te, unet, tok, sched = pipe.text_encoder, pipe.unet, pipe.tokenizer, pipe.scheduler
     params = list(te.parameters()) + list(unet.parameters())
     ema = [p.detach().clone() for p in params]
@@ -136,7 +138,7 @@ def train_denoiser(pipe, latents: torch.Tensor, concepts: list[world.Concept], s
     te.train(), unet.train()
     history = []
     start = time.time()
-    for step in range(1, steps + 1):
+    for step in range(first_step + 1, first_step + steps + 1):
         idx = torch.randint(0, len(latents), (batch,), generator=gen)
         x0 = latents[idx]
         prompts = [pretrain_caption(concepts[i], rng) for i in idx.tolist()]
@@ -160,7 +162,7 @@ def train_denoiser(pipe, latents: torch.Tensor, concepts: list[world.Concept], s
         if step % 100 == 0:
             log.info("denoiser step %d loss %.4f (mean of last 100 %.4f) %.1f min", step, loss.item(),
                      sum(history[-100:]) / 100, (time.time() - start) / 60)
-        if on_checkpoint and (step % checkpoint_every == 0 or step == steps):
+        if on_checkpoint and (step % checkpoint_every == 0 or step == first_step + steps):
             on_checkpoint(step, _with_weights(pipe, params, ema))
     _copy_into(params, ema)
     te.eval(), unet.eval()
@@ -184,13 +186,17 @@ def _with_weights(pipe, params, values):
 
 
 def pretrain(out_dir: Path, seed: int = 0, judge_steps: int = 800, vae_steps: int = 1000,
-             denoiser_steps: int = 4000, per_concept: int = 600, eval_samples: int = 2) -> dict:
+             denoiser_steps: int = 3000, per_concept: int = 600, eval_samples: int = 2,
+             continue_from: Path | None = None) -> dict:
+    """All three stages; or, with `continue_from` (an earlier output), more text encoder + UNet steps on top of its
+    judge, VAE and EMA weights."""
     from safetensors.torch import save_file
-
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"seed": seed, "judge_steps": judge_steps, "vae_steps": vae_steps, "denoiser_steps": denoiser_steps,
               "per_concept": per_concept, "torch_threads": torch.get_num_threads()}
+    if continue_from is not None:
+        return _continue(Path(continue_from), out_dir, report, seed, denoiser_steps, per_concept, eval_samples)
     t0 = time.time()
     judge, acc = train_judge(judge_steps, seed)
     save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, str(out_dir / "judge.safetensors"))
@@ -211,20 +217,9 @@ def pretrain(out_dir: Path, seed: int = 0, judge_steps: int = 800, vae_steps: in
     latents, concepts = latent_pool(pipe.vae, per_concept, seed)
     report["pool_minutes"] = (time.time() - t0) / 60
 
-    checkpoints = []
-
-    def on_checkpoint(step, snapshot):
-        save_weights(snapshot, out_dir)
-        entry = {"step": step, "minutes": (time.time() - t_den) / 60}
-        if eval_samples:
-            entry["base_full_caption_accuracy"] = base_accuracy(snapshot, judge, eval_samples)
-        checkpoints.append(entry)
-        report["checkpoints"] = checkpoints
-        (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
-        log.info("checkpoint %s", entry)
-
     t_den = time.time()
-    report.update(train_denoiser(pipe, latents, concepts, denoiser_steps, seed, on_checkpoint=on_checkpoint,
+    report.update(train_denoiser(pipe, latents, concepts, denoiser_steps, seed,
+                                 on_checkpoint=_checkpointer(out_dir, report, judge, eval_samples, t_den),
                                  checkpoint_every=1000))
     report["denoiser_minutes"] = (time.time() - t_den) / 60
     save_weights(pipe, out_dir)
@@ -242,3 +237,46 @@ def base_accuracy(pipe, judge, per_concept: int, guidance_scale: float | None = 
     images = sample_images(pipe, prompts, list(range(len(prompts))), guidance_scale or GUIDANCE_SCALE)
     want = torch.tensor([c.labels() for c in concepts for _ in range(per_concept)])
     return (judge.predict(to_tensor(images)) == want).all(1).float().mean().item()
+
+
+def _checkpointer(out_dir: Path, report: dict, judge, eval_samples: int, started: float):
+    """Writes the EMA weights (and a quick base-model score) into out_dir, and the report so far."""
+    checkpoints = report.setdefault("checkpoints", [])
+
+    def on_checkpoint(step, snapshot):
+        save_weights(snapshot, out_dir)
+        entry = {"step": step, "minutes": (time.time() - started) / 60}
+        if eval_samples:
+            entry["base_full_caption_accuracy"] = base_accuracy(snapshot, judge, eval_samples)
+        checkpoints.append(entry)
+        (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
+        log.info("checkpoint %s", entry)
+
+    return on_checkpoint
+
+
+def _continue(source: Path, out_dir: Path, report: dict, seed: int, steps: int, per_concept: int,
+              eval_samples: int) -> dict:
+    import shutil
+
+    from .judge import load_judge
+    from .model import load_weights
+
+    earlier = json.loads((source / "pretrain.json").read_text())
+    done = earlier.get("denoiser_steps_total", earlier["denoiser_steps"])
+    judge = load_judge(source / "judge.safetensors")
+    if source.resolve() != out_dir.resolve():
+        shutil.copy2(source / "judge.safetensors", out_dir / "judge.safetensors")
+    pipe = load_weights(build_pipeline(seed), source)
+    report.update(continued_from=earlier, denoiser_steps_total=done + steps)
+    for key in ("judge_heldout_accuracy", "judge_on_vae_reconstructions"):
+        report[key] = earlier.get(key)
+    t0 = time.time()
+    latents, concepts = latent_pool(pipe.vae, per_concept, seed)
+    report.update(train_denoiser(pipe, latents, concepts, steps, seed,
+                                 on_checkpoint=_checkpointer(out_dir, report, judge, eval_samples, t0),
+                                 checkpoint_every=500, first_step=done))
+    report["denoiser_minutes"] = (time.time() - t0) / 60
+    save_weights(pipe, out_dir)
+    (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
+    return report

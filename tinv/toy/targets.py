@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .world import DEMO_CONCEPT, Concept, all_concepts, render_concept
 
 TARGETS = {"base_full_caption": 0.7, "init_word_max": 0.1, "trained": 0.6, "trained_vs_base": 0.8}
@@ -72,7 +74,8 @@ def measure(work: Path, samples: int = 64, base_per_concept: int = 16, others: i
     result["base_full_caption_per_concept"] = per_concept
     # 2. the init word alone
     demo = Concept(*DEMO_CONCEPT)
-    result["init_word_demo"] = evaluate("shape", demo, samples=samples, seed=seed)[0]["concept_accuracy"]
+    init_scores, init_images = evaluate("shape", demo, samples=samples, seed=seed)
+    result["init_word_demo"] = init_scores["concept_accuracy"]
     # 3. training with defaults
     runs = []
     for concept in [demo, *other_concepts(others, seed)]:
@@ -85,9 +88,14 @@ def measure(work: Path, samples: int = 64, base_per_concept: int = 16, others: i
             refs_dir = image_dir
         embedding, wall = train_embedding(concept, work, image_dir, overrides or [])
         refs = load_references(list_images(refs_dir))
-        trained = evaluate("<concept>", concept, embedding=str(embedding), samples=samples, seed=seed,
-                           references=refs)[0]
-        base = evaluate(concept.text(), concept, samples=samples, seed=seed, references=refs)[0]
+        trained, trained_images = evaluate("<concept>", concept, embedding=str(embedding), samples=samples, seed=seed,
+                                           references=refs)
+        base, base_images = evaluate(concept.text(), concept, samples=samples, seed=seed, references=refs)
+        if concept == demo:  # rows: init word, trained token, base model from the full caption, training images
+            from .evaluation import save_grid
+
+            rows = [init_images[:8], trained_images[:8], base_images[:8], refs[:8]]
+            result["before_after"] = str(save_grid(np.concatenate(rows), work / "before_after.png", cols=8, scale=3))
         runs.append({"concept": concept.text(), "demo": concept == demo, "train_wall_s": round(wall, 1),
                      "trained": trained, "base_full_caption": base,
                      "ratio": trained["concept_accuracy"] / max(base["concept_accuracy"], 1e-9)})
