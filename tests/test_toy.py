@@ -72,18 +72,18 @@ def test_shipped_model_and_judge_load_offline_and_the_judge_is_accurate():
 
 
 def test_tinv_eval_is_deterministic(tmp_path):
-    def run(seed, name):
-        out = tmp_path / name
+    def run(name):
+        out = tmp_path / f"{name}.json"
         proc = subprocess.run([sys.executable, "-m", "tinv.toy.evaluation", "--text", "red circle on a gray background",
-                               "--concept", "red circle on a gray background", "--samples", "8", "--seed", str(seed),
-                               "--out", str(out)], capture_output=True, text=True)
+                               "--concept", "red circle on a gray background", "--samples", "8", "--seed", "3",
+                               "--out", str(out), "--grid", str(tmp_path / f"{name}.png")], capture_output=True,
+                              text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(out.read_text())
+        return json.loads(out.read_text()), (tmp_path / f"{name}.png").read_bytes()
 
-    a, b, c = run(0, "a.json"), run(0, "b.json"), run(1, "c.json")
-    assert a == b
-    assert set(a) >= {"concept_accuracy", "shape_accuracy", "colour_accuracy", "background_accuracy"}
-    assert a["seed"] == 0 and c["seed"] == 1
+    (a, grid_a), (b, grid_b) = run("a"), run("b")
+    assert a == b and grid_a == grid_b  # same scores, same pixels
+    assert set(a) >= {"concept_accuracy", "shape_accuracy", "colour_accuracy", "background_accuracy", "seed"}
 
 
 def test_short_seeded_run_learns_the_demo_concept(run_dir):
