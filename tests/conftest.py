@@ -26,7 +26,9 @@ def with_test_model(args):
     args = list(args)
     if any(a.startswith(("model=", "experiment=")) for a in args):
         return args
-    return [TEST_MODEL, *args]
+    # beside the other overrides: argparse wants them in one run, around flags such as -m or --cfg job
+    at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    return [*args[:at], TEST_MODEL, *args[at:]]
 
 
 def compose(overrides=()):

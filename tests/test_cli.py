@@ -27,14 +27,18 @@ def test_default_run_logs_to_wandb_offline_and_metrics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "mychar.safetensors").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for r in records:
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    # the default (toy) model judges samples of the token at the end: logged and in the summary
+    assert [r["step"] for r in records if "val/concept_accuracy" in r] == [4]
+    for r in train_records:
         assert all(k in r for k in ("train/loss", "train/lr", "train/grad_norm", "train/it_per_s",
                                     "embedding/emb_params/norm_0"))
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ok"] is True and summary["step"] == 4
+    assert 0 <= summary["concept_accuracy"] <= 1 and summary["objective_name"] == "concept_error"
     assert (run / ".hydra" / "config.yaml").is_file()
 
 

@@ -14,7 +14,7 @@ SCHEDULERS = sorted(p.stem for p in (CONF / "scheduler").glob("*.yaml"))
 
 
 def test_groups_hold_the_promised_choices():
-    assert set(MODELS) == {"sd15", "sd2", "sdxl", "tiny_sd15", "tiny_sd2", "tiny_sdxl", "sd15_shape", "sd2_shape",
+    assert set(MODELS) == {"toy", "sd15", "sd2", "sdxl", "tiny_sd15", "tiny_sd2", "tiny_sdxl", "sd15_shape", "sd2_shape",
                            "sdxl_shape"}
     assert set(TEMPLATES) == {"object", "style", "caption"}
     assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "lion", "prodigy", "sgd", "adafactor"}
@@ -38,6 +38,18 @@ def test_every_model_config_states_family_resolution_and_prediction(model):
     text = (CONF / "model" / f"{model}.yaml").read_text()
     for key in ("family:", "path:", "resolution:", "prediction_type:"):
         assert key in text
+
+
+def test_the_toy_model_and_demo_data_are_the_defaults():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", return_hydra_config=True)  # no overrides at all
+    choices = cfg.hydra.runtime.choices
+    assert (choices.model, choices.data) == ("toy", "demo")
+    assert (cfg.model.family, cfg.model.resolution, cfg.val.judge, cfg.token.init_word) == ("sd1", 32, "toy", "shape")
+    assert compose(["model=sd15"]).val.judge is None  # only the toy model turns concept scoring on
 
 
 def test_model_configs_carry_family_resolution_and_prediction():

@@ -119,6 +119,7 @@ RESUME_ARGS = ["train.max_steps=16", "save.state_every_n_steps=3", "logger=none"
                "scheduler=cosine", "scheduler.num_warmup_steps=4"]
 
 
+@pytest.mark.slow  # about 90 s of subprocesses; the SIGINT test below covers resume in the default suite
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     whole = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
     killed = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
@@ -256,7 +257,8 @@ def test_two_cpu_processes_match_one(tmp_path, model):
     assert " x2 (no)" in (tmp_path / "two" / "train.log").read_text()  # really two processes
     one, two = _vectors(tmp_path / "one" / "mychar.safetensors"), _vectors(tmp_path / "two" / "mychar.safetensors")
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+        # the sum over two processes' halves adds in another order than one process's sum: float rounding only
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=5e-5)
     assert len(list(tmp_path.glob("two*"))) == 1  # only rank 0 wrote a run dir here
 
 

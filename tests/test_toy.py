@@ -99,3 +99,15 @@ def test_short_seeded_run_learns_the_demo_concept(run_dir):
     assert 0 < summary["reconstruction"] <= 1
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val/concept_accuracy" in r for r in records)
+
+
+@pytest.mark.slow  # two short pretraining runs, a few minutes on 2 cores
+def test_pretraining_is_deterministic_from_its_seed(tmp_path):
+    from tinv.toy.pretrain import pretrain
+
+    kw = dict(seed=5, judge_steps=30, vae_steps=30, denoiser_steps=20, per_concept=2, eval_samples=0)
+    pretrain(tmp_path / "a", **kw)
+    pretrain(tmp_path / "b", **kw)
+    for name in ("judge", "text_encoder", "vae", "unet"):
+        assert (tmp_path / "a" / f"{name}.safetensors").read_bytes() == \
+            (tmp_path / "b" / f"{name}.safetensors").read_bytes(), name
