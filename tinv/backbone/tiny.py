@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import new_folder
 from .tokenizer_gen import build_clip_tokenizer
 
 TINY_VERSION = "v2"  # bump when the tiny architectures change, so stale caches are not reused
@@ -151,19 +150,9 @@ def build_tiny_pipeline(kind: str, seed: int = 0):
 
 def write_pipeline_folder(build, out_dir: str | os.PathLike) -> Path:
     """Save `build()`'s pipeline as a diffusers folder that appears whole or not at all (built aside, renamed)."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; pass a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with new_folder(out_dir) as staging:
         build().save_pretrained(staging, safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return Path(out_dir).expanduser()
 
 
 def write_tiny_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:

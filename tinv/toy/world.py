@@ -140,24 +140,12 @@ def render_batch(concepts: list[Concept], rng: random.Random) -> np.ndarray:
 
 def render_concept(concept: str, n: int, out_dir: Path, seed: int = 0) -> Path:
     """K images of the concept with full-caption .txt files, written as a new folder that appears whole."""
-    import os
-    import shutil
-    import tempfile
+    from ..atomic import new_folder
 
     c = Concept.parse(concept)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with new_folder(out_dir) as staging:
         rng = random.Random(f"render:{seed}:{c.text()}")
         for i in range(n):
             render(c, rng).save(staging / f"{i:03d}.png")
             (staging / f"{i:03d}.txt").write_text(as_prompt(c.text()) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
