@@ -241,7 +241,7 @@ def test_sdxl_train_one_encoder_and_cache_the_other(tmp_path):
 
 # ---- several processes -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl"])
+@pytest.mark.parametrize("model", ["tiny_sd15", pytest.param("tiny_sdxl", marks=pytest.mark.slow)])
 def test_two_cpu_processes_match_one(tmp_path, model):
     common = [f"model={model}", "train.max_steps=4", "logger=none", "token.num_vectors=2", "data.flip_aug=true"]
     single = subprocess.run([sys.executable, "-m", "tinv.train", *common, "train.batch_size=4",
