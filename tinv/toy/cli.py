@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                          args.overrides)
         print_table(result)
         if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            from ..atomic import write_text_atomic
+
+            write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
         return 0
     if args.command == "render":
         try:

@@ -91,12 +91,14 @@ def load_weights(pipe, weights_dir: Path = WEIGHTS_DIR):
 def save_weights(pipe, weights_dir: Path) -> None:
     from safetensors.torch import save_file
 
+    from ..atomic import atomic_path, write_text_atomic
+
     weights_dir.mkdir(parents=True, exist_ok=True)
     for name in ("text_encoder", "vae", "unet"):
         state = {k: v.detach().half().contiguous() for k, v in getattr(pipe, name).state_dict().items()}
-        save_file(state, str(weights_dir / f"{name}.safetensors.tmp"))
-        os.replace(weights_dir / f"{name}.safetensors.tmp", weights_dir / f"{name}.safetensors")
-    (weights_dir / "vae_scaling_factor.txt").write_text(f"{pipe.vae.config.scaling_factor:.6f}\n")
+        with atomic_path(weights_dir / f"{name}.safetensors") as tmp:
+            save_file(state, str(tmp))
+    write_text_atomic(weights_dir / "vae_scaling_factor.txt", f"{pipe.vae.config.scaling_factor:.6f}\n")
 
 
 def weights_fingerprint(weights_dir: Path = WEIGHTS_DIR) -> str:

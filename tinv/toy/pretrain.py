@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path, write_text_atomic
 from ..data.templates import OBJECT_TEMPLATES
 from . import world
 from .judge import HEADS, Judge, to_tensor
@@ -199,7 +200,8 @@ def pretrain(out_dir: Path, seed: int = 0, judge_steps: int = 800, vae_steps: in
         return _continue(Path(continue_from), out_dir, report, seed, denoiser_steps, per_concept, eval_samples)
     t0 = time.time()
     judge, acc = train_judge(judge_steps, seed)
-    save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, str(out_dir / "judge.safetensors"))
+    with atomic_path(out_dir / "judge.safetensors") as tmp:
+        save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, str(tmp))
     report.update(judge_heldout_accuracy=acc, judge_minutes=(time.time() - t0) / 60)
     log.info("judge held-out accuracy %.4f", acc)
 
@@ -223,7 +225,7 @@ def pretrain(out_dir: Path, seed: int = 0, judge_steps: int = 800, vae_steps: in
                                  checkpoint_every=1000))
     report["denoiser_minutes"] = (time.time() - t_den) / 60
     save_weights(pipe, out_dir)
-    (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(out_dir / "pretrain.json", json.dumps(report, indent=1) + "\n")
     return report
 
 
@@ -249,7 +251,7 @@ def _checkpointer(out_dir: Path, report: dict, judge, eval_samples: int, started
         if eval_samples:
             entry["base_full_caption_accuracy"] = base_accuracy(snapshot, judge, eval_samples)
         checkpoints.append(entry)
-        (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
+        write_text_atomic(out_dir / "pretrain.json", json.dumps(report, indent=1) + "\n")
         log.info("checkpoint %s", entry)
 
     return on_checkpoint
@@ -278,5 +280,5 @@ def _continue(source: Path, out_dir: Path, report: dict, seed: int, steps: int, 
                                  checkpoint_every=500, first_step=done))
     report["denoiser_minutes"] = (time.time() - t0) / 60
     save_weights(pipe, out_dir)
-    (out_dir / "pretrain.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(out_dir / "pretrain.json", json.dumps(report, indent=1) + "\n")
     return report
