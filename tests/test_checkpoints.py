@@ -47,9 +47,9 @@ def test_single_file_trains_like_the_folder(kind, exports, tmp_path):
     common = [f"model={KINDS[kind]}", "train.max_steps=2", "token.num_vectors=2"]
     folder = train(tmp_path / "folder", common)  # the exports hold the seed-0 weights of the cached tiny models
     one = train(tmp_path / "single", common + [f"model.path={single}", f"model.config_dir={config_dir}"])
-    assert one.trainer.backbone.src.single_file
-    for key, value in folder.trainer.token.vectors().items():
-        torch.testing.assert_close(one.trainer.token.vectors()[key], value, rtol=0, atol=1e-6)
+    assert one.run.backbone.src.single_file
+    for key, value in folder.run.token.vectors().items():
+        torch.testing.assert_close(one.run.token.vectors()[key], value, rtol=0, atol=1e-6)
     assert one.final_loss == pytest.approx(folder.final_loss, abs=1e-6)
 
 
@@ -127,9 +127,9 @@ def test_every_weights_format_starts_training_from_its_rows(family, tmp_path):
         expected = read_embedding(path).vectors
         result = train(tmp_path / f"run-{name}", [f"model={model}", f"token.weights={path}", "optimizer.lr=0.0",
                                                   "train.max_steps=1"])
-        assert result.trainer.token.num_vectors == 3, name  # from the file
+        assert result.run.token.num_vectors == 3, name  # from the file
         for key, value in expected.items():
-            assert torch.equal(result.trainer.token.vectors()[key], value.float()), (name, key)
+            assert torch.equal(result.run.token.vectors()[key], value.float()), (name, key)
 
 
 def test_weights_mismatches_fail_before_models_load(tmp_path, monkeypatch):
@@ -227,13 +227,13 @@ def test_replacement_vae_folder_and_single_file(tmp_path, exports):
                vae_to_original(AutoencoderKL.from_pretrained(other, subfolder="vae")).items()}, str(vae_file))
     for i, source in enumerate((str(Path(other) / "vae"), str(vae_file))):
         result = train(tmp_path / f"run{i}", ["train.max_steps=1", f"model.vae={source}"])
-        state = result.trainer.backbone.vae.state_dict()
+        state = result.run.backbone.vae.state_dict()
         assert all(torch.equal(state[k], v) for k, v in ref.items()), source
 
 
 def test_v_parameterization_and_clip_skip(tmp_path):
     result = train(tmp_path / "v", ["train.max_steps=1", "model.v_parameterization=true", "model.clip_skip=2"])
-    backbone = result.trainer.backbone
+    backbone = result.run.backbone
     assert backbone.prediction_type == "v_prediction"
     ids = backbone.tokenize(["a photo of a cat"])
     model = backbone.encoders[0].model

@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import cli, train
-from tinv.data import BucketBatchSampler, build_training_set
+from tinv.data import BucketBatchSampler, PromptBuilder, build_training_set
 from tinv.data.captions import CaptionProcessor
 from tinv.data.spec import SubsetSpec
 from tinv.embedding import ConceptToken
 from tinv.errors import ConfigError
+from tinv.losses import DiffusionLoss
+from tinv.trainer import Trainer
 
 
 def make_images(folder: Path, sizes, caption=None, ext=".png", colour=(200, 40, 40)):
@@ -179,28 +181,25 @@ def test_secondary_separator_wildcards_dropout():
 def test_missing_token_modes(tmp_path, caplog, mode):
     d = make_images(tmp_path / "imgs", [(64, 64)] * 3, caption="a red thing {i}")
     (d / "img0.txt").write_text("mychar in red")
-    data = build(image_dir=str(d), missing_token=mode)
     token = ConceptToken("mychar")
+    prompts = PromptBuilder("caption", token, missing_token=mode)
     if mode == "error":
         with pytest.raises(ConfigError, match=r"img1.png: its caption 'a red thing 1' lacks the token 'mychar' "
                                               r"\(2 of 3 captions do\)"):
-            data.check_token(token, "caption")
+            build(image_dir=str(d), prompts=prompts)
         return
     with caplog.at_level(logging.WARNING):
-        data.check_token(token, "caption")
-        data.check_token(token, "object")  # templates ignore captions: nothing to say
+        build(image_dir=str(d), prompts=prompts)
+        build(image_dir=str(d), prompts=PromptBuilder("object", token, missing_token=mode))  # templates: no captions
     assert caplog.text.count("2 of 3 captions do not contain the token 'mychar'") == 1
     assert ("put first" in caplog.text) == (mode == "prepend")
-    from tinv.data import PromptBuilder
-
-    prompt = PromptBuilder("caption", token, missing_token=mode)("a red thing")
-    assert prompt == ("mychar, a red thing" if mode == "prepend" else "a red thing")
+    assert prompts("a red thing") == ("mychar, a red thing" if mode == "prepend" else "a red thing")
 
 
 def test_resolution_as_width_height_from_the_command_line(tmp_path, run_dir):
     d = make_images(tmp_path / "imgs", [(128, 96)] * 2)
     result = train(run_dir, ["data=folder", f"data.image_dir={d}", "data.resolution=[96,64]", "train.max_steps=1"])
-    assert result.trainer.dataset.samples[0].bucket == (96, 64)
+    assert result.run.dataset.samples[0].bucket == (96, 64)
 
 
 def test_bucket_limits_are_rounded_to_the_step(tmp_path):
@@ -251,7 +250,7 @@ def test_sdxl_time_ids_carry_real_sizes(tmp_path, run_dir):
     result = train(run_dir, ["model=tiny_sdxl", "data=folder", f"data.image_dir={d}", "data.enable_bucket=true",
                              "data.bucket_reso_steps=32", "data.min_bucket_reso=32", "data.resolution=64",
                              "train.max_steps=2", "train.batch_size=2"])
-    data = result.trainer.dataset
+    data = result.run.dataset
     seen = set()
     for position in range(len(data)):
         item = data[position]
@@ -261,10 +260,10 @@ def test_sdxl_time_ids_carry_real_sizes(tmp_path, run_dir):
         seen.add(item["original_size"])
     assert seen == {(64, 128), (128, 64)}
     captured = []
-    backbone = result.trainer.backbone
+    backbone = result.run.backbone
     original = backbone.conditioning
     backbone.conditioning = lambda ids, batch: captured.append(batch) or original(ids, batch)
-    result.trainer.training_loss(next(iter(result.trainer.loader)))
+    Trainer(DiffusionLoss()).micro_batch_loss(result.run, next(iter(result.run.loader)))
     time_ids = torch.cat([captured[0]["original_size"], captured[0]["crop_top_left"], captured[0]["target_size"]], 1)
     assert time_ids.shape == (2, 6)
     assert {tuple(r[:2].tolist()) for r in time_ids} <= {(64.0, 128.0), (128.0, 64.0)}
@@ -279,16 +278,16 @@ def test_disk_cache_is_reused_and_only_a_changed_image_is_reencoded(tmp_path):
     args = ["data=folder", f"data.image_dir={d}", "train.cache_latents_to_disk=true", f"data.cache_dir={tmp_path / 'c'}",
             "data.vae_batch_size=3", "train.max_steps=2", "train.batch_size=2"]
     first = train(tmp_path / "r1", args)
-    assert first.trainer.backbone.vae_calls == 2  # 4 images in VAE batches of 3
+    assert first.run.backbone.vae_calls == 2  # 4 images in VAE batches of 3
     assert len(list((tmp_path / "c").rglob("*.safetensors"))) == 4
     second = train(tmp_path / "r2", args)
-    assert second.trainer.backbone.vae_calls == 0
-    for key, latent in first.trainer.latent_cache.latents.items():
-        assert torch.equal(second.trainer.latent_cache.latents[key], latent)
+    assert second.run.backbone.vae_calls == 0
+    for key, latent in first.run.latents.cache.latents.items():
+        assert torch.equal(second.run.latents.cache.latents[key], latent)
     Image.new("RGB", (64, 64), (255, 255, 0)).save(d / "img2.png")
     third = train(tmp_path / "r3", args)
-    assert third.trainer.backbone.vae_calls == 1
-    assert third.trainer.latent_cache.build(torch.device("cpu")) == 0  # everything on disk now
+    assert third.run.backbone.vae_calls == 1
+    assert third.run.latents.cache.build(torch.device("cpu")) == 0  # everything on disk now
 
 
 def test_flip_aug_caches_both_flips_and_steps_do_no_vae_work(tmp_path, run_dir):
@@ -300,21 +299,21 @@ def test_flip_aug_caches_both_flips_and_steps_do_no_vae_work(tmp_path, run_dir):
         array[:, 32:, 2] = 255 - 40 * i
         Image.fromarray(array).save(d / f"img{i}.png")
     result = train(run_dir, ["data=folder", f"data.image_dir={d}", "data.flip_aug=true", "train.max_steps=3"])
-    cache = result.trainer.latent_cache
+    cache = result.run.latents.cache
     assert set(cache.latents) == {(i, f) for i in range(3) for f in (False, True)}
     torch.testing.assert_close(cache.latents[(0, True)], cache.latents[(0, False)].flip(-1), atol=0.5, rtol=0)
     assert not torch.allclose(cache.latents[(0, True)], cache.latents[(0, False)], atol=1e-3)
-    calls = result.trainer.backbone.vae_calls
-    result.trainer.training_loss(next(iter(result.trainer.loader)))
-    assert result.trainer.backbone.vae_calls == calls
-    assert result.trainer.backbone.vae.device.type == "cpu"
+    calls = result.run.backbone.vae_calls
+    result.run.latents.of(next(iter(result.run.loader)))
+    assert result.run.backbone.vae_calls == calls
+    assert result.run.backbone.vae.device.type == "cpu"
 
 
 def test_random_crop_turns_caching_off_with_a_notice(tmp_path, run_dir, caplog):
     d = make_images(tmp_path / "imgs", [(96, 64)] * 2)
     with caplog.at_level(logging.WARNING):
         result = train(run_dir, ["data=folder", f"data.image_dir={d}", "data.random_crop=true", "train.max_steps=2"])
-    assert result.trainer.latent_cache is None
+    assert not result.run.latents.cached
     assert "latent caching is off: random_crop" in caplog.text
 
 
@@ -379,7 +378,7 @@ def test_bad_files_are_skipped_and_odd_formats_converted(tmp_path, caplog):
 def test_run_completes_with_bad_files_skipped(tmp_path, run_dir):
     root = _bad_input_folder(tmp_path / "imgs")
     result = train(run_dir, ["data=folder", f"data.image_dir={root}", "train.max_steps=2"])
-    assert result.embedding.is_file() and len(result.trainer.dataset.samples) == 7
+    assert result.embedding.is_file() and len(result.run.dataset.samples) == 7
 
 
 def test_no_usable_image_is_an_error(tmp_path):

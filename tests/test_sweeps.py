@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import with_test_model
+from conftest import TEST_MODEL, with_test_model
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
@@ -54,8 +54,11 @@ def test_grid_sweep_wandb_group_and_report(tmp_path):
 
 
 def _complete_trials(db: Path) -> int:
-    with sqlite3.connect(db) as con:
-        return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:  # the file exists before optuna has created its tables
+        return 0
 
 
 def test_optuna_study_interrupted_and_resumed(tmp_path):
@@ -122,3 +125,36 @@ def test_shipped_slurm_launcher_config(tmp_path):
     proc = tinv(["hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+
+
+def test_named_sweep_runs_from_any_directory(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # optimizer.lr given on the command line wins over the sweep's lr values: 2 jobs (token.num_vectors 1, 4)
+    proc = subprocess.run([sys.executable, "-m", "tinv.train", TEST_MODEL, "sweep=lr_vectors", "optimizer.lr=1e-3",
+                           "train.max_steps=1", "logger=none", f"hydra.sweep.dir={sweep_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(sweep_dir.glob("*/mychar.safetensors"))
+    assert len(files) == 2
+    from safetensors.torch import load_file
+
+    shapes = sorted(load_file(f)["emb_params"].shape[0] for f in files)
+    assert shapes == [1, 4]
+    configs = [(p.parent / ".hydra" / "config.yaml").read_text() for p in files]
+    assert all("lr: 0.001" in c for c in configs)
+
+
+def test_report_ranks_by_each_objectives_own_direction(tmp_path):
+    from tinv.report import write_report
+
+    for n, (accuracy, ok) in enumerate([(0.5, True), (0.9, True), (None, False), (0.7, True)]):
+        job = tmp_path / f"{n}_job"
+        job.mkdir()
+        summary = {"ok": ok, "overrides": [f"optimizer.lr={n}"]}
+        if ok:
+            summary.update(objective=accuracy, objective_name="last val/concept_accuracy", objective_mode="max")
+        (job / "summary.json").write_text(json.dumps(summary))
+    write_report(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [(r["job"], r["rank"]) for r in rows] == [("1_job", "1"), ("3_job", "2"), ("0_job", "3"), ("2_job", "")]
+    assert "last val/concept_accuracy, higher is better" in (tmp_path / "report.md").read_text()

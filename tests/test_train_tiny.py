@@ -50,7 +50,7 @@ def test_tiny_family_trains_and_loads_in_diffusers(model, run_dir):
     family, keys = FAMILIES[model]
     result = train(run_dir, [f"model={model}", "train.max_steps=3", "train.batch_size=3", "token.num_vectors=2",
                              "token.init_word=photo"])
-    trainer, backbone = result.trainer, result.trainer.backbone
+    run, backbone = result.run, result.run.backbone
     assert backbone.family == family
     assert result.step == 3 and math.isfinite(result.final_loss)
     assert result.embedding == run_dir / "mychar.safetensors"
@@ -78,9 +78,9 @@ def test_tiny_family_trains_and_loads_in_diffusers(model, run_dir):
         assert ours.keys() == ref.state_dict().keys()
         assert all(torch.equal(ours[k], v) for k, v in ref.state_dict().items())
         photo = ref.get_input_embeddings().weight[enc.tokenizer.get_vocab()["photo</w>"]]
-        trained = trainer.token.vectors()[enc.key]
+        trained = run.token.vectors()[enc.key]
         assert not torch.equal(trained[0], photo)
-    assert [p for group in trainer.optimizer.param_groups for p in group["params"]] == trainer.token.parameters()
+    assert [p for group in run.optimizer.param_groups for p in group["params"]] == run.token.parameters()
 
     # diffusers loads the file; rows equal the file and the pipeline conditions exactly as training did
     pipe = _pipeline(backbone)
@@ -98,7 +98,7 @@ def test_tiny_family_trains_and_loads_in_diffusers(model, run_dir):
     sizes = {"original_size": torch.tensor([[64.0, 64.0]]), "crop_top_left": torch.zeros(1, 2),
              "target_size": torch.tensor([[64.0, 64.0]])}
     with torch.no_grad():
-        cond = backbone.conditioning(backbone.tokenize([trainer.token.expand(prompt)]), sizes)
+        cond = backbone.conditioning(backbone.tokenize([run.token.expand(prompt)]), sizes)
         plain = backbone.conditioning(backbone.tokenize(["a photo of a"]), sizes)
     assert not torch.allclose(cond["encoder_hidden_states"], plain["encoder_hidden_states"])
     torch.testing.assert_close(cond["encoder_hidden_states"], after[0], rtol=1e-5, atol=1e-5)
@@ -118,7 +118,7 @@ def test_pt_format_is_the_a1111_layout_and_loads_in_diffusers(run_dir):
     data = torch.load(result.embedding, weights_only=True)
     assert data["string_to_token"] == {"*": 265} and data["name"] == "mychar" and data["step"] == 2
     assert data["string_to_param"]["*"].shape == (3, 32)
-    pipe = _pipeline(result.trainer.backbone)
+    pipe = _pipeline(result.run.backbone)
     pipe.load_textual_inversion(str(result.embedding), token="thing")
     ids = pipe.tokenizer.convert_tokens_to_ids(["thing", "thing_1", "thing_2"])
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], data["string_to_param"]["*"])
@@ -128,9 +128,9 @@ def test_intermediate_saves_and_accumulation(run_dir, monkeypatch):
     from tinv.trainer import Trainer
 
     micro_batches = []
-    original = Trainer.training_loss
-    monkeypatch.setattr(Trainer, "training_loss",
-                        lambda self, batch: micro_batches.append(len(batch["captions"])) or original(self, batch))
+    original = Trainer.micro_batch_loss
+    monkeypatch.setattr(Trainer, "micro_batch_loss", lambda self, run, batch: micro_batches.append(
+        len(batch["captions"])) or original(self, run, batch))
     result = train(run_dir, ["train.max_steps=4", "save.every_n_steps=2", "train.gradient_accumulation=2",
                              "train.batch_size=2", "scheduler=linear", "scheduler.num_warmup_steps=2"])
     assert result.step == 4
@@ -138,7 +138,7 @@ def test_intermediate_saves_and_accumulation(run_dir, monkeypatch):
     assert names == ["mychar-step00000002.safetensors", "mychar-step00000004.safetensors", "mychar.safetensors"]
     # 4 optimizer steps from 8 micro-batches of 2
     assert micro_batches == [2] * 8
-    state = next(iter(result.trainer.optimizer.state.values()))
+    state = next(iter(result.run.optimizer.state.values()))
     assert int(state["step"]) == 4
     # the logged lr is the one each step used: warm-up from 0
     import json
@@ -149,9 +149,9 @@ def test_intermediate_saves_and_accumulation(run_dir, monkeypatch):
 
 def test_bf16_autocast_keeps_vectors_fp32(run_dir):
     result = train(run_dir, ["train.max_steps=2", "train.mixed_precision=bf16", "train.cache_latents=false"])
-    params = result.trainer.token.parameters()
+    params = result.run.token.parameters()
     assert all(p.dtype == torch.float32 for p in params)
-    assert result.trainer.backbone.unet.dtype == torch.bfloat16
+    assert result.run.backbone.unet.dtype == torch.bfloat16
     assert math.isfinite(result.final_loss)
 
 
@@ -159,29 +159,26 @@ def test_cached_and_live_latents_give_the_same_loss(tmp_path):
     a = train(tmp_path / "a", ["train.max_steps=3", "train.cache_latents=true"])
     b = train(tmp_path / "b", ["train.max_steps=3", "train.cache_latents=false"])
     assert a.final_loss == pytest.approx(b.final_loss, rel=1e-5)
-    assert a.trainer.backbone.vae_calls == 2  # 8 demo images cached in VAE batches of 4, then none per step
-    assert b.trainer.backbone.vae_calls == 3  # one per step
+    assert a.run.backbone.vae_calls == 2  # 8 demo images cached in VAE batches of 4, then none per step
+    assert b.run.backbone.vae_calls == 3  # one per step
 
 
 @pytest.mark.parametrize("model,target", [("tiny_sd15", "epsilon"), ("tiny_sd2", "v_prediction")])
 def test_loss_target_follows_the_prediction_type(model, target, run_dir):
-    from tinv.losses import diffusion_loss
+    from tinv.losses import DiffusionLoss
 
     result = train(run_dir, [f"model={model}", "train.max_steps=1"])
-    trainer = result.trainer
-    backbone = trainer.backbone
+    run = result.run
+    backbone = run.backbone
     assert backbone.prediction_type == target
-    batch = next(iter(trainer.loader))
-    latents = trainer.latents(batch)
-    ids = backbone.tokenize([trainer.token.expand(p) for p in batch["prompts"]])
+    batch = next(iter(run.loader))
+    latents = run.latents.of(batch)
+    ids = backbone.tokenize([run.token.expand(p) for p in batch["prompts"]])
+    sched = backbone.noise_scheduler
+    noise, t = DiffusionLoss().draw(torch.Generator().manual_seed(5), tuple(latents.shape), 1000)
     with torch.no_grad():
-        loss = diffusion_loss(backbone, latents, ids, batch, torch.Generator().manual_seed(5))
-        # by hand, with the same draws
-        gen = torch.Generator().manual_seed(5)
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
-        sched = backbone.noise_scheduler
-        pred = backbone.predict(sched.add_noise(latents, noise, t), t, ids, batch)
+        loss = DiffusionLoss()(backbone.predictor(ids, batch), sched, backbone.prediction_type, latents, noise, t)
+        pred = backbone.predict(sched.add_noise(latents, noise, t), t, ids, batch)  # by hand, with the same draws
     alpha = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     expected = noise if target == "epsilon" else alpha * noise - sigma * latents
@@ -200,7 +197,7 @@ def test_other_optimizers_train(optimizer, run_dir):
 
 def test_caption_template_uses_captions_and_puts_the_token_first(run_dir, caplog):
     result = train(run_dir, ["template=caption", "train.max_steps=1"])
-    prompts = result.trainer.dataset.prompts
+    prompts = result.run.dataset.prompts
     assert prompts("a red circle on a blue background") == "mychar, a red circle on a blue background"
     assert prompts("mychar on grass") == "mychar on grass"
     assert "8 of 8 captions do not contain the token 'mychar'" in caplog.text
@@ -210,15 +207,15 @@ def test_continue_from_weights_sets_num_vectors(tmp_path):
     first = train(tmp_path / "a", ["train.max_steps=2", "token.num_vectors=3"])
     second = train(tmp_path / "b", ["train.max_steps=1", f"token.weights={first.embedding}",
                                     "optimizer.lr=0.0"])
-    assert second.trainer.token.num_vectors == 3
+    assert second.run.token.num_vectors == 3
     with safe_open(str(first.embedding), "pt") as f:
-        assert torch.equal(second.trainer.token.vectors()["emb_params"], f.get_tensor("emb_params"))
+        assert torch.equal(second.run.token.vectors()["emb_params"], f.get_tensor("emb_params"))
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     plain = train(tmp_path / "a", ["model=tiny_sdxl", "train.max_steps=2"])
     ckpt = train(tmp_path / "b", ["model=tiny_sdxl", "train.max_steps=2", "train.gradient_checkpointing=true"])
-    assert ckpt.trainer.backbone.unet.is_gradient_checkpointing
+    assert ckpt.run.backbone.unet.is_gradient_checkpointing
     assert ckpt.final_loss == pytest.approx(plain.final_loss, rel=1e-5)
-    for key, value in plain.trainer.token.vectors().items():
-        torch.testing.assert_close(ckpt.trainer.token.vectors()[key], value, rtol=1e-5, atol=1e-6)
+    for key, value in plain.run.token.vectors().items():
+        torch.testing.assert_close(ckpt.run.token.vectors()[key], value, rtol=1e-5, atol=1e-6)

@@ -4,7 +4,7 @@
     tinv-bench model=tiny_sdxl train.mixed_precision=bf16
 
 Takes every `tinv-train` override plus `bench.steps` / `bench.warmup`. Steps run through the real trainer
-(`Trainer.optimizer_step`). The floor is the work no trainer can avoid on the same shapes and dtype: the text
+(`Trainer.step`). The floor is the work no trainer can avoid on the same shapes and dtype: the text
 encoders forward and backward into the vectors and the UNet forward and backward, from a batch already in memory;
 overhead = step time / floor time. Results print as a table and go to bench.json in the run dir.
 """
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as _config  # noqa: F401 - schemas and resolvers
 from .atomic import write_text_atomic
 from .errors import ConfigError
-from .losses import diffusion_loss
+from .run import open_run
 from .tracking import Tracker
 
 log = logging.getLogger("tinv.bench")
@@ -40,10 +41,10 @@ def _sync(device: torch.device) -> None:
 
 
 class _TimedBatches:
-    """Wraps the trainer's batch iterator and adds up the time spent waiting for data."""
+    """Wraps the run's batch iterator and adds up the time spent waiting for data."""
 
-    def __init__(self, batches, device):
-        self.batches, self.device, self.wait = batches, device, 0.0
+    def __init__(self, batches):
+        self.batches, self.wait = batches, 0.0
 
     def __iter__(self):
         return self
@@ -62,22 +63,25 @@ def _peak_memory(device: torch.device) -> int:
     return peak_kb * (1 if sys.platform == "darwin" else 1024)
 
 
-def measure(trainer, steps: int, warmup: int) -> dict:
-    trainer.setup()
-    acc, bb = trainer.accelerator, trainer.backbone
+def measure(job, steps: int, warmup: int) -> dict:
+    run, trainer = open_run(job), job.trainer
+    acc, bb = run.accelerator, run.backbone
     device = acc.device
-    # the floor's input: a batch already in memory, tokenized, its latents looked up
-    batch = next(trainer._batches())
-    latents = trainer.latents(batch)
-    input_ids = bb.tokenize([trainer.token.expand(p) for p in batch["prompts"]])
-    params = trainer.token.parameters()
+    # the floor's input: a batch already in memory, tokenized, its latents looked up, its draws made
+    batch = next(run.batches())
+    latents = run.latents.of(batch)
+    input_ids = bb.tokenize([run.token.expand(p) for p in batch["prompts"]])
+    params = run.parameters()
 
     def floor_once(seed: int) -> float:
         """Encoders + UNet forward and backward, nothing else."""
+        noise, t = trainer.loss.draw(torch.Generator().manual_seed(seed), tuple(latents.shape),
+                                     bb.noise_scheduler.config.num_train_timesteps)
         _sync(device)
         start = time.perf_counter()
         with acc.autocast():
-            loss = diffusion_loss(bb, latents, input_ids, batch, torch.Generator().manual_seed(seed))
+            loss = trainer.loss(bb.predictor(input_ids, batch), bb.noise_scheduler, bb.prediction_type, latents,
+                                noise.to(device), t.to(device))
         loss.backward()
         _sync(device)
         elapsed = time.perf_counter() - start
@@ -85,9 +89,9 @@ def measure(trainer, steps: int, warmup: int) -> dict:
             p.grad = None
         return elapsed
 
-    batches = _TimedBatches(trainer._batches(), device)
+    batches = _TimedBatches(run.batches())
     for i in range(warmup):
-        trainer.optimizer_step(batches)
+        trainer.step(run, batches)
         floor_once(i)
     _sync(device)
     batches.wait, vae_before = 0.0, bb.vae_calls
@@ -96,13 +100,13 @@ def measure(trainer, steps: int, warmup: int) -> dict:
     times, floor = [], []
     for i in range(steps):  # interleaved, so both see the same machine state (caches, clocks, allocator)
         start = time.perf_counter()
-        trainer.optimizer_step(batches)
+        trainer.step(run, batches)
         _sync(device)
         times.append(time.perf_counter() - start)
         floor.append(floor_once(warmup + i))
     data_wait, vae_calls = batches.wait, bb.vae_calls - vae_before
 
-    optimizer_state = sum(t.numel() * t.element_size() for state in trainer.optimizer.optimizer.state.values()
+    optimizer_state = sum(t.numel() * t.element_size() for state in run.optimizer.state.values()
                           for t in state.values() if torch.is_tensor(t))
     step_s, floor_s = statistics.median(times), statistics.median(floor)
     samples = len(batch["prompts"]) * trainer.gradient_accumulation * acc.num_processes
@@ -111,28 +115,30 @@ def measure(trainer, steps: int, warmup: int) -> dict:
         "step_s": step_s, "floor_s": floor_s, "overhead": step_s / floor_s, "steps_per_s": 1 / step_s,
         "samples_per_s": samples / step_s, "peak_mem_bytes": _peak_memory(device),
         "optimizer_state_bytes": optimizer_state,
-        "optimizer_state_limit_bytes": 3 * trainer.token.num_vectors * widths * 4,
+        "optimizer_state_limit_bytes": 3 * run.token.num_vectors * widths * 4,
         "vae_calls_per_step": vae_calls / steps, "data_wait_frac": data_wait / sum(times),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "host": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "step_times_s": times, "floor_times_s": floor,
-        "images": len(trainer.dataset.samples), "cache_build_s": trainer.cache_build_s,
+        "images": len(run.dataset.samples), "cache_build_s": run.latents.build_s,
     }
 
 
 def generated_images(out_dir: Path, count: int, resolution) -> Path:
-    """`count` toy-world renders at the training resolution, for timing the latent cache against dataset size."""
-    import random
+    """`count` captioned images at the training resolution (a coloured box on a coloured ground, random per image),
+    for timing the latent cache against dataset size."""
+    from PIL import Image, ImageDraw
 
-    from .toy.world import Concept, all_concepts, render
-
-    size = resolution if isinstance(resolution, int) else max(resolution)
+    width, height = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng, concepts = random.Random(0), all_concepts()
+    rng = np.random.default_rng(0)
     for i in range(count):
-        concept: Concept = concepts[i % len(concepts)]
-        render(concept, rng, size=size).save(out_dir / f"{i:05d}.png")
-        (out_dir / f"{i:05d}.txt").write_text(f"a {concept.text()}\n", encoding="utf-8")
+        ground, box = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        image = Image.new("RGB", (width, height), tuple(int(c) for c in ground))
+        x0, y0 = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+        ImageDraw.Draw(image).rectangle([x0, y0, x0 + width // 3, y0 + height // 3], fill=tuple(int(c) for c in box))
+        image.save(out_dir / f"{i:05d}.png")
+        (out_dir / f"{i:05d}.txt").write_text(f"a box, image {i}\n", encoding="utf-8")
     return out_dir
 
 
@@ -158,20 +164,18 @@ def bench_main(cfg: DictConfig) -> float:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        if cfg.bench.steps < 1 or cfg.bench.warmup < 0:
-            raise ConfigError("bench.steps must be at least 1 and bench.warmup at least 0")
         if cfg.bench.cache_images > 0:
             cfg.data.image_dir = str(generated_images(run_dir / "images", cfg.bench.cache_images, cfg.data.resolution))
-        trainer = prepare(cfg, run_dir, tracker=Tracker())
-        if trainer is None:
+        job = prepare(cfg, run_dir, tracker=Tracker())
+        if job is None:
             return 0.0
-        result = measure(trainer, cfg.bench.steps, cfg.bench.warmup)
+        result = measure(job, cfg.bench.steps, cfg.bench.warmup)
     except ConfigError as err:
         print(f"tinv-bench: error: {err}", file=sys.stderr)
         sys.exit(2)
     settings = {"model": HydraConfig.get().runtime.choices.get("model"), "resolution": cfg.data.resolution,
                 "batch_size": cfg.train.batch_size, "mixed_precision": cfg.train.mixed_precision,
-                "num_vectors": trainer.token.num_vectors, "cache_latents": cfg.train.cache_latents,
+                "num_vectors": job.token.num_vectors, "cache_latents": cfg.train.cache_latents,
                 "steps": cfg.bench.steps, "warmup": cfg.bench.warmup, "cache_images": cfg.bench.cache_images,
                 "config": OmegaConf.to_container(cfg, resolve=True)}
     write_text_atomic(run_dir / "bench.json", json.dumps({**result, "settings": settings}, indent=2, default=str))

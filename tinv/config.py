@@ -1,23 +1,44 @@
-"""Structured-config schemas: the primary config is typed, so a misspelled key fails when Hydra composes it.
+"""Structured-config schemas: the primary config is typed, so a misspelled key or a value outside its allowed set
+fails when Hydra composes it.
 
-Group choices live as small YAML files in `conf/`; these dataclasses give each node its allowed keys and types.
-`optimizer` and `scheduler` stay open (`_target_` plus that callable's own arguments); their arguments are checked
-against the callable's signature at start-up, before any model loads (see tinv.optim).
+Group choices live as small YAML files in `conf/`; these dataclasses give each node its keys, types and limits.
+Allowed values are the enums of tinv.choices; lower limits sit on the fields (`at_least`) and `check_values`
+enforces them with the key named. The data keys are derived from the kohya dataset spec (tinv.data.spec), so a new
+kohya key is one field there. `optimizer`, `scheduler`, `parts` and `callbacks` stay open (`_target_` plus that
+callable's own arguments), checked against the callable when the run is built, before any model loads.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Any, Optional
+# No postponed annotations here: the dataclass field types must be real types (OmegaConf and check_values read them).
+import logging
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from typing import Any, Dict, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, OmegaConf
+from omegaconf import II, MISSING, OmegaConf, open_dict
+
+from .choices import (Family, LrScale, MissingToken, Mode, Precision, PredictionType, Reduce, SaveFormat, Sampler,
+                      TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
+from .data.spec import DatasetSpec, SubsetSpec, keys_of
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def at_least(minimum: int, default: Any) -> Any:
+    """A field whose value (when set) must be >= minimum; `check_values` says so naming the key."""
+    return field(default=default, metadata={"min": minimum})
+
+
+def moved_to(new_key: str) -> Any:
+    """A deprecated key: still accepted (its value goes to `new_key`, with a warning), shown as where it went."""
+    return field(default=f"moved to {new_key}", metadata={"moved_to": new_key})
 
 
 @dataclass
 class ModelConfig:
     _target_: str = "tinv.backbone.Backbone.from_pretrained"
-    family: str = MISSING  # sd1 | sd2 | sdxl
+    family: Family = MISSING
     path: str = MISSING  # hub id, local diffusers folder, or single .safetensors/.ckpt file (original layout)
     config_dir: Optional[str] = None  # single files: local diffusers folder of the same family (configs, tokenizers)
     vae: Optional[str] = None  # replacement VAE: diffusers folder or single file
@@ -25,109 +46,110 @@ class ModelConfig:
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16 weights in a hub repo
     resolution: int = 512  # the model's native resolution; data.resolution defaults to it
-    prediction_type: Optional[str] = None  # epsilon | v_prediction; None = from the model's scheduler config
-    clip_skip: int = 1  # SD1/SD2: 2 = penultimate layer + final layer norm (A1111 convention)
+    prediction_type: Optional[PredictionType] = None  # None = from the model's scheduler config
+    clip_skip: int = at_least(1, 1)  # SD1/SD2: 2 = penultimate layer + final layer norm (A1111 convention)
 
 
 @dataclass
 class TokenConfig:
     string: str = "mychar"  # the trigger word; must be new to every tokenizer of the model
     init_word: Optional[str] = None  # seed the vectors from this word's token embeddings
-    num_vectors: Optional[int] = None  # None = 1, or the row count of token.weights
+    num_vectors: Optional[int] = at_least(1, None)  # None = 1, or the row count of token.weights
     weights: Optional[str] = None  # continue from an existing embedding file
-    norm: str = "none"  # none | clamp_to_vocab_max | l2_to_init: keep the vectors near real word embeddings
+    norm: TokenNorm = "none"  # keep the vectors near real word embeddings
     norm_weight: float = 0.01  # l2_to_init: weight of ||v - v_init||^2 in the loss
-    train_encoders: str = "both"  # SDXL: both | clip_l | clip_g; an untrained encoder keeps its initial vectors
+    train_encoders: TrainEncoders = "both"  # SDXL: one encoder only; the other keeps its initial vectors
 
 
 @dataclass
 class TemplateConfig:
-    kind: str = "object"  # object | style | caption
+    kind: TemplateKind = "object"
     templates: Optional[list[str]] = None  # custom prompt list with "{}" for the token; None = the built-in list
 
 
 @dataclass
-class DataConfig:
-    """Our data keys double as the lowest level of kohya's precedence (subset > dataset > [general] > these)."""
+class DataOptions:
+    """The data.* keys that are tinv's own: how captions without the token are treated and how data loads."""
 
-    _target_: str = "tinv.data.build_training_set"
-    image_dir: Optional[str] = None
     dataset_config: Optional[str] = None  # a kohya dataset TOML; its datasets/subsets replace image_dir
-    metadata_file: Optional[str] = None  # kohya fine-tuning metadata JSON (captions) for image_dir
-    caption_extension: str = ".txt"
-    resolution: Any = II("model.resolution")  # int or [width, height]; defaults to the model's native size
-    num_repeats: int = 1
-    class_tokens: Optional[str] = None  # caption of images without a caption file
-    missing_token: str = "prepend"  # caption lacks the token: prepend | warn | error
-    # caption processing (kohya semantics)
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: Optional[str] = None
-    enable_wildcard: bool = False
-    caption_prefix: Optional[str] = None
-    caption_suffix: Optional[str] = None
-    caption_tag_dropout_rate: float = 0.0
-    # augmentation (random_crop and color_aug turn latent caching off)
-    flip_aug: bool = False
-    color_aug: bool = False
-    random_crop: bool = False
-    # aspect-ratio buckets
-    enable_bucket: bool = False
-    min_bucket_reso: Optional[int] = None  # None = half the resolution
-    max_bucket_reso: Optional[int] = None  # None = twice the resolution
-    bucket_reso_steps: int = 64  # 64 for SD1/SD2; SDXL allows 32
-    bucket_no_upscale: bool = False
-    resize_interpolation: Optional[str] = None  # lanczos (default) | nearest | bilinear | bicubic | area | box | hamming
-    # loading and the latent cache
+    missing_token: MissingToken = "prepend"  # a caption lacks the token (template=caption)
     cache_dir: Optional[str] = None  # disk latent cache (train.cache_latents_to_disk); None = $TINV_CACHE/latents
-    vae_batch_size: int = 4
+    vae_batch_size: int = at_least(1, 4)
     num_workers: int = 0
     debug: bool = False  # print the first samples' captions, token ids and buckets, then exit
 
 
+# data.* keys that are read where the data loads, not by the dataset builder
+LOADING_KEYS = ("missing_token", "cache_dir", "vae_batch_size", "num_workers", "debug")
+
+
+def _data_config() -> type:
+    """data.*: tinv's own keys, then every kohya subset and dataset key (batch_size is train.batch_size), with the
+    model's resolution as the default size. Our data keys are the lowest level of kohya's precedence."""
+    spec: list = [("_target_", str, field(default="tinv.data.build_training_set"))]
+    spec += [(f.name, get_type_hints(DataOptions)[f.name], field(default=f.default, metadata=f.metadata))
+             for f in fields(DataOptions)]
+    seen = {"batch_size"}
+    for cls in (SubsetSpec, DatasetSpec):
+        hints, defaults = get_type_hints(cls), {f.name: f for f in fields(cls)}
+        for key in keys_of(cls):
+            if key in seen:
+                continue
+            seen.add(key)
+            if key == "resolution":  # int or [width, height]
+                spec.append((key, Any, field(default=II("model.resolution"))))
+            else:
+                assert defaults[key].default is not NO_DEFAULT, key
+                spec.append((key, hints[key], field(default=defaults[key].default)))
+    return make_dataclass("DataConfig", spec)
+
+
+DataConfig = _data_config()
+
+
 @dataclass
 class TrainConfig:
-    _target_: str = "tinv.trainer.Trainer"
-    max_steps: int = 500
-    batch_size: int = 4
-    gradient_accumulation: int = 1
+    max_steps: int = at_least(1, 500)
+    batch_size: int = at_least(1, 4)
+    gradient_accumulation: int = at_least(1, 1)
     seed: int = 42
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: Precision = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = True  # encode every image once, in memory
     cache_latents_to_disk: bool = False  # and keep them in data.cache_dir across runs
     no_half_vae: Optional[bool] = None  # keep the VAE fp32 under mixed precision; None = yes for SDXL
-    max_grad_norm: Optional[float] = None  # over the vectors of all encoders together
-    log_every_n_steps: int = 1
+    max_grad_norm: Optional[float] = None  # over every trained tensor together
+    log_every_n_steps: int = at_least(1, 1)
     cpu: bool = False  # force the CPU even when an accelerator is present
     # loss options
     noise_offset: float = 0.0
     min_snr_gamma: Optional[float] = None  # e.g. 5.0: Min-SNR loss weighting
     min_timestep: int = 0
     max_timestep: Optional[int] = None  # None = the schedule's length
-    lr_scale: str = "none"  # none | batch: lr x batch x accumulation x processes (the original TI rule)
-    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    lr_scale: LrScale = "none"  # batch: lr x batch x accumulation x processes (the original TI rule)
+    max_bad_steps: int = at_least(1, 10)  # consecutive non-finite steps before the run stops
     # speed and memory
     compile: bool = False  # torch.compile the UNet
     cache_text_encoder_outputs: bool = False  # SDXL with token.train_encoders=clip_l|clip_g: cache the frozen one
 
 
+# save.*, sample.* and val.* are the user-facing settings of the callbacks in conf/callbacks/default.yaml, which
+# read them by interpolation; `callbacks.<name>.<key>=...` sets a callback's value directly.
+
 @dataclass
 class SaveConfig:
-    format: str = "safetensors"  # safetensors | pt (A1111 torch layout)
-    every_n_steps: int = 0  # 0 = only the final embedding
-    state_every_n_steps: int = 0  # resumable state in <run dir>/state (0 = off; SIGINT/SIGTERM still write it)
+    format: SaveFormat = "safetensors"  # pt = A1111's torch layout
+    every_n_steps: int = at_least(0, 0)  # 0 = only the final embedding
+    state_every_n_steps: int = at_least(0, 0)  # resumable state in <run dir>/state (0 = off; Ctrl-C still writes it)
 
 
 @dataclass
 class SampleConfig:
-    every_n_steps: int = 0  # preview images every N steps (0 = off)
+    every_n_steps: int = at_least(0, 0)  # preview images every N steps (0 = off)
     at_start: bool = False  # also before the first step
     prompts: Any = None  # a list of prompts, or a kohya-style prompts file; None = "a photo of <token>"
-    sampler: str = "euler_a"  # ddim | euler | euler_a | dpmsolver++
-    steps: int = 20
+    sampler: Sampler = "euler_a"
+    steps: int = at_least(1, 20)
     guidance_scale: float = 7.0
     negative_prompt: str = ""
     width: Optional[int] = None  # None = the model's resolution
@@ -137,24 +159,32 @@ class SampleConfig:
 
 @dataclass
 class ValConfig:
-    every_n_steps: int = 0  # deterministic val/loss every N steps (0 = off)
+    every_n_steps: int = at_least(0, 0)  # deterministic val/loss every N steps (0 = off)
     split: float = 0.0  # fraction of the images held out for validation; 0 = validate on the training images
-    max_images: int = 16
-    num_timesteps: int = 8  # fixed timesteps spread over the schedule, each image scored at every one
+    max_images: int = at_least(1, 16)
+    num_timesteps: int = at_least(1, 8)  # fixed timesteps spread over the schedule, each image scored at every one
     seed: int = 0
-    # concept scoring on the toy model: samples judged for the concept's attributes, at the end of the run and at
-    # every validation; the sweep objective becomes 1 - concept_accuracy
-    judge: Optional[str] = None  # toy (the shipped judge) or a judge .safetensors; None = off
-    concept: Optional[str] = None  # e.g. "red circle on a black background"; None = named by the training captions
-    num_samples: int = 32
-    guidance_scale: Optional[float] = None  # None = the toy world's scale
+    # deprecated: the toy model's concept scoring is the callbacks.concept callback (conf/world/toy.yaml)
+    judge: Any = moved_to("callbacks.concept.judge")
+    concept: Any = moved_to("callbacks.concept.concept")
+    num_samples: Any = moved_to("callbacks.concept.num_samples")
+    guidance_scale: Any = moved_to("callbacks.concept.guidance_scale")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the run reports as `objective` (summary.json, the sweep's return value, tinv-report's ranking)."""
+
+    metric: str = "val/loss"  # any logged metric; a run that never logged it reports its final train/loss
+    mode: Mode = "min"  # which way is better (Optuna's direction follows it)
+    reduce: Reduce = "best"  # best: its best value over the run; last: its value at the end
 
 
 @dataclass
 class LoggerConfig:
     _target_: str = "tinv.tracking.WandbTracker"
     project: str = "tinv"
-    mode: Optional[str] = None  # online | offline | disabled; None = online when an API key is set, else offline
+    mode: Optional[TrackerMode] = None  # None = online when an API key is set, else offline
     entity: Optional[str] = None
     name: Optional[str] = None
     group: Optional[str] = None
@@ -164,8 +194,8 @@ class LoggerConfig:
 
 @dataclass
 class BenchConfig:
-    steps: int = 10  # timed optimizer steps
-    warmup: int = 3  # untimed steps first
+    steps: int = at_least(1, 10)  # timed optimizer steps
+    warmup: int = at_least(0, 3)  # untimed steps first
     cache_images: int = 0  # > 0: train on this many generated images at data.resolution and time the latent cache
 
 
@@ -179,50 +209,66 @@ class RunConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)  # tinv-bench only
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    parts: Dict[str, Any] = field(default_factory=dict)  # what trains: name -> _target_ node (tinv.parts)
+    callbacks: Dict[str, Any] = field(default_factory=dict)  # name -> _target_ node (tinv.callbacks)
     output_name: Optional[str] = None  # file stem of the embedding; None = token.string
     resume: Optional[str] = None  # a run dir or its state dir, or "latest" (the newest state under outputs/)
 
 
-_ENUMS = {
-    "model.family": ("sd1", "sd2", "sdxl"),
-    "model.prediction_type": (None, "epsilon", "v_prediction"),
-    "template.kind": ("object", "style", "caption"),
-    "data.missing_token": ("prepend", "warn", "error"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "save.format": ("safetensors", "pt"),
-    "logger.mode": (None, "online", "offline", "disabled"),
-    "token.norm": ("none", "clamp_to_vocab_max", "l2_to_init"),
-    "token.train_encoders": ("both", "clip_l", "clip_g"),
-    "train.lr_scale": ("none", "batch"),
-    "sample.sampler": ("ddim", "euler", "euler_a", "dpmsolver++"),
-}
+def _fields_with(schema: type, node, meta: str, prefix: str = ""):
+    """(key, parent node, field name, metadata value) for every field of the schema carrying `meta`, recursing."""
+    present = set(node.keys())  # not `in node`, which resolves interpolations (and would write model folders)
+    for f in fields(schema):
+        if f.name not in present:
+            continue
+        if is_dataclass(f.type):
+            yield from _fields_with(f.type, node[f.name], meta, f"{prefix}{f.name}.")
+        elif meta in f.metadata:
+            yield f"{prefix}{f.name}", node, f.name, f.metadata[meta]
 
-_POSITIVE = ("token.num_vectors", "train.max_steps", "train.batch_size", "train.gradient_accumulation",
-             "data.num_repeats", "model.clip_skip", "train.log_every_n_steps", "data.vae_batch_size",
-             "train.max_bad_steps", "sample.steps", "val.max_images", "val.num_timesteps",
-             "val.num_samples")
+
+def apply_deprecated(cfg) -> None:
+    """Move each deprecated key's value, when one was given, to its new place (one warning line each)."""
+    for old, node, name, new in _fields_with(RunConfig, cfg, "moved_to"):
+        value = node[name]
+        if value == f"moved to {new}":
+            continue
+        node[name] = f"moved to {new}"
+        log.warning("%s is deprecated; use %s", old, new)
+        owner = new.rsplit(".", 1)[0]
+        if OmegaConf.select(cfg, owner) is None:
+            if value is None:
+                continue
+            raise ConfigError(f"{old}={value}: that setting belongs to {owner}, which this config does not have "
+                              f"(concept scoring comes with model=toy, from conf/world/toy.yaml)")
+        if old == "val.judge" and value is None:  # val.judge=null turned concept scoring off
+            with open_dict(cfg.callbacks):
+                del cfg.callbacks["concept"]
+            continue
+        OmegaConf.update(cfg, new, value, force_add=True)
+
+
+def recorded_config(cfg) -> dict:
+    """The resolved config as plain data for the dashboard, each setting once (no deprecated keys)."""
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key, _, _, _ in _fields_with(RunConfig, cfg, "moved_to"):
+        parent, name = key.rsplit(".", 1)
+        plain[parent].pop(name, None)
+    return plain
 
 
 def check_values(cfg) -> None:
-    """Value checks that types cannot express; raises ConfigError naming the key and the allowed values."""
-    from .errors import ConfigError
-
-    for key, allowed in _ENUMS.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            shown = ", ".join(str(a) for a in allowed if a is not None)
-            raise ConfigError(f"{key}={value!r} is not allowed; use one of: {shown}")
-    for key in _POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
-    for key in ("save.every_n_steps", "save.state_every_n_steps", "sample.every_n_steps", "val.every_n_steps"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be 0 (off) or positive")
+    """Value checks that types cannot express; raises ConfigError naming the key."""
+    for key, node, name, minimum in _fields_with(RunConfig, cfg, "min"):
+        value = node[name]
+        if value is not None and value < minimum:
+            hint = " (0 = off)" if minimum == 0 and key.endswith("every_n_steps") else ""
+            raise ConfigError(f"{key}={value} must be at least {minimum}{hint}")
     if not 0.0 <= cfg.val.split < 1.0:
         raise ConfigError(f"val.split={cfg.val.split} must be in [0, 1): the fraction of images held out")
     top = cfg.train.max_timestep if cfg.train.max_timestep is not None else 1000
@@ -235,35 +281,21 @@ def check_values(cfg) -> None:
                           f"{cfg.model.family} has one text encoder")
 
 
-def _tiny_model(kind: str) -> str:
-    from .backbone.tiny import tiny_model_path
+def _folder(function: str, *args: str) -> str:
+    """`${folder:module.function,arg,...}` in a config: the path that function returns, e.g. a model folder it
+    writes into the cache on first use (the tiny and toy models)."""
+    from hydra.utils import get_method
 
-    return tiny_model_path(kind)
-
-
-def _shape_model(kind: str) -> str:
-    from .backbone.shapes import shape_model_path
-
-    return shape_model_path(kind)
-
-
-def _toy_model() -> str:
-    from .toy.model import toy_model_path
-
-    return toy_model_path()
+    return str(get_method(function)(*args))
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
-    if not OmegaConf.has_resolver("tiny_model"):
-        # `${tiny_model:sd15}` in a model config = the cached tiny folder, written on first use.
-        OmegaConf.register_new_resolver("tiny_model", _tiny_model)
-    if not OmegaConf.has_resolver("shape_model"):
-        # `${shape_model:sd15}` = a full-size random-weight model with the real architecture, for benchmarks.
-        OmegaConf.register_new_resolver("shape_model", _shape_model)
-    if not OmegaConf.has_resolver("toy_model"):
-        # `${toy_model:}` = the pretrained toy model shipped in the package, as a cached diffusers folder.
-        OmegaConf.register_new_resolver("toy_model", _toy_model)
+    if not OmegaConf.has_resolver("folder"):
+        OmegaConf.register_new_resolver("folder", _folder)
+    if not OmegaConf.has_resolver("direction"):
+        # `${direction:${objective.mode}}` = Optuna's name for it (minimize | maximize)
+        OmegaConf.register_new_resolver("direction", lambda mode: f"{mode}imize")
 
 
 register_configs()

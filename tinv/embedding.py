@@ -295,10 +295,6 @@ class LoadedEmbedding:
     vectors: dict[str, torch.Tensor]  # {emb_params} or {clip_l, clip_g}, dtype as stored
     name: str | None  # the token name the file carries, if any
 
-    @property
-    def num_vectors(self) -> int:
-        return next(iter(self.vectors.values())).shape[0]
-
 
 def _read_tensors(path: Path) -> object:
     if path.suffix == ".safetensors":

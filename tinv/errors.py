@@ -5,6 +5,11 @@ class ConfigError(Exception):
     """Bad input from the user (config, files, environment). The CLI prints it as one line and exits with 2."""
 
 
+class TrainingDiverged(Exception):
+    """Too many steps in a row had a non-finite loss or gradient. The last good embedding is on disk; the CLI prints
+    this as one line and exits with 1."""
+
+
 def first_line(err: BaseException) -> str:
     """An exception's first line (or its type name), for one-line messages about a library's failure."""
     text = str(err).strip()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .atomic import atomic_path, write_text_atomic
 
-COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "concept_accuracy", "reconstruction",
+COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "objective_mode", "concept_accuracy", "reconstruction",
            "final_loss", "best_val_loss", "best_step", "steps", "wall_s", "embedding", "status"]
 
 
@@ -36,6 +36,11 @@ class Job:
     def objective(self) -> float | None:
         value = self.summary.get("objective", self.summary.get("final_loss"))
         return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    @property
+    def better_first(self) -> float:
+        """Sort key: best job first, whichever way its objective is better (objective_mode)."""
+        return -self.objective if self.summary.get("objective_mode") == "max" else self.objective
 
     @property
     def params(self) -> dict[str, str]:
@@ -74,19 +79,29 @@ def _swept(jobs: list[Job]) -> list[str]:
 
 
 def _rows(jobs: list[Job]) -> list[dict]:
-    ordered = sorted(jobs, key=lambda j: (not j.ok, j.objective if j.ok else 0.0, j.folder.name))
+    ordered = sorted(jobs, key=lambda j: (not j.ok, j.better_first if j.ok else 0.0, j.folder.name))
     rows = []
     for rank, job in enumerate(ordered, 1):
         s = job.summary
         rows.append({"rank": rank if job.ok else "", "job": job.folder.name,
                      "overrides": " ".join(s.get("overrides", [])), "objective": job.objective,
-                     "objective_name": s.get("objective_name"), "concept_accuracy": s.get("concept_accuracy"),
+                     "objective_name": s.get("objective_name"), "objective_mode": s.get("objective_mode"),
+                     "concept_accuracy": s.get("concept_accuracy"),
                      "reconstruction": s.get("reconstruction"),
                      "final_loss": s.get("final_loss"), "best_val_loss": s.get("best_val_loss"),
                      "best_step": s.get("best_step"), "steps": s.get("step"), "wall_s": s.get("wall_s"),
                      "embedding": s.get("embedding", ""),
                      "status": "ok" if job.ok else f"failed: {s.get('error', 'no objective')}"})
     return rows
+
+
+def _objective_label(jobs: list[Job]) -> str:
+    """e.g. "best val/loss, lower is better", from the jobs' summaries."""
+    names = {(j.summary.get("objective_name"), j.summary.get("objective_mode", "min")) for j in jobs if j.ok}
+    if len(names) != 1:
+        return "objective"
+    name, mode = names.pop()
+    return f"{name or 'objective'}, {'higher' if mode == 'max' else 'lower'} is better"
 
 
 def _fmt(value) -> str:
@@ -108,7 +123,8 @@ def write_report(sweep_dir: str | Path) -> dict[str, Path]:
     out = {"markdown": sweep_dir / "report.md", "csv": sweep_dir / "report.csv"}
 
     lines = [f"# Sweep report: {sweep_dir.name}", "",
-             f"{sum(j.ok for j in jobs)} of {len(jobs)} jobs finished; sorted by objective (lower is better).", "",
+             f"{sum(j.ok for j in jobs)} of {len(jobs)} jobs finished; best objective first "
+             f"({_objective_label(jobs)}).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
     write_text_atomic(out["markdown"], "\n".join(lines) + "\n")
@@ -150,7 +166,7 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
             labels = sorted(set(map(str, values)))
             ax.scatter([labels.index(str(v)) for v in values], [j.objective for j in finished])
             ax.set_xticks(range(len(labels)), labels)
-        ax.set(xlabel=key, ylabel="objective", title=f"objective vs {key}")
+        ax.set(xlabel=key, ylabel=_objective_label(finished), title=f"objective vs {key}")
         safe = key.replace("/", "_")
         written[f"objective_vs_{safe}"] = _save(fig, sweep_dir / f"objective_vs_{safe}.png")
     return written

@@ -1,4 +1,4 @@
-"""Preview images during training, from the models already in memory.
+"""Preview images during training, from the models already in memory (the `previews` callback).
 
 Prompts come from the config or a kohya-style prompts file (one prompt a line, `#` comments, `--n` negative,
 `--w`/`--h` size, `--s` steps, `--l` guidance, `--d` seed, `--ss` sampler). The token in a prompt expands to all of
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .callbacks import every
+from .choices import Sampler
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmsolver++")
 _FLAGS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
           "l": ("guidance_scale", float), "d": ("seed", int), "ss": ("sampler", str)}
 
@@ -58,8 +59,8 @@ def parse_prompt_line(line: str, defaults: PreviewPrompt, where: str) -> Preview
             raise ConfigError(f"{where}: {name} {getattr(spec, name)} must be a positive multiple of 8")
     if spec.steps < 1:
         raise ConfigError(f"{where}: steps {spec.steps} must be at least 1")
-    if spec.sampler not in SAMPLERS:
-        raise ConfigError(f"{where}: sampler {spec.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+    if spec.sampler not in Sampler.values():
+        raise ConfigError(f"{where}: sampler {spec.sampler!r} is unknown; use one of {', '.join(Sampler.values())}")
     return spec
 
 
@@ -146,19 +147,31 @@ def sampling_mode(backbone, device):
             torch.cuda.set_rng_state_all(rng[3])
 
 
-class Previewer:
+class Previews:
+    """A run callback (`callbacks.previews`, configured by `sample.*`): preview images every `every_n_steps` (and
+    before the first step with `at_start`), into samples/step-XXXXXXXX/ with a grid, and to the tracker."""
+
     def __init__(self, every_n_steps: int = 0, at_start: bool = False, prompts=None, sampler: str = "euler_a",
                  steps: int = 20, guidance_scale: float = 7.0, negative_prompt: str = "", width: int | None = None,
                  height: int | None = None, seed: int = 0, token: str = "mychar", resolution: int = 512):
         self.every_n_steps, self.at_start = every_n_steps, at_start
         defaults = PreviewPrompt(f"a photo of {token}", negative_prompt, width or resolution, height or resolution,
                                  steps, guidance_scale, seed, sampler)
-        self.prompts = read_prompts(prompts, defaults)
+        # read (and checked) only when previews are on, before any model loads
+        self.prompts = read_prompts(prompts, defaults) if every_n_steps > 0 or at_start else []
         self.images_written: list[Path] = []
 
-    def run(self, trainer, step: int) -> list[Path]:
-        backbone, token, acc = trainer.backbone, trainer.token, trainer.accelerator
-        out_dir = trainer.run_dir / "samples" / f"step-{step:08d}"
+    def on_start(self, run) -> None:
+        if self.at_start and run.step == 0 and run.is_main:
+            self.render(run, 0)
+
+    def on_step_end(self, run, step) -> None:
+        if not step.skipped and every(step.step, self.every_n_steps) and run.is_main:
+            self.render(run, step.step)
+
+    def render(self, run, step: int) -> list[Path]:
+        backbone, token, acc = run.backbone, run.token, run.accelerator
+        out_dir = run.run_dir / "samples" / f"step-{step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         images, written = [], []
         with sampling_mode(backbone, acc.device):
@@ -180,9 +193,8 @@ class Previewer:
                 images.append(image)
                 written.append(path)
             grid(images).save(out_dir / "grid.png")
-            trainer.tracker.log_images({f"samples/{n:02d} {spec.prompt}": [im] for n, (spec, im)
-                                        in enumerate(zip(self.prompts, images))}, step)
+            run.tracker.log_images({f"samples/{n:02d} {spec.prompt}": [im] for n, (spec, im)
+                                    in enumerate(zip(self.prompts, images))}, step)
         self.images_written += written
         log.info("step %d: %d preview images in %s", step, len(written), out_dir)
         return written
-

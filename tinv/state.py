@@ -1,4 +1,5 @@
-"""The resumable state of a run: small (the trained vectors, optimizer, schedule, counters), never the frozen models.
+"""The resumable state of a run: small (the trained parts, optimizer, schedule, counters, callbacks' own state),
+never the frozen models.
 
 Written atomically as <run dir>/state/ (a new folder is filled, then swapped in), so a crash at any moment leaves
 either the previous state or the new one. Randomness is derived from (seed, epoch, position, micro-step), so these
@@ -8,7 +9,6 @@ counters are all a resumed run needs to continue exactly where it stopped.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -30,31 +30,26 @@ class RunState:
     position: int = 0  # batches of `epoch` already used
     bad_steps: int = 0
     bad_steps_total: int = 0
-    best_val_loss: float = math.inf
-    best_step: int = -1
     tracker_id: str | None = None
 
-    def best_summary(self) -> dict:
-        if self.best_step < 0:
-            return {}
-        return {"best_val_loss": self.best_val_loss, "best_step": self.best_step}
 
-
-def save_state(run_dir: Path, trainer) -> Path:
-    target = Path(run_dir) / STATE_DIR
-    staging = Path(tempfile.mkdtemp(prefix=".state-", dir=run_dir))
+def save_state(run) -> Path:
+    target = Path(run.run_dir) / STATE_DIR
+    staging = Path(tempfile.mkdtemp(prefix=".state-", dir=run.run_dir))
     try:
-        torch.save({"vectors": trainer.token.vectors(),
-                    "optimizer": trainer.optimizer.optimizer.state_dict(),
-                    "lr_scheduler": trainer.lr_scheduler.state_dict(),
-                    "scaler": trainer.accelerator.scaler.state_dict() if trainer.accelerator.scaler else None},
+        scaler = run.accelerator.scaler
+        torch.save({"parts": {name: part.state_dict() for name, part in run.parts.items()},
+                    "optimizer": run.optimizer.state_dict(),
+                    "lr_scheduler": run.lr_scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None},
                    staging / "state.pt")
-        (staging / "state.json").write_text(json.dumps({**asdict(trainer.state), "token": trainer.token.string,
-                                                         "num_vectors": trainer.token.num_vectors,
-                                                         "base_model": trainer.backbone.source}, indent=2))
+        (staging / "state.json").write_text(json.dumps({**asdict(run.state), "callbacks": run.callbacks.state_dict(),
+                                                         "token": run.token.string,
+                                                         "num_vectors": run.token.num_vectors,
+                                                         "base_model": run.backbone.source}, indent=2))
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=".state-old-", dir=run_dir))
+            old = Path(tempfile.mkdtemp(prefix=".state-old-", dir=run.run_dir))
             os.replace(target, old / STATE_DIR)
         os.replace(staging, target)
         if old is not None:
@@ -85,17 +80,24 @@ def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:
     return state.parent, state
 
 
-def load_state(state_dir: Path, trainer) -> None:
+def load_state(state_dir: Path, run) -> RunState:
+    """Put the saved parts, optimizer, schedule, scaler and callbacks' state into `run`; returns the counters."""
     meta = json.loads((state_dir / "state.json").read_text())
-    if meta["token"] != trainer.token.string or meta["num_vectors"] != trainer.token.num_vectors:
+    if meta["token"] != run.token.string or meta["num_vectors"] != run.token.num_vectors:
         raise ConfigError(f"resume: the state in {state_dir} is for token {meta['token']!r} with "
-                          f"{meta['num_vectors']} vectors, not {trainer.token.string!r} with "
-                          f"{trainer.token.num_vectors}; resume with the run's own settings")
+                          f"{meta['num_vectors']} vectors, not {run.token.string!r} with "
+                          f"{run.token.num_vectors}; resume with the run's own settings")
     data = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
-    trainer.token.load_vectors(data["vectors"])
-    trainer.optimizer.optimizer.load_state_dict(data["optimizer"])
-    trainer.lr_scheduler.load_state_dict(data["lr_scheduler"])
-    if data.get("scaler") and trainer.accelerator.scaler:
-        trainer.accelerator.scaler.load_state_dict(data["scaler"])
+    parts = data["parts"] if "parts" in data else {"vectors": data["vectors"]}  # states written before parts existed
+    for name, state in parts.items():
+        run.parts[name].load_state_dict(state)
+    run.optimizer.load_state_dict(data["optimizer"])
+    run.lr_scheduler.load_state_dict(data["lr_scheduler"])
+    if data.get("scaler") and run.accelerator.scaler:
+        run.accelerator.scaler.load_state_dict(data["scaler"])
+    callbacks = meta.get("callbacks")
+    if callbacks is None and meta.get("best_step", -1) >= 0:  # the best step, as states before callbacks kept it
+        callbacks = {"best": {"best": meta["best_val_loss"], "step": meta["best_step"]}}
+    run.callbacks.load_state_dict(callbacks or {})
     fields = RunState.__dataclass_fields__
-    trainer.state = RunState(**{k: v for k, v in meta.items() if k in fields})
+    return RunState(**{k: v for k, v in meta.items() if k in fields})

@@ -35,6 +35,7 @@ class Tracker:
         self.run_dir: Path | None = None
         self._file = None
         self.summary: dict = {}
+        self.history: dict[str, list[tuple[int, object]]] = {}  # metric -> [(step, value)], resumed records included
 
     run_id: str | None = None
 
@@ -56,13 +57,21 @@ class Tracker:
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
+        for line in kept:
+            record = json.loads(line)
+            self._remember(record.pop("step"), record)
         self._file = open(path, "a", encoding="utf-8")
+
+    def _remember(self, step: int, record: dict) -> None:
+        for key, value in record.items():
+            self.history.setdefault(key, []).append((step, value))
 
     def log(self, metrics: dict, step: int) -> None:
         if self._file is None:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        record = {k: _plain(v) for k, v in metrics.items()}
+        self._remember(step, record)
+        self._file.write(json.dumps({"step": step, **record}) + "\n")
         self._file.flush()
 
     def log_images(self, images: dict, step: int) -> None:

@@ -1,7 +1,10 @@
-"""`tinv-train`: compose the Hydra config, instantiate dataset, backbone and trainer, and train.
+"""`tinv-train`: compose the Hydra config, build the run from it, train.
 
-    tinv-train                                   # built-in tiny model and demo images, offline
+    tinv-train                                   # built-in toy model and demo images, offline
     tinv-train model=sdxl data=folder data.image_dir=imgs token.string=mychar token.init_word=girl
+
+`prepare` builds every piece from the config and checks it while nothing heavy has loaded (a bad key, file or
+value costs seconds); `tinv.run.open_run` loads the models and places everything; `Trainer.fit` trains.
 """
 
 from __future__ import annotations
@@ -17,28 +20,31 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import config as _config  # noqa: F401 - registers the schemas and resolvers
-from .config import check_values
+from .atomic import write_text_atomic
+from .callbacks import Callbacks
+from .config import LOADING_KEYS, apply_deprecated, check_values
 from .data import PromptBuilder
 from .embedding import ConceptToken
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDiverged, first_line
+from .losses import DiffusionLoss
 from .optim import check_optimization
-from .atomic import write_text_atomic
-from .sampling import Previewer
+from .run import Job, open_run
 from .sweeping import sweep_identity
-from .trainer import Interrupted, TrainResult
-from .validation import Validator
+from .trainer import Interrupted, Trainer, TrainResult
 
 log = logging.getLogger("tinv")
 
 
-def build(node: DictConfig, **kwargs):
-    """hydra.utils.instantiate, letting our one-line ConfigError through Hydra's wrapper exception."""
+def build(node, label: str | None = None, **kwargs):
+    """hydra.utils.instantiate, letting our one-line ConfigError through Hydra's wrapper exception. With a `label`
+    (a user-configurable node such as callbacks.previews), any failure to build it is one line naming it."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
+        if label:
+            raise ConfigError(f"{label}: {first_line(err.__cause__ or err)}") from None
         raise
 
 
@@ -61,81 +67,70 @@ def describe_samples(dataset, token, backbone, count: int = 8) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | None:
-    """Train one embedding (None for data.debug, which only prints)."""
-    trainer = prepare(cfg, run_dir)
-    if trainer is None:
-        return None
-    result = trainer.fit()
-    log.info("embedding: %s", result.embedding)
-    return result
-
-
-def prepare(cfg: DictConfig, run_dir: str | Path | None = None, **trainer_overrides):
-    """Compose everything a run needs into a Trainer. Cheap checks first, so bad input fails before any weights
-    load. `trainer_overrides` replace built parts (tinv-bench passes its own tracker)."""
+def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) -> Job | None:
+    """Every piece of the run, built from the config and checked before any weights load; None for data.debug,
+    which only prints. `tracker` replaces the configured logger (tinv-bench passes its own)."""
+    apply_deprecated(cfg)
     check_values(cfg)
-    hydra_ready = HydraConfig.initialized()
-    choices = HydraConfig.get().runtime.choices if hydra_ready else {}
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     check_optimization(cfg.optimizer, cfg.scheduler, cfg.train.max_steps, choices)
 
     token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights,
                          cfg.token.norm, cfg.token.norm_weight, cfg.token.train_encoders)
-    dataset = build(cfg.data, family=cfg.model.family, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    backbone = build(cfg.model)  # tokenizers only; weights load in the trainer
+    prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, cfg.data.missing_token)
+    data_keys = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOADING_KEYS}
+    dataset = build(data_keys, family=cfg.model.family, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                    prompts=prompts)
+    backbone = build(cfg.model)  # tokenizers only; weights load in open_run
     token.add_to_tokenizers(backbone.encoders)
     token.check_start(backbone.encoders)  # token.weights against the encoders' keys and widths, before loading
-    dataset.check_token(token, cfg.template.kind)
-    dataset.prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, cfg.data.missing_token)
-    if dataset.debug:
+    if cfg.data.debug:
         print(describe_samples(dataset, token, backbone))
         return None
-    validator = None
-    if cfg.val.every_n_steps:
-        validator = Validator.for_dataset(dataset, cfg.val.every_n_steps, cfg.val.split, cfg.val.max_images,
-                                          cfg.val.num_timesteps, cfg.val.seed)
-    scorer = None
-    if cfg.val.judge:
-        from .toy.evaluation import ConceptScorer
-
-        scorer = ConceptScorer.for_dataset(dataset, cfg.val.judge, cfg.val.concept, num_samples=cfg.val.num_samples,
-                                           guidance_scale=cfg.val.guidance_scale, seed=cfg.val.seed)
-    previewer = None
-    if cfg.sample.every_n_steps or cfg.sample.at_start:
-        previewer = Previewer(**OmegaConf.to_container(cfg.sample), token=token.string,
-                              resolution=cfg.model.resolution)
-    parts = dict(backbone=backbone, dataset=dataset, token=token, optimizer=build(cfg.optimizer),
-                 lr_scheduler=build(cfg.scheduler), run_dir=run_dir, output_name=cfg.output_name or token.string,
-                 save=OmegaConf.to_container(cfg.save), previewer=previewer, validator=validator, scorer=scorer,
-                 resume=cfg.resume,
-                 run_config=OmegaConf.to_container(cfg, resolve=True))
-    parts.update(trainer_overrides)
-    if "tracker" not in parts:
-        parts["tracker"] = build(cfg.logger)
-    return build(cfg.train, _recursive_=False, **parts)
+    callbacks = Callbacks({name: build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items()})
+    dataset = callbacks.on_dataset(dataset)
+    parts = {name: build(node, f"parts.{name}") for name, node in cfg.parts.items()}
+    if not parts:
+        raise ConfigError("parts is empty: nothing would train; keep parts.vectors (conf/train.yaml)")
+    train = cfg.train
+    trainer = Trainer(DiffusionLoss(train.noise_offset, train.min_snr_gamma, train.min_timestep, train.max_timestep),
+                      max_steps=train.max_steps, gradient_accumulation=train.gradient_accumulation, seed=train.seed,
+                      max_grad_norm=train.max_grad_norm, log_every_n_steps=train.log_every_n_steps,
+                      max_bad_steps=train.max_bad_steps, objective=dict(cfg.objective))
+    return Job(cfg=cfg, run_dir=run_dir, backbone=backbone, token=token, dataset=dataset, parts=parts,
+               callbacks=callbacks, tracker=tracker or build(cfg.logger), trainer=trainer,
+               make_optimizer=build(cfg.optimizer), make_lr_scheduler=build(cfg.scheduler))
 
 
-def objective(result: TrainResult) -> float:
-    """What a sweep minimises: the best validation loss when validation ran, else the final training loss."""
-    return result.summary["objective"]
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | None:
+    """Train one embedding (None for data.debug, which only prints)."""
+    job = prepare(cfg, run_dir)
+    if job is None:
+        return None
+    result = job.trainer.fit(open_run(job))
+    log.info("embedding: %s", result.embedding)
+    return result
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
+    """Returns the run's objective to the sweeper (objective.*: val/loss by default, lower is better)."""
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = bool(sweep_identity())
     try:
         result = run(cfg)
-        return objective(result) if result else None
-    except (ConfigError, Interrupted) as err:
-        message = f"tinv-train: {'error: ' if isinstance(err, ConfigError) else ''}{err}"
+        return result.summary["objective"] if result else None
+    except (ConfigError, Interrupted, TrainingDiverged) as err:
+        message = f"tinv-train: {'' if isinstance(err, Interrupted) else 'error: '}{err}"
         print(message, file=sys.stderr)
         if in_sweep:  # record the failure in the job's folder and let the sweep go on with the other jobs
             write_text_atomic(job_dir / "summary.json", json.dumps({"ok": False, "error": str(err)}, indent=2))
             raise
         if isinstance(err, Interrupted):
             sys.exit(128 + err.signum)
+        if isinstance(err, TrainingDiverged):
+            sys.exit(1)
         _discard_untouched_run_dir(job_dir)
         sys.exit(2)
     except Exception as err:
@@ -161,6 +156,8 @@ def main() -> None:
 
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='tinv-rank-')}", "hydra.output_subdir=null"]
+    if os.getcwd() not in sys.path:  # a `_target_` of your own (a callback, a part) imports from where you run
+        sys.path.insert(0, os.getcwd())
     hydra_main()
 
 

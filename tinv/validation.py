@@ -1,6 +1,7 @@
 """Deterministic validation loss: fixed images, fixed prompts, fixed noise and timesteps spread over the schedule.
 
-The same embedding always scores the same, so steps, runs and sweep trials compare fairly.
+The same embedding always scores the same, so steps, runs and sweep trials compare fairly. A callback
+(`callbacks.validation`, configured by `val.*`): it logs `val/loss` every `every_n_steps`.
 """
 
 from __future__ import annotations
@@ -9,57 +10,54 @@ import logging
 import random
 
 import torch
-import torch.nn.functional as F
 
-from .data.buckets import fit_to_bucket
+from .callbacks import every
+from .data import collate
+from .losses import squared_error
 
 log = logging.getLogger(__name__)
 
 
-class Validator:
-    def __init__(self, samples: list[int], every_n_steps: int, num_timesteps: int = 8, seed: int = 0):
-        self.samples, self.every_n_steps = samples, every_n_steps
+class Validation:
+    def __init__(self, every_n_steps: int = 0, split: float = 0.0, max_images: int = 16, num_timesteps: int = 8,
+                 seed: int = 0):
+        self.every_n_steps, self.split, self.max_images = every_n_steps, split, max_images
         self.num_timesteps, self.seed = num_timesteps, seed
+        self.samples: list[int] = []  # sample indices scored
 
-    @classmethod
-    def for_dataset(cls, dataset, every_n_steps: int, split: float = 0.0, max_images: int = 16,
-                    num_timesteps: int = 8, seed: int = 0) -> "Validator":
-        """Hold out `split` of the images (removed from training), or score a fixed subset of the training images."""
-        if split > 0:
-            samples = dataset.hold_out(split, seed)
-            log.info("validation: %d images held out of training", len(samples))
-        else:
-            count = len(dataset.samples)
-            samples = sorted({round(i * count / min(max_images, count)) for i in range(min(max_images, count))})
-        return cls(samples[:max_images], every_n_steps, num_timesteps, seed)
+    def on_dataset(self, dataset):
+        """Hold out `split` of the images (training gets the rest), or score a fixed subset of the training images."""
+        if not self.every_n_steps:
+            return None
+        if self.split > 0:
+            held = dataset.held_out(self.split, self.seed)
+            log.info("validation: %d images held out of training", len(held))
+            self.samples = held[:self.max_images]
+            return dataset.without(held)
+        count = len(dataset.samples)
+        wanted = min(self.max_images, count)
+        self.samples = sorted({round(i * count / wanted) for i in range(wanted)})[:self.max_images]
+        return None
+
+    def on_step_end(self, run, step) -> None:
+        if not step.skipped and every(step.step, self.every_n_steps):
+            run.log({"val/loss": self.loss(run)})
 
     @torch.no_grad()
-    def loss(self, trainer) -> float:
-        bb, data, token = trainer.backbone, trainer.dataset, trainer.token
+    def loss(self, run) -> float:
+        bb, device, k = run.backbone, run.device, self.num_timesteps
         sched = bb.noise_scheduler
-        top = sched.config.num_train_timesteps
-        t = torch.linspace(0, top - 1, self.num_timesteps).round().long().to(trainer.accelerator.device)
+        t = torch.linspace(0, sched.config.num_train_timesteps - 1, k).round().long().to(device)
         total = 0.0
         for index in self.samples:
-            sample = data.samples[index]
-            rng = random.Random(f"val:{self.seed}:{index}")
-            caption = data.processors[sample.subset](sample.caption, rng)
-            prompt = token.expand(data.prompts(caption, rng) if data.prompts else caption)
-            if trainer.latent_cache is not None:
-                latent = trainer.latent_cache.get(torch.tensor([index]), torch.tensor([False]))
-            else:
-                latent = bb.encode_latents(data.pixels(index, False)[None]).float().to(t.device)
-            latents = latent.expand(self.num_timesteps, *latent.shape[1:])
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-            noise = torch.randn(latents.shape, generator=gen).to(t.device)
-            _, crop = fit_to_bucket(sample.size, sample.bucket)
-            k = self.num_timesteps
-            batch = {"original_size": torch.tensor([[sample.size[1], sample.size[0]]] * k, dtype=torch.float32),
-                     "crop_top_left": torch.tensor([list(crop)] * k, dtype=torch.float32),
-                     "target_size": torch.tensor([[sample.bucket[1], sample.bucket[0]]] * k, dtype=torch.float32)}
-            with trainer.accelerator.autocast():
-                pred = bb.predict(sched.add_noise(latents, noise, t).to(bb.unet.dtype), t,
-                                  bb.tokenize([prompt] * k), batch)
-            target = noise if bb.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-            total += F.mse_loss(pred.float(), target.float()).item()
+            item = run.dataset.fixed_item(index, random.Random(f"val:{self.seed}:{index}"))
+            latent = run.latents.of(collate([item]))
+            latents = latent.expand(k, *latent.shape[1:])
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + index))
+            batch = collate([item] * k)  # the same conditioning (SDXL: sizes and crop) at every timestep
+            input_ids = bb.tokenize([run.token.expand(p) for p in batch["prompts"]])
+            with run.accelerator.autocast():
+                error = squared_error(bb.predictor(input_ids, batch), sched, bb.prediction_type, latents,
+                                      noise.to(device), t)
+            total += error.mean().item()
         return total / len(self.samples)

@@ -27,12 +27,9 @@ log = logging.getLogger(__name__)
 class TextEncoder:
     key: str  # its name in embedding files: emb_params | clip_l | clip_g
     subfolder: str
-    tokenizer_subfolder: str
     tokenizer: object
     model: nn.Module | None = None
-
     width: int = 0  # hidden size, read from the encoder's config before any weights load
-
 
 
 def _final_layer_norm(model: nn.Module) -> nn.Module:
@@ -52,7 +49,7 @@ class Backbone:
         self.clip_skip = clip_skip
         self.vae_path = vae
         self._prediction_type = prediction_type
-        self.encoders = [TextEncoder(key, sub, tsub, self._load_tokenizer(tsub), width=self._encoder_width(sub))
+        self.encoders = [TextEncoder(key, sub, self._load_tokenizer(tsub), width=self._encoder_width(sub))
                          for key, sub, tsub in self.encoder_layout]
         self.unet = self.vae = self.noise_scheduler = None
         self.vae_calls = 0  # VAE encode batches run so far (a cached run does none while training)
@@ -64,8 +61,6 @@ class Backbone:
                         prediction_type: str | None = None, revision: str | None = None,
                         vae: str | None = None, **kwargs) -> "Backbone":
         """Hydra's entry: pick the family's class, check the source, load the tokenizers (no weights yet)."""
-        if family not in FAMILIES:
-            raise ConfigError(f"model.family={family!r} is unknown; use one of {', '.join(FAMILIES)}")
         source = resolve_source(path, family, config_dir, revision)
         if v_parameterization:  # kohya's switch for v-prediction fine-tunes; it wins over the config's default
             prediction_type = "v_prediction"
@@ -180,9 +175,6 @@ class Backbone:
     def source(self) -> str:
         return self.path
 
-    def modules(self) -> list[nn.Module]:
-        return [self.unet, self.vae] + [e.model for e in self.encoders]
-
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids for each text encoder, padded to the tokenizer's full length as the models were trained."""
         return [e.tokenizer(prompts, padding="max_length", max_length=e.tokenizer.model_max_length,
@@ -198,6 +190,11 @@ class Backbone:
                 batch: dict) -> torch.Tensor:
         """Text encoders -> conditioning -> UNet output."""
         return self.unet(noisy, timesteps, **self.conditioning(input_ids, batch)).sample
+
+    def predictor(self, input_ids: list[torch.Tensor], batch: dict):
+        """predict() for these prompts and this batch, as the (noisy latents, timesteps) -> output function that
+        tinv.losses takes; the latents are cast to the UNet's dtype."""
+        return lambda noisy, timesteps: self.predict(noisy.to(self.unet.dtype), timesteps, input_ids, batch)
 
     def conditioning(self, input_ids: list[torch.Tensor], batch: dict) -> dict:
         raise NotImplementedError

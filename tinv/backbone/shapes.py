@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import cache_root, write_pipeline_folder
+from ..cache import cache_root, cached_folder
 from .tokenizer_gen import build_clip_tokenizer
 
 SHAPE_KINDS = ("sd15", "sd2", "sdxl")
@@ -74,11 +74,5 @@ def build_shape_pipeline(kind: str):
 
 def shape_model_path(kind: str) -> str:
     """The cached full-size random model of this kind, written (fp16 weights) on first use."""
-    path = cache_root() / "shape" / kind
-    if not (path / "model_index.json").exists():
-        try:
-            write_pipeline_folder(lambda: build_shape_pipeline(kind).to(torch.float16), path)
-        except (FileExistsError, OSError):
-            if not (path / "model_index.json").exists():  # not a parallel job that finished first
-                raise
-    return str(path)
+    return str(cached_folder(cache_root() / "shape" / kind, lambda staging: build_shape_pipeline(kind).to(
+        torch.float16).save_pretrained(staging, safe_serialization=True), done_when="model_index.json"))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import new_folder
+from ..cache import cache_root, cached_folder
 from .tokenizer_gen import build_clip_tokenizer
 
 TINY_VERSION = "v2"  # bump when the tiny architectures change, so stale caches are not reused
@@ -148,33 +149,21 @@ def build_tiny_pipeline(kind: str, seed: int = 0):
     )
 
 
-def write_pipeline_folder(build, out_dir: str | os.PathLike) -> Path:
-    """Save `build()`'s pipeline as a diffusers folder that appears whole or not at all (built aside, renamed)."""
-    with new_folder(out_dir) as staging:
-        build().save_pretrained(staging, safe_serialization=True)
-    return Path(out_dir).expanduser()
+def _save_tiny(kind: str, seed: int = 0):
+    return lambda folder: build_tiny_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
 
 
 def write_tiny_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny pipeline as a diffusers folder."""
-    return write_pipeline_folder(lambda: build_tiny_pipeline(kind, seed), out_dir)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TINV_CACHE", "~/.cache/tinv")).expanduser()
+    """Write a tiny pipeline as a diffusers folder that appears whole or not at all."""
+    with new_folder(out_dir) as staging:
+        _save_tiny(kind, seed)(staging)
+    return Path(out_dir).expanduser()
 
 
 def tiny_model_path(kind: str) -> str:
-    """The cached tiny model folder of this kind, written on first use (safe under parallel jobs)."""
+    """The cached tiny model folder of this kind, written on first use."""
     path = cache_root() / "tiny" / TINY_VERSION / kind
-    if not (path / "model_index.json").exists():
-        try:
-            write_tiny_model(kind, path)
-        except (FileExistsError, OSError):
-            # another process finished it first
-            if not (path / "model_index.json").exists():
-                raise
-    return str(path)
+    return str(cached_folder(path, _save_tiny(kind), done_when="model_index.json"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ datasets or buckets, and each dataset uses its own batch size.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from dataclasses import dataclass
@@ -19,11 +20,10 @@ from ..errors import ConfigError
 from .buckets import closest_bucket, fit_to_bucket, make_buckets, no_upscale_bucket
 from .captions import CaptionProcessor, raw_caption
 from .images import list_images, load_rgb, probe, read_caption, read_metadata
+from .prompts import PromptBuilder
 from .spec import DatasetSpec, SubsetSpec, defaults_from_config, from_folder, from_toml, validate
 
 log = logging.getLogger(__name__)
-
-MISSING_TOKEN_MODES = ("prepend", "warn", "error")
 
 
 @dataclass
@@ -45,30 +45,45 @@ def _interpolation(name: str | None):
 
 
 class TrainingSet(Dataset):
-    def __init__(self, specs: list[DatasetSpec], seed: int = 0, missing_token: str = "prepend",
-                 cache_dir: str | None = None, vae_batch_size: int = 4, num_workers: int = 0, debug: bool = False):
-        if missing_token not in MISSING_TOKEN_MODES:
-            raise ConfigError(f"data.missing_token={missing_token!r}; use one of {', '.join(MISSING_TOKEN_MODES)}")
+    """Immutable once built: `without()` and `without_pixels()` return new sets that share the scanned samples, so
+    sample indices (the latent cache's keys, validation's picks) mean the same image in all of them."""
+
+    def __init__(self, specs: list[DatasetSpec], seed: int = 0, prompts: PromptBuilder | None = None):
         self.specs = specs
         self.subsets: list[SubsetSpec] = [sub for ds in specs for sub in ds.subsets]
-        self.missing_token, self.debug = missing_token, debug
-        self.cache_dir, self.vae_batch_size, self.num_workers = cache_dir, vae_batch_size, num_workers
         self.processors = [CaptionProcessor(sub) for sub in self.subsets]
         self.seed = seed
-        self.prompts = None  # PromptBuilder, set by the trainer: items then carry their training prompt
+        self.prompts = prompts  # items carry their training prompt (token unexpanded); None = the caption itself
         self.samples: list[Sample] = []
-        self.order: list[int] = []  # epoch positions -> sample index, repeats expanded
+        order: list[int] = []  # epoch positions -> sample index, repeats expanded
         subset_index = 0
         for d, ds in enumerate(specs):
             for sub in ds.subsets:
                 for sample in self._scan(sub, ds, subset_index, d):
-                    self.order += [len(self.samples)] * sub.num_repeats
+                    order += [len(self.samples)] * sub.num_repeats
                     self.samples.append(sample)
                 subset_index += 1
         if not self.samples:
             raise ConfigError("no usable image in " + ", ".join(s.source for s in self.subsets) +
                               "; add png, jpg, jpeg, webp or bmp files")
-        self.cached = False  # set by the latent cache: items then carry no pixels
+        self.order: tuple[int, ...] = tuple(order)
+        self.load_pixels = True  # False once the latents are cached: items then carry no pixels
+        if prompts is not None:
+            prompts.check_captions(self.samples)
+
+    def _derive(self, **changes) -> "TrainingSet":
+        derived = copy.copy(self)
+        derived.__dict__.update(changes)
+        return derived
+
+    def without(self, held: list[int]) -> "TrainingSet":
+        """The same set with these samples taken out of every epoch (held out for validation)."""
+        held = set(held)
+        return self._derive(order=tuple(i for i in self.order if i not in held))
+
+    def without_pixels(self) -> "TrainingSet":
+        """The same set whose items skip reading images (their latents come from a cache)."""
+        return self._derive(load_pixels=False)
 
     # ---- scanning ---------------------------------------------------------------------------------------------------
 
@@ -122,13 +137,6 @@ class TrainingSet(Dataset):
 
     # ---- samples ----------------------------------------------------------------------------------------------------
 
-    @property
-    def captions(self) -> list[str]:
-        return [s.caption for s in self.samples]
-
-    def batch_size_of(self, sample: int) -> int:
-        return self.specs[self.samples[sample].dataset].batch_size
-
     def __len__(self) -> int:
         return len(self.order)
 
@@ -139,15 +147,20 @@ class TrainingSet(Dataset):
         (seed, epoch, position): the same sample gets the same choices on any process, after any resume.
         """
         epoch, position = key if isinstance(key, tuple) else (0, key)
-        rng = random.Random(f"{self.seed}:{epoch}:{position}")
-        index = self.order[position]
+        return self._item(self.order[position], random.Random(f"{self.seed}:{epoch}:{position}"), augment=True)
+
+    def fixed_item(self, index: int, rng: random.Random) -> dict:
+        """Sample `index` unflipped and centre-cropped, its caption and prompt drawn from `rng` (validation)."""
+        return self._item(index, rng, augment=False)
+
+    def _item(self, index: int, rng: random.Random, augment: bool) -> dict:
         sample, sub = self.samples[index], self.subsets[self.samples[index].subset]
-        flip = sub.flip_aug and rng.random() < 0.5
+        flip = augment and sub.flip_aug and rng.random() < 0.5
         resized, (top, left) = fit_to_bucket(sample.size, sample.bucket)
-        if sub.random_crop:
+        if augment and sub.random_crop:
             top = rng.randint(0, resized[1] - sample.bucket[1])
             left = rng.randint(0, resized[0] - sample.bucket[0])
-        pixels = None if self.cached else self.pixels(index, flip, (top, left), rng)
+        pixels = self.pixels(index, flip, (top, left), rng if augment else None) if self.load_pixels else None
         if flip:  # SDXL's crop conditioning describes the image it sees, i.e. the mirrored one
             left = resized[0] - sample.bucket[0] - left
         caption = self.processors[sample.subset](sample.caption, rng)
@@ -158,7 +171,8 @@ class TrainingSet(Dataset):
 
     def pixels(self, index: int, flip: bool, crop: tuple[int, int] | None = None,
                rng: random.Random | None = None) -> torch.Tensor:
-        """The sample's image scaled to cover its bucket, cropped (centre unless `crop`), maybe mirrored, in [-1, 1]."""
+        """The sample's image scaled to cover its bucket, cropped (centre unless `crop`), maybe mirrored, in [-1, 1];
+        with `rng`, the subset's colour jitter too."""
         from PIL import Image
 
         sample = self.samples[index]
@@ -170,8 +184,8 @@ class TrainingSet(Dataset):
         img = img.crop((left, top, left + sample.bucket[0], top + sample.bucket[1]))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if sub.color_aug:
-            img = self._shift_hue(img, rng or random.Random(0))
+        if sub.color_aug and rng is not None:
+            img = self._shift_hue(img, rng)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -183,32 +197,12 @@ class TrainingSet(Dataset):
         hsv[..., 0] = (hsv[..., 0].astype(np.int16) + rng.randint(-20, 20)) % 256
         return Image.fromarray(hsv, "HSV").convert("RGB")
 
-    def hold_out(self, fraction: float, seed: int) -> list[int]:
-        """Take round(fraction x images) images (at least one) out of training; returns their sample indices."""
+    def held_out(self, fraction: float, seed: int) -> list[int]:
+        """round(fraction x images) sample indices (at least one), picked by seed, to keep out of training."""
         count = max(1, round(fraction * len(self.samples)))
         if count >= len(self.samples):
             raise ConfigError(f"val.split={fraction} would hold out all {len(self.samples)} images; lower it")
-        held = sorted(random.Random(f"holdout:{seed}").sample(range(len(self.samples)), count))
-        self.order = [i for i in self.order if i not in set(held)]
-        return held
-
-    # ---- checks and debugging ---------------------------------------------------------------------------------------
-
-    def check_token(self, token, template_kind: str) -> None:
-        """Caption training: captions without the token are prepended to, warned about, or refused."""
-        if template_kind != "caption":
-            return
-        missing = [s for s in self.samples if not token.contains_token(s.caption)]
-        if not missing:
-            return
-        if self.missing_token == "error":
-            raise ConfigError(f"{missing[0].path}: its caption {missing[0].caption!r} lacks the token "
-                              f"{token.string!r} ({len(missing)} of {len(self.samples)} captions do); add it, or set "
-                              "data.missing_token=prepend")
-        action = "it is put first in those" if self.missing_token == "prepend" else \
-            "those images teach the token nothing"
-        log.warning("%d of %d captions do not contain the token %r; %s", len(missing), len(self.samples),
-                    token.string, action)
+        return sorted(random.Random(f"holdout:{seed}").sample(range(len(self.samples)), count))
 
 
 def collate(items: list[dict]) -> dict:
@@ -264,9 +258,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return len(self.batches(self.epoch)) - self.start
 
 
-def build_training_set(*, family: str, batch_size: int, seed: int = 0, image_dir: str | None = None,
-                       dataset_config: str | None = None, missing_token: str = "prepend", cache_dir: str | None = None,
-                       vae_batch_size: int = 4, num_workers: int = 0, debug: bool = False, **keys) -> TrainingSet:
+def build_training_set(*, family: str, batch_size: int, seed: int = 0, prompts: PromptBuilder | None = None,
+                       image_dir: str | None = None, dataset_config: str | None = None, **keys) -> TrainingSet:
     """Hydra's entry for `data=folder`: our keys, then the kohya TOML or folder layout on top."""
     dataset_defaults, subset_defaults = defaults_from_config({**keys, "image_dir": image_dir}, batch_size)
     if dataset_config:
@@ -274,5 +267,4 @@ def build_training_set(*, family: str, batch_size: int, seed: int = 0, image_dir
     else:
         specs = from_folder(dataset_defaults, subset_defaults)
     validate(specs, family)
-    return TrainingSet(specs, seed=seed, missing_token=missing_token, cache_dir=cache_dir,
-                       vae_batch_size=vae_batch_size, num_workers=num_workers, debug=debug)
+    return TrainingSet(specs, seed=seed, prompts=prompts)

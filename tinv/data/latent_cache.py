@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -86,3 +87,40 @@ class LatentCache:
 
     def get(self, samples: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.latents[(int(i), bool(f))] for i, f in zip(samples, flips)])
+
+
+class Latents:
+    """Where a batch's latents come from: the cache, filled once before training (steps then do no VAE work), or
+    the VAE on every step when the pixels change from step to step (random crops, colour jitter) or caching is off."""
+
+    def __init__(self, backbone, device: torch.device, cache: LatentCache | None = None,
+                 build_s: float | None = None):
+        self.backbone, self.device, self.cache = backbone, device, cache
+        self.build_s = build_s  # seconds spent filling the cache
+
+    @classmethod
+    def prepare(cls, dataset, backbone, device: torch.device, cache: bool = True, cache_dir: str | None = None,
+                vae_batch_size: int = 4) -> "Latents":
+        """Fill the cache (also on disk when `cache_dir` is given) unless off or impossible; then the VAE leaves the
+        accelerator."""
+        if not cache:
+            return cls(backbone, device)
+        blockers = sorted({k for sub in dataset.subsets for k in ("random_crop", "color_aug") if getattr(sub, k)})
+        if blockers:
+            log.warning("latent caching is off: %s change the pixels every step", " and ".join(blockers))
+            return cls(backbone, device)
+        started = time.perf_counter()
+        filled = LatentCache(dataset, backbone, cache_dir, vae_batch_size)
+        filled.build(device)
+        backbone.vae.to("cpu")  # no longer needed on the accelerator
+        return cls(backbone, device, filled, time.perf_counter() - started)
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def of(self, batch: dict) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.get(batch["sample"], batch["flip"])
+        with torch.no_grad():
+            return self.backbone.encode_latents(batch["pixel_values"]).float().to(self.device)

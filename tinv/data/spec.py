@@ -13,7 +13,9 @@ import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Optional
 
+from ..choices import Interpolation
 from ..errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -24,52 +26,60 @@ else:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 FOLDER_PATTERN = re.compile(r"^(\d+)_(.*)$")  # kohya: "<repeats>_<class tokens>"
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "bicubic", "area", "box", "hamming")
 
 
 @dataclass
 class SubsetSpec:
-    image_dir: str | None = None
-    metadata_file: str | None = None
-    num_repeats: int = 1
+    """A folder of images and how its captions and pixels are treated. Every field is a kohya subset key (also
+    allowed at dataset and [general] level) and, with the same name and default, a `data.*` key (tinv.config derives
+    the data keys from these fields: a new kohya key is one field here)."""
+
+    image_dir: Optional[str] = None
+    metadata_file: Optional[str] = None  # kohya fine-tuning metadata JSON {image: {caption, tags}} for image_dir
+    num_repeats: int = 1  # times each image appears per epoch
     caption_extension: str = ".txt"
-    class_tokens: str | None = None
+    class_tokens: Optional[str] = None  # caption of images without a caption file
+    # caption processing (kohya semantics)
     shuffle_caption: bool = False
     caption_separator: str = ","
     keep_tokens: int = 0
     keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
+    secondary_separator: Optional[str] = None
     enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
+    caption_prefix: Optional[str] = None
+    caption_suffix: Optional[str] = None
     caption_tag_dropout_rate: float = 0.0
+    # augmentation (random_crop and color_aug turn latent caching off)
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
-    resize_interpolation: str | None = None
-    source: str = "data.image_dir"  # where this subset was defined, for messages
-
-    @property
-    def cacheable(self) -> bool:
-        """Random crops and colour jitter change the pixels every epoch, so their latents cannot be cached."""
-        return not (self.random_crop or self.color_aug)
+    resize_interpolation: Optional[Interpolation] = None  # None = lanczos
+    source: str = field(default="data.image_dir", metadata={"internal": True})  # where it was defined, for messages
 
 
 @dataclass
 class DatasetSpec:
-    resolution: tuple[int, int] = (512, 512)  # (width, height)
+    """Subsets that share a training size and batch size. Fields are kohya dataset keys (and `data.*` keys, except
+    `batch_size`, which is `train.batch_size` there, and `subsets`)."""
+
+    resolution: tuple[int, int] = (512, 512)  # (width, height); data.resolution defaults to the model's size
     batch_size: int = 1
-    enable_bucket: bool = False
-    min_bucket_reso: int | None = None
-    max_bucket_reso: int | None = None
-    bucket_reso_steps: int = 64
+    enable_bucket: bool = False  # aspect-ratio buckets of about the training area
+    min_bucket_reso: Optional[int] = None  # None = half the resolution
+    max_bucket_reso: Optional[int] = None  # None = twice the resolution
+    bucket_reso_steps: int = 64  # 64 for SD1/SD2; SDXL allows 32
     bucket_no_upscale: bool = False
-    resize_interpolation: str | None = None
-    subsets: list[SubsetSpec] = field(default_factory=list)
+    resize_interpolation: Optional[Interpolation] = None
+    subsets: list[SubsetSpec] = field(default_factory=list, metadata={"internal": True})
 
 
-SUBSET_KEYS = {f.name for f in fields(SubsetSpec)} - {"source"}
-DATASET_KEYS = {f.name for f in fields(DatasetSpec)} - {"subsets"}
+def keys_of(spec: type) -> list[str]:
+    """The user-facing keys of a spec, in field order."""
+    return [f.name for f in fields(spec) if not f.metadata.get("internal")]
+
+
+SUBSET_KEYS = set(keys_of(SubsetSpec))
+DATASET_KEYS = set(keys_of(DatasetSpec))
 # kohya keys we read but cannot use for textual inversion: key -> why (a warning; the run goes on)
 IGNORED = {
     "caption_dropout_rate": "caption dropout would drop the token from the prompt; kohya's TI script refuses it too",
@@ -210,8 +220,9 @@ def validate(specs: list[DatasetSpec], family: str) -> None:
             raise ConfigError(f"{where}: batch_size={ds.batch_size} must be at least 1")
         for sub in [ds, *ds.subsets]:
             interp = sub.resize_interpolation
-            if interp is not None and interp not in INTERPOLATIONS:
-                raise ConfigError(f"{where}: resize_interpolation={interp!r}; use one of {', '.join(INTERPOLATIONS)}")
+            if interp is not None and interp not in Interpolation.values():
+                raise ConfigError(f"{where}: resize_interpolation={interp!r}; use one of "
+                                  f"{', '.join(Interpolation.values())}")
         for sub in ds.subsets:
             if not sub.caption_separator:
                 raise ConfigError(f"{sub.source}: caption_separator is empty; use e.g. ',' (the default)")

@@ -1,4 +1,4 @@
-"""How well an embedding draws its concept on the toy model: `tinv-eval`, and the trainer's concept scoring.
+"""How well an embedding draws its concept on the toy model: `tinv-eval`, and a run's concept scoring callback.
 
 K images are sampled with fixed seeds at the world's guidance scale from the object templates with the subject
 ("a photo of a <token>", "a rendering of a <token>", ...), and judged: concept_accuracy, per-attribute accuracies
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..callbacks import every
 from ..data.templates import OBJECT_TEMPLATES
 from ..errors import ConfigError
 from .model import GUIDANCE_SCALE, WEIGHTS_DIR
@@ -27,7 +28,7 @@ from .world import Concept
 
 log = logging.getLogger(__name__)
 
-JUDGE = "toy"  # val.judge / --judge value meaning the judge shipped with the toy model
+JUDGE = "toy"  # callbacks.concept.judge / --judge value meaning the judge shipped with the toy model
 
 
 def judge_path(value: str) -> Path:
@@ -64,47 +65,63 @@ def concept_from_captions(captions: list[str], where: str) -> Concept:
         except ValueError:
             pass
     if not named:
-        raise ConfigError(f"val.judge is set but no caption in {where} names a toy-world concept; "
-                          f"set val.concept, e.g. val.concept='red circle on a black background'")
+        raise ConfigError(f"concept scoring is on but no caption in {where} names a toy-world concept; set "
+                          "callbacks.concept.concept, e.g. callbacks.concept.concept='red circle on a black background'")
     return Counter(named).most_common(1)[0][0]
 
 
-class ConceptScorer:
-    """The trainer's concept scoring (val.judge): samples from the models in memory, token spliced in."""
+class ConceptScoring:
+    """A run callback (`callbacks.concept`, composed with model=toy from conf/world/toy.yaml): samples of the token
+    from the models in memory, judged for the concept. Logs val/concept_accuracy etc. every `every_n_steps` and at
+    the end, where the scores also go to the summary."""
 
-    def __init__(self, judge: str, concept: Concept, references: np.ndarray, num_samples: int = 32,
-                 guidance_scale: float | None = None, seed: int = 0):
+    def __init__(self, judge: str = JUDGE, concept: str | None = None, num_samples: int = 32,
+                 guidance_scale: float | None = None, seed: int = 0, every_n_steps: int = 0):
         from .judge import load_judge
 
         path = judge_path(judge)
         if not path.is_file():
-            raise ConfigError(f"val.judge={judge!r}: no judge file at {path}; use val.judge=toy or a judge path")
-        self.judge, self.concept, self.references = load_judge(path), concept, references
-        self.num_samples, self.seed = num_samples, seed
+            raise ConfigError(f"callbacks.concept.judge={judge!r}: no judge file at {path}; use toy (the shipped "
+                              "judge) or a judge path")
+        try:
+            self.concept = Concept.parse(concept) if concept else None
+        except ValueError as err:
+            raise ConfigError(f"callbacks.concept.concept: {err}") from None
+        self.judge, self.references = load_judge(path), None
+        self.num_samples, self.seed, self.every_n_steps = num_samples, seed, every_n_steps
         self.guidance_scale = guidance_scale if guidance_scale is not None else GUIDANCE_SCALE
 
-    @classmethod
-    def for_dataset(cls, dataset, judge: str, concept: str | None, **kwargs) -> "ConceptScorer":
-        try:
-            target = Concept.parse(concept) if concept else concept_from_captions(
-                [s.caption for s in dataset.samples], "the training set")
-        except ValueError as err:
-            raise ConfigError(f"val.concept: {err}") from None
-        log.info("concept scoring against %r", target.text())
-        return cls(judge, target, load_references([s.path for s in dataset.samples]), **kwargs)
+    def on_dataset(self, dataset) -> None:
+        """The concept from the captions unless given, and the training images as references, before any load."""
+        if self.concept is None:
+            self.concept = concept_from_captions([s.caption for s in dataset.samples], "the training set")
+        self.references = load_references([s.path for s in dataset.samples])
+        log.info("concept scoring against %r", self.concept.text())
 
-    def run(self, trainer) -> dict:
+    def on_step_end(self, run, step) -> None:
+        # the last step's scores come with on_end
+        if not step.skipped and every(step.step, self.every_n_steps) and step.step < run.max_steps and run.is_main:
+            self.score(run)
+
+    def on_end(self, run) -> None:
+        if run.is_main:
+            run.tracker.set_summary(**self.score(run))
+
+    def score(self, run) -> dict:
         from diffusers import DDIMScheduler
 
         from ..sampling import pipeline_for, sampling_mode
         from .scoring import sample_images, score
 
-        backbone, token = trainer.backbone, trainer.token
-        with sampling_mode(backbone, trainer.accelerator.device):
+        backbone, token = run.backbone, run.token
+        with sampling_mode(backbone, run.device):
             pipe = pipeline_for(backbone, DDIMScheduler.from_config(backbone.noise_scheduler.config))
             prompts = [token.expand(p) for p in eval_prompts(token.string, self.num_samples)]
             images = sample_images(pipe, prompts, eval_seeds(self.seed, self.num_samples), self.guidance_scale)
-        return score(self.judge, images, self.concept, self.references)
+        scores = score(self.judge, images, self.concept, self.references)
+        run.log({f"val/{k}": v for k, v in scores.items()})
+        log.info("step %d: %s", run.step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return scores
 
 
 def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, model: str | None = None,

@@ -113,13 +113,7 @@ def weights_fingerprint(weights_dir: Path = WEIGHTS_DIR) -> str:
 
 def toy_model_path() -> str:
     """The pretrained toy model as a diffusers folder in $TINV_CACHE, written from the shipped weights once."""
-    from ..backbone.tiny import cache_root, write_pipeline_folder
+    from ..cache import cache_root, cached_folder
 
-    path = cache_root() / "toy" / weights_fingerprint()
-    if not (path / "model_index.json").exists():
-        try:
-            write_pipeline_folder(lambda: load_weights(build_pipeline()), path)
-        except (FileExistsError, OSError):
-            if not (path / "model_index.json").exists():  # another process finished it first
-                raise
-    return str(path)
+    return str(cached_folder(cache_root() / "toy" / weights_fingerprint(), lambda staging: load_weights(
+        build_pipeline()).save_pretrained(staging, safe_serialization=True), done_when="model_index.json"))

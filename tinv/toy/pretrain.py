@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_path, write_text_atomic
 from ..data.templates import OBJECT_TEMPLATES
+from ..losses import DiffusionLoss
 from . import world
 from .judge import HEADS, Judge, to_tensor
 from .model import build_pipeline, save_weights
@@ -134,8 +135,7 @@ def train_denoiser(pipe, latents: torch.Tensor, concepts: list[world.Concept], s
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = min(200, steps // 10 + 1)
     lr_at = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    alphas = sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
+    loss_fn = DiffusionLoss(min_snr_gamma=5.0)
     te.train(), unet.train()
     history = []
     start = time.time()
@@ -147,9 +147,7 @@ def train_denoiser(pipe, latents: torch.Tensor, concepts: list[world.Concept], s
                   return_tensors="pt").input_ids
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
-        pred = unet(sched.add_noise(x0, noise, t), t, te(ids)[0]).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        loss = loss_fn(lambda noisy, steps: unet(noisy, steps, te(ids)[0]).sample, sched, "epsilon", x0, noise, t)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

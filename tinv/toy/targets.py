@@ -52,7 +52,7 @@ def measure(work: Path, samples: int = 64, base_per_concept: int = 16, others: i
     from .evaluation import evaluate, load_references
     from .judge import load_judge, to_tensor
     from .model import GUIDANCE_SCALE, WEIGHTS_DIR, toy_model_path
-    from ..data.demo import DEMO_IMAGES, demo_images_dir
+    from .demo import DEMO_IMAGES, demo_images_dir
     from ..data.images import list_images
     from .evaluation import eval_prompts, eval_seeds
     from .scoring import sample_images

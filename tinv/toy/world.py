@@ -138,14 +138,19 @@ def render_batch(concepts: list[Concept], rng: random.Random) -> np.ndarray:
     return np.stack([np.asarray(render(c, rng)) for c in concepts])
 
 
+def write_concept_images(c: Concept, n: int, folder: Path, seed: int = 0) -> None:
+    """K renders of the concept into an existing folder, each with a full-caption .txt file."""
+    rng = random.Random(f"render:{seed}:{c.text()}")
+    for i in range(n):
+        render(c, rng).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(as_prompt(c.text()) + "\n", encoding="utf-8")
+
+
 def render_concept(concept: str, n: int, out_dir: Path, seed: int = 0) -> Path:
     """K images of the concept with full-caption .txt files, written as a new folder that appears whole."""
     from ..atomic import new_folder
 
     c = Concept.parse(concept)
     with new_folder(out_dir) as staging:
-        rng = random.Random(f"render:{seed}:{c.text()}")
-        for i in range(n):
-            render(c, rng).save(staging / f"{i:03d}.png")
-            (staging / f"{i:03d}.txt").write_text(as_prompt(c.text()) + "\n", encoding="utf-8")
+        write_concept_images(c, n, staging, seed)
     return Path(out_dir)

@@ -10,24 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..backbone.tiny import cache_root
-from .dataset import TrainingSet, build_training_set
+from ..cache import cache_root, cached_folder
+from ..data import TrainingSet, build_training_set
+from .world import DEMO_CONCEPT, Concept, write_concept_images
 
 DEMO_VERSION = "v2"
 DEMO_IMAGES = 8
 
 
 def demo_images_dir() -> Path:
-    from ..toy.world import DEMO_CONCEPT, Concept, render_concept
-
-    path = cache_root() / "demo" / DEMO_VERSION
-    if not path.is_dir():
-        try:
-            render_concept(Concept(*DEMO_CONCEPT).text(), DEMO_IMAGES, path)
-        except (FileExistsError, OSError):
-            if not path.is_dir():  # a parallel job may have written it first
-                raise
-    return path
+    return cached_folder(cache_root() / "demo" / DEMO_VERSION,
+                         lambda folder: write_concept_images(Concept(*DEMO_CONCEPT), DEMO_IMAGES, folder))
 
 
 def demo_dataset(image_dir: str | None = None, **kwargs) -> TrainingSet:
