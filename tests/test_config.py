@@ -112,6 +112,19 @@ def test_values_outside_their_choices_fail_at_composition_listing_them(override,
     assert override.split("=")[0] in text and allowed in text
 
 
+def test_every_allowed_value_has_its_implementation():
+    from tinv.backbone import FAMILIES
+    from tinv.choices import Family, Interpolation, Precision, Sampler
+    from tinv.data.dataset import RESAMPLING
+    from tinv.run import DTYPES
+    from tinv.sampling import SAMPLER_CLASSES
+
+    assert set(FAMILIES) == set(Family.values())
+    assert set(DTYPES) == set(Precision.values())
+    assert set(SAMPLER_CLASSES) == set(Sampler.values())
+    assert set(RESAMPLING) == set(Interpolation.values())
+
+
 def test_choices_read_as_plain_strings():
     cfg = compose(["sample.sampler=dpmsolver++", "train.mixed_precision=bf16"])
     assert cfg.sample.sampler == "dpmsolver++" and f"{cfg.train.mixed_precision}" == "bf16"

@@ -17,10 +17,7 @@ This module holds the file-writing ones; validation and previews live beside wha
 
 from __future__ import annotations
 
-import logging
 import math
-
-log = logging.getLogger(__name__)
 
 
 def every(step: int, n: int) -> bool:
@@ -49,8 +46,9 @@ class Callbacks:
     def on_dataset(self, dataset):
         for callback in self.items.values():
             method = getattr(callback, "on_dataset", None)
-            if method is not None:
-                dataset = method(dataset) or dataset
+            replaced = method(dataset) if method is not None else None
+            if replaced is not None:
+                dataset = replaced
         return dataset
 
     def state_dict(self) -> dict:

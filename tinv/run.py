@@ -148,10 +148,10 @@ def open_run(job: Job) -> Run:
     run.tracker.start(run.run_dir, recorded_config(cfg), enabled=run.is_main,
                       resume_id=run.state.tracker_id, resume_step=run.step)
     run.state.tracker_id = run.tracker.run_id
-    n = sum(p.numel() for p in run.parameters())
-    log.info("training %d vectors (%d floats) of token %r on %s x%d (%s); %d images, %d samples per epoch",
-             run.token.num_vectors, n, run.token.string, accelerator.device, accelerator.num_processes,
-             train.mixed_precision, len(run.dataset.samples), len(run.dataset))
+    log.info("training %s (%d floats; token %r, %d vectors) on %s x%d (%s); %d images, %d samples per epoch",
+             ", ".join(run.parts), sum(p.numel() for p in run.parameters()), run.token.string, run.token.num_vectors,
+             accelerator.device, accelerator.num_processes, train.mixed_precision, len(run.dataset.samples),
+             len(run.dataset))
     return run
 
 

@@ -81,14 +81,16 @@ def read_prompts(prompts, defaults: PreviewPrompt) -> list[PreviewPrompt]:
     return specs
 
 
-def _scheduler(name: str, config, prediction_type: str):
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler)
+# diffusers scheduler class for each Sampler value
+SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                   "euler_a": "EulerAncestralDiscreteScheduler", "dpmsolver++": "DPMSolverMultistepScheduler"}
 
-    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
-               "dpmsolver++": DPMSolverMultistepScheduler}
+
+def _scheduler(name: str, config, prediction_type: str):
+    import diffusers
+
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
-    return classes[name].from_config(config, prediction_type=prediction_type, **extra)
+    return getattr(diffusers, SAMPLER_CLASSES[name]).from_config(config, prediction_type=prediction_type, **extra)
 
 
 def grid(images: list) -> "object":

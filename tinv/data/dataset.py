@@ -36,12 +36,15 @@ class Sample:
     dataset: int
 
 
+# PIL resampling filter for each Interpolation value (kohya's names)
+RESAMPLING = {"lanczos": "LANCZOS", "nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC",
+              "area": "BOX", "box": "BOX", "hamming": "HAMMING"}
+
+
 def _interpolation(name: str | None):
     from PIL import Image
 
-    r = Image.Resampling
-    return {"lanczos": r.LANCZOS, "nearest": r.NEAREST, "bilinear": r.BILINEAR, "bicubic": r.BICUBIC,
-            "area": r.BOX, "box": r.BOX, "hamming": r.HAMMING}[name or "lanczos"]
+    return getattr(Image.Resampling, RESAMPLING[name or "lanczos"])
 
 
 class TrainingSet(Dataset):
