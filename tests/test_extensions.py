@@ -89,7 +89,7 @@ def test_callback_settings_switch_and_configure_the_shipped_ones(run_dir):
 
 
 def test_a_bad_callback_is_one_line_naming_it(tmp_path):
-    with pytest.raises(ConfigError, match="callbacks.mine: .*no_such_module"):
+    with pytest.raises(ConfigError, match="callbacks.mine._target_='no_such_module.Thing' cannot be imported"):
         train(tmp_path, ["train.max_steps=1", "+callbacks.mine._target_=no_such_module.Thing"])
     with pytest.raises(ConfigError, match="callbacks.mine: .*unexpected keyword argument 'colour'"):
         train(tmp_path, ["train.max_steps=1", "+callbacks.mine._target_=test_extensions.Recorder",

@@ -158,3 +158,18 @@ def test_report_ranks_by_each_objectives_own_direction(tmp_path):
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert [(r["job"], r["rank"]) for r in rows] == [("1_job", "1"), ("3_job", "2"), ("0_job", "3"), ("2_job", "")]
     assert "last val/concept_accuracy, higher is better" in (tmp_path / "report.md").read_text()
+
+
+def test_the_objective_reads_the_configured_metric_and_keeps_the_sweeps_direction():
+    from tinv.objective import read_objective, sweep_value
+
+    history = {"val/loss": [(2, 0.5), (4, 0.3), (6, 0.4)], "val/acc": [(2, 0.2), (6, 0.9), (8, 0.7)]}
+    assert read_objective(history, 1.0)["objective"] == 0.3  # best val/loss by default
+    last = read_objective(history, 1.0, metric="val/acc", mode="max", reduce="last")
+    assert (last["objective"], last["objective_name"], last["objective_mode"]) == (0.7, "last val/acc", "max")
+    assert read_objective(history, 1.0, metric="val/acc", mode="max")["objective"] == 0.9
+    fallback = read_objective({}, 0.25, metric="val/acc", mode="max", reduce="last")
+    assert (fallback["objective"], fallback["objective_name"], fallback["objective_mode"]) == \
+        (0.25, "last train/loss", "min")
+    # a sweep maximising accuracy must not maximise a fallback loss: it sees the loss negated
+    assert sweep_value(fallback, "max") == -0.25 and sweep_value(last, "max") == 0.7

@@ -111,3 +111,17 @@ def test_pretraining_is_deterministic_from_its_seed(tmp_path):
     for name in ("judge", "text_encoder", "vae", "unet"):
         assert (tmp_path / "a" / f"{name}.safetensors").read_bytes() == \
             (tmp_path / "b" / f"{name}.safetensors").read_bytes(), name
+
+
+def test_the_best_file_can_follow_the_concept_score(run_dir):
+    from safetensors import safe_open
+
+    result = train(run_dir, ["model=toy", "train.max_steps=20", "val.every_n_steps=5", "callbacks.concept.num_samples=8",
+                             "callbacks.best.monitor=val/concept_accuracy", "callbacks.best.mode=max"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = [(r["step"], r["val/concept_accuracy"]) for r in records if "val/concept_accuracy" in r]
+    assert [s for s, _ in scores] == [5, 10, 15, 20]
+    best_step, best = max(scores, key=lambda x: (x[1], -x[0]))  # the first step that reached the maximum
+    assert (result.summary["best_step"], result.summary["best_val_concept_accuracy"]) == (best_step, best)
+    with safe_open(str(run_dir / "mychar-best.safetensors"), "pt") as f:
+        assert int(f.metadata()["tinv.step"]) == best_step

@@ -4,9 +4,9 @@
     tinv-bench model=tiny_sdxl train.mixed_precision=bf16
 
 Takes every `tinv-train` override plus `bench.steps` / `bench.warmup`. Steps run through the real trainer
-(`Trainer.step`). The floor is the work no trainer can avoid on the same shapes and dtype: the text
-encoders forward and backward into the vectors and the UNet forward and backward, from a batch already in memory;
-overhead = step time / floor time. Results print as a table and go to bench.json in the run dir.
+(`Trainer.step`). The floor is the work no trainer can avoid on the same shapes and dtype: one micro-batch's loss
+(text encoders and UNet) forward and backward, from a batch already in memory; overhead = step time / floor time.
+Results print as a table and go to bench.json in the run dir.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -56,6 +57,16 @@ class _TimedBatches:
         return batch
 
 
+class _InMemory:
+    """Latents already computed: what the floor measurement trains from."""
+
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+    def of(self, batch: dict) -> torch.Tensor:
+        return self.latents
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -67,22 +78,16 @@ def measure(job, steps: int, warmup: int) -> dict:
     run, trainer = open_run(job), job.trainer
     acc, bb = run.accelerator, run.backbone
     device = acc.device
-    # the floor's input: a batch already in memory, tokenized, its latents looked up, its draws made
+    # the floor's input: a batch already in memory, its latents too (no VAE work even when they are not cached)
     batch = next(run.batches())
-    latents = run.latents.of(batch)
-    input_ids = bb.tokenize([run.token.expand(p) for p in batch["prompts"]])
+    in_memory = replace(run, latents=_InMemory(run.latents.of(batch)))
     params = run.parameters()
 
-    def floor_once(seed: int) -> float:
-        """Encoders + UNet forward and backward, nothing else."""
-        noise, t = trainer.loss.draw(torch.Generator().manual_seed(seed), tuple(latents.shape),
-                                     bb.noise_scheduler.config.num_train_timesteps)
+    def floor_once() -> float:
+        """One micro-batch's loss (prompts encoded, text encoders, UNet), forward and backward, nothing else."""
         _sync(device)
         start = time.perf_counter()
-        with acc.autocast():
-            loss = trainer.loss(bb.predictor(input_ids, batch), bb.noise_scheduler, bb.prediction_type, latents,
-                                noise.to(device), t.to(device))
-        loss.backward()
+        trainer.micro_batch_loss(in_memory, batch).backward()
         _sync(device)
         elapsed = time.perf_counter() - start
         for p in params:
@@ -90,26 +95,26 @@ def measure(job, steps: int, warmup: int) -> dict:
         return elapsed
 
     batches = _TimedBatches(run.batches())
-    for i in range(warmup):
+    for _ in range(warmup):
         trainer.step(run, batches)
-        floor_once(i)
+        floor_once()
     _sync(device)
     batches.wait, vae_before = 0.0, bb.vae_calls
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, floor = [], []
-    for i in range(steps):  # interleaved, so both see the same machine state (caches, clocks, allocator)
+    for _ in range(steps):  # interleaved, so both see the same machine state (caches, clocks, allocator)
         start = time.perf_counter()
         trainer.step(run, batches)
         _sync(device)
         times.append(time.perf_counter() - start)
-        floor.append(floor_once(warmup + i))
+        floor.append(floor_once())
     data_wait, vae_calls = batches.wait, bb.vae_calls - vae_before
 
     optimizer_state = sum(t.numel() * t.element_size() for state in run.optimizer.state.values()
                           for t in state.values() if torch.is_tensor(t))
     step_s, floor_s = statistics.median(times), statistics.median(floor)
-    samples = len(batch["prompts"]) * trainer.gradient_accumulation * acc.num_processes
+    samples = len(batch["prompts"]) * acc.gradient_accumulation_steps * acc.num_processes
     widths = sum(e.width for e in bb.encoders)
     return {
         "step_s": step_s, "floor_s": floor_s, "overhead": step_s / floor_s, "steps_per_s": 1 / step_s,
@@ -184,6 +189,9 @@ def bench_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    from .train import import_from_cwd
+
+    import_from_cwd()
     bench_main()
 
 

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import math
 
+from .choices import Mode
+from .errors import ConfigError
+
 
 def every(step: int, n: int) -> bool:
     """True on each n-th step; n = 0 (or less) is off."""
@@ -76,11 +79,17 @@ class EmbeddingFiles:
 
 class BestFiles:
     """`<name>-best` holds the files of the step where `monitor` was best so far (by default the validation loss,
-    lowest); the summary gets best_<monitor> and best_step."""
+    lowest); the summary keeps best_<monitor> and best_step up to date."""
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min"):
+        if mode not in Mode.values():
+            raise ConfigError(f"mode={mode!r}; use min (lower is better) or max")
         self.monitor, self.mode = monitor, mode
         self.best, self.step = (math.inf if mode == "min" else -math.inf), -1
+
+    def on_start(self, run) -> None:
+        if self.step >= 0:  # resumed
+            self._summarise(run)
 
     def on_log(self, run, metrics: dict) -> None:
         value = metrics.get(self.monitor)
@@ -90,10 +99,10 @@ class BestFiles:
         if value < self.best if self.mode == "min" else value > self.best:
             self.best, self.step = value, run.step
             run.write_files("-best")
+            self._summarise(run)
 
-    def on_end(self, run) -> None:
-        if self.step >= 0:
-            run.tracker.set_summary(**{f"best_{self.monitor.replace('/', '_')}": self.best, "best_step": self.step})
+    def _summarise(self, run) -> None:
+        run.tracker.set_summary(**{f"best_{self.monitor.replace('/', '_')}": self.best, "best_step": self.step})
 
     def state_dict(self) -> dict:
         return {"best": self.best, "step": self.step}

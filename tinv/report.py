@@ -18,8 +18,12 @@ from pathlib import Path
 
 from .atomic import atomic_path, write_text_atomic
 
-COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "objective_mode", "concept_accuracy", "reconstruction",
-           "final_loss", "best_val_loss", "best_step", "steps", "wall_s", "embedding", "status"]
+COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "objective_mode", "final_loss", "best_step",
+           "steps", "wall_s", "embedding", "status"]
+# summary numbers that are bookkeeping, not results; every other number a job reports (best_val_loss, a callback's
+# scores such as concept_accuracy) gets a column after the objective's
+BOOKKEEPING = {"ok", "objective", "final_loss", "best_step", "step", "wall_s", "started_at", "finished_at",
+               "bad_steps", "job_num"}
 
 
 @dataclass
@@ -78,20 +82,24 @@ def _swept(jobs: list[Job]) -> list[str]:
     return [k for k in keys if len({job.params.get(k) for job in jobs}) > 1]
 
 
-def _rows(jobs: list[Job]) -> list[dict]:
+def _columns(jobs: list[Job]) -> list[str]:
+    scores = sorted({k for j in jobs for k, v in j.summary.items() if isinstance(v, (int, float))
+                     and not isinstance(v, bool) and k not in BOOKKEEPING})
+    at = COLUMNS.index("final_loss")
+    return COLUMNS[:at] + scores + COLUMNS[at:]
+
+
+def _rows(jobs: list[Job], columns: list[str]) -> list[dict]:
     ordered = sorted(jobs, key=lambda j: (not j.ok, j.better_first if j.ok else 0.0, j.folder.name))
     rows = []
     for rank, job in enumerate(ordered, 1):
         s = job.summary
-        rows.append({"rank": rank if job.ok else "", "job": job.folder.name,
-                     "overrides": " ".join(s.get("overrides", [])), "objective": job.objective,
-                     "objective_name": s.get("objective_name"), "objective_mode": s.get("objective_mode"),
-                     "concept_accuracy": s.get("concept_accuracy"),
-                     "reconstruction": s.get("reconstruction"),
-                     "final_loss": s.get("final_loss"), "best_val_loss": s.get("best_val_loss"),
-                     "best_step": s.get("best_step"), "steps": s.get("step"), "wall_s": s.get("wall_s"),
-                     "embedding": s.get("embedding", ""),
-                     "status": "ok" if job.ok else f"failed: {s.get('error', 'no objective')}"})
+        row = {c: s.get(c) for c in columns}
+        row.update({"rank": rank if job.ok else "", "job": job.folder.name,
+                    "overrides": " ".join(s.get("overrides", [])), "objective": job.objective, "steps": s.get("step"),
+                    "embedding": s.get("embedding", ""),
+                    "status": "ok" if job.ok else f"failed: {s.get('error', 'no objective')}"})
+        rows.append(row)
     return rows
 
 
@@ -119,17 +127,18 @@ def write_report(sweep_dir: str | Path) -> dict[str, Path]:
     jobs = read_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job folders (with summary.json or .hydra/)")
-    rows = _rows(jobs)
+    columns = _columns(jobs)
+    rows = _rows(jobs, columns)
     out = {"markdown": sweep_dir / "report.md", "csv": sweep_dir / "report.csv"}
 
     lines = [f"# Sweep report: {sweep_dir.name}", "",
              f"{sum(j.ok for j in jobs)} of {len(jobs)} jobs finished; best objective first "
              f"({_objective_label(jobs)}).", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
     write_text_atomic(out["markdown"], "\n".join(lines) + "\n")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out["csv"], buffer.getvalue())

@@ -83,6 +83,10 @@ class Run:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for part in self.parts.values() for p in part.parameters()]
 
+    def input_ids(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids per text encoder for these prompts, the token expanded to all its names."""
+        return self.backbone.tokenize([self.token.expand(p) for p in prompts])
+
     def batches(self) -> Iterator[dict]:
         """Batches from where the state says, epoch after epoch, counting the position for resume."""
         sampler = self.loader.batch_sampler
@@ -148,9 +152,9 @@ def open_run(job: Job) -> Run:
     run.tracker.start(run.run_dir, recorded_config(cfg), enabled=run.is_main,
                       resume_id=run.state.tracker_id, resume_step=run.step)
     run.state.tracker_id = run.tracker.run_id
-    log.info("training %s (%d floats; token %r, %d vectors) on %s x%d (%s); %d images, %d samples per epoch",
+    log.info("training %s (%d floats; token %r with vectors: %d) on %s x%d (%s); %d images, %d samples per epoch",
              ", ".join(run.parts), sum(p.numel() for p in run.parameters()), run.token.string, run.token.num_vectors,
-             accelerator.device, accelerator.num_processes, train.mixed_precision, len(run.dataset.samples),
+             accelerator.device, accelerator.num_processes, train.mixed_precision, len(set(run.dataset.order)),
              len(run.dataset))
     return run
 
@@ -176,7 +180,7 @@ def _accelerator(mixed_precision: str, gradient_accumulation: int, cpu: bool):
 
 def _load_models(backbone, device: torch.device, train) -> None:
     dtype = DTYPES[train.mixed_precision]
-    no_half_vae = backbone.family == "sdxl" if train.no_half_vae is None else train.no_half_vae
+    no_half_vae = backbone.keeps_vae_fp32 if train.no_half_vae is None else train.no_half_vae
     backbone.load_models(device, dtype, torch.float32 if no_half_vae else dtype)
 
 

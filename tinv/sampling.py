@@ -109,20 +109,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:48] or "prompt"
 
 
-def pipeline_for(backbone, scheduler):
-    """A diffusers pipeline around the backbone's modules as they are now (the token's vectors spliced in)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    encoders = backbone.encoders
-    if backbone.family == "sdxl":
-        return StableDiffusionXLPipeline(vae=backbone.vae, text_encoder=encoders[0].model,
-                                         text_encoder_2=encoders[1].model, tokenizer=encoders[0].tokenizer,
-                                         tokenizer_2=encoders[1].tokenizer, unet=backbone.unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=backbone.vae, text_encoder=encoders[0].model,
-                                   tokenizer=encoders[0].tokenizer, unet=backbone.unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 @contextmanager
 def sampling_mode(backbone, device):
     """Eval mode with the VAE on `device`; afterwards every module mode, the VAE's place and all global RNGs are
@@ -161,7 +147,6 @@ class Previews:
                                  steps, guidance_scale, seed, sampler)
         # read (and checked) only when previews are on, before any model loads
         self.prompts = read_prompts(prompts, defaults) if every_n_steps > 0 or at_start else []
-        self.images_written: list[Path] = []
 
     def on_start(self, run) -> None:
         if self.at_start and run.step == 0 and run.is_main:
@@ -178,18 +163,15 @@ class Previews:
         images, written = [], []
         with sampling_mode(backbone, acc.device):
             for n, spec in enumerate(self.prompts):
-                pipe = pipeline_for(backbone, _scheduler(spec.sampler, backbone.noise_scheduler.config,
-                                                         backbone.prediction_type))
+                pipe = backbone.pipeline(_scheduler(spec.sampler, backbone.noise_scheduler.config,
+                                                    backbone.prediction_type))
                 pipe.set_progress_bar_config(disable=True)
                 gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-                # diffusers counts clip_skip from 0 (1 = penultimate layer); ours from 1, like A1111
-                skip = {"clip_skip": backbone.clip_skip - 1} if backbone.family != "sdxl" and backbone.clip_skip > 1 \
-                    else {}
                 with acc.autocast():
                     image = pipe(token.expand(spec.prompt), negative_prompt=token.expand(spec.negative_prompt) or None,
-                                 **skip,
                                  width=spec.width, height=spec.height, num_inference_steps=spec.steps,
-                                 guidance_scale=spec.guidance_scale, generator=gen).images[0]
+                                 guidance_scale=spec.guidance_scale, generator=gen,
+                                 **backbone.sampling_kwargs()).images[0]
                 path = out_dir / f"{n:02d}-{_slug(spec.prompt)}.png"
                 image.save(path)
                 images.append(image)
@@ -197,6 +179,5 @@ class Previews:
             grid(images).save(out_dir / "grid.png")
             run.tracker.log_images({f"samples/{n:02d} {spec.prompt}": [im] for n, (spec, im)
                                     in enumerate(zip(self.prompts, images))}, step)
-        self.images_written += written
         log.info("step %d: %d preview images in %s", step, len(written), out_dir)
         return written

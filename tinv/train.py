@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import write_text_atomic
@@ -25,8 +25,9 @@ from .callbacks import Callbacks
 from .config import LOADING_KEYS, apply_deprecated, check_values
 from .data import PromptBuilder
 from .embedding import ConceptToken
-from .errors import ConfigError, TrainingDiverged, first_line
+from .errors import ConfigError, TrainingDiverged
 from .losses import DiffusionLoss
+from .objective import sweep_value
 from .optim import check_optimization
 from .run import Job, open_run
 from .sweeping import sweep_identity
@@ -38,14 +39,25 @@ log = logging.getLogger("tinv")
 def build(node, label: str | None = None, **kwargs):
     """hydra.utils.instantiate, letting our one-line ConfigError through Hydra's wrapper exception. With a `label`
     (a user-configurable node such as callbacks.previews), any failure to build it is one line naming it."""
+    if label and "_target_" in node:
+        try:
+            get_method(node["_target_"])
+        except Exception as err:  # noqa: BLE001 - any import failure of a user's target is a config error
+            raise ConfigError(f"{label}._target_={node['_target_']!r} cannot be imported ({one_line(err)}); your own "
+                              "modules import from the folder you run in") from None
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        if label:
-            raise ConfigError(f"{label}: {first_line(err.__cause__ or err)}") from None
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(f"{label}: {cause}" if label else str(cause)) from None
+        if label:  # Hydra's text spans lines ("Error loading 'x':" then the ImportError): keep it, on one line
+            raise ConfigError(f"{label}: {one_line(err)}") from None
         raise
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def describe_samples(dataset, token, backbone, count: int = 8) -> str:
@@ -95,7 +107,6 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
         raise ConfigError("parts is empty: nothing would train; keep parts.vectors (conf/train.yaml)")
     train = cfg.train
     trainer = Trainer(DiffusionLoss(train.noise_offset, train.min_snr_gamma, train.min_timestep, train.max_timestep),
-                      max_steps=train.max_steps, gradient_accumulation=train.gradient_accumulation, seed=train.seed,
                       max_grad_norm=train.max_grad_norm, log_every_n_steps=train.log_every_n_steps,
                       max_bad_steps=train.max_bad_steps, objective=dict(cfg.objective))
     return Job(cfg=cfg, run_dir=run_dir, backbone=backbone, token=token, dataset=dataset, parts=parts,
@@ -115,12 +126,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """Returns the run's objective to the sweeper (objective.*: val/loss by default, lower is better)."""
+    """Returns the run's objective to the sweeper (objective.*: the best val/loss by default, lower is better)."""
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = bool(sweep_identity())
     try:
         result = run(cfg)
-        return result.summary["objective"] if result else None
+        return sweep_value(result.summary, cfg.objective.mode) if result else None
     except (ConfigError, Interrupted, TrainingDiverged) as err:
         message = f"tinv-train: {'' if isinstance(err, Interrupted) else 'error: '}{err}"
         print(message, file=sys.stderr)
@@ -156,9 +167,17 @@ def main() -> None:
 
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='tinv-rank-')}", "hydra.output_subdir=null"]
-    if os.getcwd() not in sys.path:  # a `_target_` of your own (a callback, a part) imports from where you run
-        sys.path.insert(0, os.getcwd())
+    import_from_cwd()
     hydra_main()
+
+
+def import_from_cwd() -> None:
+    """A `_target_` of your own (a callback, a part) imports from the folder you run the command in, as it would
+    with `python -m`; console scripts do not put that folder on the path themselves."""
+    import os
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 if __name__ == "__main__":

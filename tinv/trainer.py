@@ -24,6 +24,7 @@ import torch
 from .errors import TrainingDiverged
 from .losses import DiffusionLoss
 from .objective import read_objective
+from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ class Interrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, loss: DiffusionLoss, *, max_steps: int = 500, gradient_accumulation: int = 1, seed: int = 42,
-                 max_grad_norm: float | None = None, log_every_n_steps: int = 1, max_bad_steps: int = 10,
-                 objective: dict | None = None):
-        self.loss, self.max_steps, self.gradient_accumulation = loss, max_steps, gradient_accumulation
-        self.seed, self.max_grad_norm, self.log_every_n_steps = seed, max_grad_norm, log_every_n_steps
+    """Runs `run.max_steps` optimizer steps of `loss` (micro-batches per step: the accelerator's accumulation)."""
+
+    def __init__(self, loss: DiffusionLoss, *, max_grad_norm: float | None = None, log_every_n_steps: int = 1,
+                 max_bad_steps: int = 10, objective: dict | None = None):
+        self.loss, self.max_grad_norm, self.log_every_n_steps = loss, max_grad_norm, log_every_n_steps
         self.max_bad_steps, self.objective = max_bad_steps, dict(objective or {})
 
     def fit(self, run) -> TrainResult:
@@ -72,10 +73,10 @@ class Trainer:
         try:
             with stop_signals() as stop:
                 run.callbacks.call("on_start", run)
-                bar = tqdm(total=self.max_steps, initial=run.step, desc="tinv", dynamic_ncols=True,
+                bar = tqdm(total=run.max_steps, initial=run.step, desc="tinv", dynamic_ncols=True,
                            disable=not run.is_main)
                 batches, speed = run.batches(), Throughput(run.step)
-                while run.step < self.max_steps:
+                while run.step < run.max_steps:
                     out = self.step(run, batches)  # micro-batches -> latents -> encoders -> UNet -> loss -> step
                     bar.update(run.step - bar.n)
                     if not out.skipped:
@@ -83,10 +84,11 @@ class Trainer:
                             part.after_step()
                         last_loss = out.loss
                         bar.set_postfix(loss=f"{last_loss:.4f}")
-                        if run.step % self.log_every_n_steps == 0 or run.step == self.max_steps:
+                        if run.step % self.log_every_n_steps == 0 or run.step == run.max_steps:
                             run.log(self.metrics(run, out, speed.since_last(run.step)))
                     run.callbacks.call("on_step_end", run, out)
                     if (signum := stop.agreed(run.accelerator)) is not None:
+                        bar.close()
                         run.write_files("")
                         run.save_state()
                         raise Interrupted(signum, run.run_dir)
@@ -140,12 +142,11 @@ class Trainer:
         from (seed, micro-step) and sliced, so any process count gives the same draws per sample."""
         acc, bb = run.accelerator, run.backbone
         latents = run.latents.of(batch)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + run.state.micro_step) % 2**63)
+        gen = torch.Generator().manual_seed(derive_seed(run.seed, run.state.micro_step) % 2**63)
         noise, timesteps = self.loss.draw(gen, tuple(latents.shape), bb.noise_scheduler.config.num_train_timesteps,
                                           acc.num_processes, acc.process_index)
-        input_ids = bb.tokenize([run.token.expand(p) for p in batch["prompts"]])
         with acc.autocast():
-            loss = self.loss(bb.predictor(input_ids, batch), bb.noise_scheduler, bb.prediction_type, latents,
+            loss = self.loss(bb.predictor(run.input_ids(batch["prompts"]), batch), bb.noise_scheduler, bb.prediction_type, latents,
                              noise.to(latents.device), timesteps.to(latents.device))
         return loss + sum(part.loss_term() for part in run.parts.values())
 

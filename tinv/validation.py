@@ -14,6 +14,7 @@ import torch
 from .callbacks import every
 from .data import collate
 from .losses import squared_error
+from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,10 @@ class Validation:
             item = run.dataset.fixed_item(index, random.Random(f"val:{self.seed}:{index}"))
             latent = run.latents.of(collate([item]))
             latents = latent.expand(k, *latent.shape[1:])
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + index))
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(derive_seed(self.seed, index)))
             batch = collate([item] * k)  # the same conditioning (SDXL: sizes and crop) at every timestep
-            input_ids = bb.tokenize([run.token.expand(p) for p in batch["prompts"]])
             with run.accelerator.autocast():
-                error = squared_error(bb.predictor(input_ids, batch), sched, bb.prediction_type, latents,
+                error = squared_error(bb.predictor(run.input_ids(batch["prompts"]), batch), sched, bb.prediction_type, latents,
                                       noise.to(device), t)
             total += error.mean().item()
         return total / len(self.samples)

@@ -40,6 +40,8 @@ def _final_layer_norm(model: nn.Module) -> nn.Module:
 class Backbone:
     family: ClassVar[str]
     encoder_layout: ClassVar[tuple[tuple[str, str, str], ...]]  # (file key, encoder subfolder, tokenizer subfolder)
+    pipeline_extras: ClassVar[dict] = {}  # further arguments of the family's diffusers pipeline
+    keeps_vae_fp32: ClassVar[bool] = False  # train.no_half_vae's default: the VAE stays fp32 under mixed precision
 
     def __init__(self, source: ModelSource, revision: str | None = None, variant: str | None = None,
                  resolution: int = 512, prediction_type: str | None = None, clip_skip: int = 1,
@@ -199,6 +201,18 @@ class Backbone:
     def conditioning(self, input_ids: list[torch.Tensor], batch: dict) -> dict:
         raise NotImplementedError
 
+    def pipeline(self, scheduler):
+        """A diffusers pipeline around the modules as they are now (trained vectors spliced in), for sampling."""
+        modules = {}
+        for (_, subfolder, tokenizer_subfolder), enc in zip(self.encoder_layout, self.encoders):
+            modules.update({subfolder: enc.model, tokenizer_subfolder: enc.tokenizer})
+        return self.pipeline_class(vae=self.vae, unet=self.unet, scheduler=scheduler, **modules,
+                                   **self.pipeline_extras)
+
+    def sampling_kwargs(self) -> dict:
+        """Arguments of a pipeline call that make it condition prompts as training does."""
+        return {}
+
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
         for enc in self.encoders:
@@ -211,12 +225,17 @@ class SD1Backbone(Backbone):
 
     family = "sd1"
     encoder_layout = (("emb_params", "text_encoder", "tokenizer"),)
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     @property
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline
+
+    def sampling_kwargs(self) -> dict:
+        # diffusers counts clip_skip from 0 (1 = penultimate layer); ours from 1, like A1111
+        return {"clip_skip": self.clip_skip - 1} if self.clip_skip > 1 else {}
 
     def conditioning(self, input_ids, batch):
         model = self.encoders[0].model
@@ -239,6 +258,7 @@ class SDXLBackbone(Backbone):
 
     family = "sdxl"
     encoder_layout = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
+    keeps_vae_fp32 = True  # the stock SDXL VAE overflows in fp16
 
     @property
     def pipeline_class(self):

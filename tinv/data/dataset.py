@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from ..seeds import derive_seed
 from .buckets import closest_bucket, fit_to_bucket, make_buckets, no_upscale_bucket
 from .captions import CaptionProcessor, raw_caption
 from .images import list_images, load_rgb, probe, read_caption, read_metadata
@@ -235,7 +236,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start = 0, 0
 
     def batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng = random.Random(derive_seed(self.seed, epoch))
         groups: dict[tuple, list[int]] = {}
         for position, index in enumerate(self.data.order):
             sample = self.data.samples[index]

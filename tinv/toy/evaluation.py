@@ -23,6 +23,7 @@ import numpy as np
 from ..callbacks import every
 from ..data.templates import OBJECT_TEMPLATES
 from ..errors import ConfigError
+from ..seeds import derive_seed
 from .model import GUIDANCE_SCALE, WEIGHTS_DIR
 from .world import Concept
 
@@ -40,7 +41,7 @@ def eval_prompts(subject: str, count: int) -> list[str]:
 
 
 def eval_seeds(seed: int, count: int) -> list[int]:
-    return [seed * 1_000_003 + i for i in range(count)]
+    return [derive_seed(seed, i) for i in range(count)]
 
 
 def load_references(paths: list[Path], limit: int = 64) -> np.ndarray:
@@ -79,14 +80,17 @@ class ConceptScoring:
                  guidance_scale: float | None = None, seed: int = 0, every_n_steps: int = 0):
         from .judge import load_judge
 
+        if judge is None:
+            raise ConfigError("judge=null; to turn concept scoring off leave the callback out: ~callbacks.concept")
         path = judge_path(judge)
         if not path.is_file():
-            raise ConfigError(f"callbacks.concept.judge={judge!r}: no judge file at {path}; use toy (the shipped "
-                              "judge) or a judge path")
+            raise ConfigError(f"judge={judge!r}: no judge file at {path}; use toy (the shipped judge) or a judge path")
+        if num_samples < 1:
+            raise ConfigError(f"num_samples={num_samples} must be at least 1")
         try:
             self.concept = Concept.parse(concept) if concept else None
         except ValueError as err:
-            raise ConfigError(f"callbacks.concept.concept: {err}") from None
+            raise ConfigError(f"concept: {err}") from None
         self.judge, self.references = load_judge(path), None
         self.num_samples, self.seed, self.every_n_steps = num_samples, seed, every_n_steps
         self.guidance_scale = guidance_scale if guidance_scale is not None else GUIDANCE_SCALE
@@ -110,14 +114,15 @@ class ConceptScoring:
     def score(self, run) -> dict:
         from diffusers import DDIMScheduler
 
-        from ..sampling import pipeline_for, sampling_mode
+        from ..sampling import sampling_mode
         from .scoring import sample_images, score
 
         backbone, token = run.backbone, run.token
         with sampling_mode(backbone, run.device):
-            pipe = pipeline_for(backbone, DDIMScheduler.from_config(backbone.noise_scheduler.config))
+            pipe = backbone.pipeline(DDIMScheduler.from_config(backbone.noise_scheduler.config))
             prompts = [token.expand(p) for p in eval_prompts(token.string, self.num_samples)]
-            images = sample_images(pipe, prompts, eval_seeds(self.seed, self.num_samples), self.guidance_scale)
+            images = sample_images(pipe, prompts, eval_seeds(self.seed, self.num_samples), self.guidance_scale,
+                                   **backbone.sampling_kwargs())
         scores = score(self.judge, images, self.concept, self.references)
         run.log({f"val/{k}": v for k, v in scores.items()})
         log.info("step %d: %s", run.step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))

@@ -18,7 +18,7 @@ from .world import Concept
 
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: float = GUIDANCE_SCALE,
-                  steps: int = SAMPLE_STEPS, batch: int = 64) -> np.ndarray:
+                  steps: int = SAMPLE_STEPS, batch: int = 64, **call_kwargs) -> np.ndarray:
     """uint8 (n, 32, 32, 3): prompt i from seed i, independent of batch size and order."""
     from diffusers import DDIMScheduler
 
@@ -30,7 +30,7 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: fl
         for i in range(0, len(prompts), batch):
             gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
             res = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
-                       generator=gens, output_type="np", height=32, width=32)
+                       generator=gens, output_type="np", height=32, width=32, **call_kwargs)
             out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
     finally:
         pipe.scheduler = scheduler
