@@ -116,8 +116,9 @@ def test_pretraining_is_deterministic_from_its_seed(tmp_path):
 def test_the_best_file_can_follow_the_concept_score(run_dir):
     from safetensors import safe_open
 
-    result = train(run_dir, ["model=toy", "train.max_steps=20", "val.every_n_steps=5", "callbacks.concept.num_samples=8",
-                             "callbacks.best.monitor=val/concept_accuracy", "callbacks.best.mode=max"])
+    result = train(run_dir, ["model=toy", "train.max_steps=20", "val.every_n_steps=5",
+                             "callbacks.concept.num_samples=8", "callbacks.best.monitor=val/concept_accuracy",
+                             "callbacks.best.mode=max"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     scores = [(r["step"], r["val/concept_accuracy"]) for r in records if "val/concept_accuracy" in r]
     assert [s for s, _ in scores] == [5, 10, 15, 20]

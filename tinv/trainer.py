@@ -145,9 +145,10 @@ class Trainer:
         gen = torch.Generator().manual_seed(derive_seed(run.seed, run.state.micro_step) % 2**63)
         noise, timesteps = self.loss.draw(gen, tuple(latents.shape), bb.noise_scheduler.config.num_train_timesteps,
                                           acc.num_processes, acc.process_index)
+        predict = bb.predictor(run.input_ids(batch["prompts"]), batch)  # text encoders -> conditioning -> UNet
         with acc.autocast():
-            loss = self.loss(bb.predictor(run.input_ids(batch["prompts"]), batch), bb.noise_scheduler, bb.prediction_type, latents,
-                             noise.to(latents.device), timesteps.to(latents.device))
+            loss = self.loss(predict, bb.noise_scheduler, bb.prediction_type, latents, noise.to(latents.device),
+                             timesteps.to(latents.device))
         return loss + sum(part.loss_term() for part in run.parts.values())
 
     def _reduce_and_clip(self, run, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -56,8 +56,8 @@ class Validation:
             latents = latent.expand(k, *latent.shape[1:])
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(derive_seed(self.seed, index)))
             batch = collate([item] * k)  # the same conditioning (SDXL: sizes and crop) at every timestep
+            predict = bb.predictor(run.input_ids(batch["prompts"]), batch)
             with run.accelerator.autocast():
-                error = squared_error(bb.predictor(run.input_ids(batch["prompts"]), batch), sched, bb.prediction_type, latents,
-                                      noise.to(device), t)
+                error = squared_error(predict, sched, bb.prediction_type, latents, noise.to(device), t)
             total += error.mean().item()
         return total / len(self.samples)

@@ -4,4 +4,5 @@ from .dataset import BucketBatchSampler, TrainingSet, build_training_set, collat
 from .latent_cache import LatentCache, Latents
 from .prompts import PromptBuilder
 
-__all__ = ["BucketBatchSampler", "LatentCache", "Latents", "PromptBuilder", "TrainingSet", "build_training_set", "collate"]
+__all__ = ["BucketBatchSampler", "LatentCache", "Latents", "PromptBuilder", "TrainingSet", "build_training_set",
+           "collate"]

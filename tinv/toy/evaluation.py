@@ -67,7 +67,7 @@ def concept_from_captions(captions: list[str], where: str) -> Concept:
             pass
     if not named:
         raise ConfigError(f"concept scoring is on but no caption in {where} names a toy-world concept; set "
-                          "callbacks.concept.concept, e.g. callbacks.concept.concept='red circle on a black background'")
+                          "callbacks.concept.concept, e.g. 'callbacks.concept.concept=red circle on a black background'")
     return Counter(named).most_common(1)[0][0]
 
 
