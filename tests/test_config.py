@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose
-from tinv.config import apply_deprecated, check_values
+from tinv.config import apply_deprecated, check_values, recorded_config
 from tinv.errors import ConfigError
 from tinv.optim import check_optimization, check_target
 
@@ -148,6 +148,8 @@ def test_deprecated_keys_warn_once_and_reach_their_new_place(caplog):
     assert (cfg.callbacks.concept.num_samples, cfg.callbacks.concept.concept) == (8, "red circle on a gray background")
     assert caplog.text.count("is deprecated") == 2 and "val.num_samples is deprecated; use callbacks.concept" in \
         caplog.text
+    recorded = recorded_config(cfg)  # what the dashboard gets: each setting once, where it now lives
+    assert "num_samples" not in recorded["val"] and recorded["callbacks"]["concept"]["num_samples"] == 8
     off = compose(["model=toy", "val.judge=null"])
     apply_deprecated(off)
     assert "concept" not in off.callbacks  # val.judge=null turned scoring off, and still does

@@ -256,9 +256,11 @@ def apply_deprecated(cfg) -> None:
 def recorded_config(cfg) -> dict:
     """The resolved config as plain data for the dashboard, each setting once (no deprecated keys)."""
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for key, _, _, _ in _fields_with(RunConfig, cfg, "moved_to"):
-        parent, name = key.rsplit(".", 1)
-        plain[parent].pop(name, None)
+    for key, _, name, _ in _fields_with(RunConfig, cfg, "moved_to"):
+        node = plain
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        node.pop(name, None)
     return plain
 
 
