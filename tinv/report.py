@@ -159,7 +159,7 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
             steps, losses = zip(*job.losses)
             ax.plot(steps, losses, label=job.folder.name[:60], linewidth=1)
     ax.set(xlabel="step", ylabel="train/loss", title="training loss per job")
-    if len(jobs) <= 12:
+    if 0 < sum(bool(j.losses) for j in jobs) <= 12:
         ax.legend(fontsize=6)
     written["loss_curves"] = _save(fig, sweep_dir / "loss_curves.png")
     finished = [j for j in jobs if j.ok]
