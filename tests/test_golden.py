@@ -46,7 +46,9 @@ GOLDEN = {
         "final_loss": 1.2349696159362793,
     },
     "toy_default_60": {
-        "files": {"mychar.safetensors": "fe255aeea50c9ef3e5c2a833c58819fb14827ba3c1dfce2c4b9857e7b5073f65"},
+        # -best (issue 13: the best file follows the objective, here the concept score measured at the end)
+        "files": {"mychar-best.safetensors": "fe255aeea50c9ef3e5c2a833c58819fb14827ba3c1dfce2c4b9857e7b5073f65",
+                  "mychar.safetensors": "fe255aeea50c9ef3e5c2a833c58819fb14827ba3c1dfce2c4b9857e7b5073f65"},
         "val": {60: {"val/concept_accuracy": 0.90625, "val/shape_accuracy": 1.0, "val/colour_accuracy": 1.0,
                      "val/background_accuracy": 0.90625, "val/reconstruction": 0.9521616697311401}},
         "final_loss": 0.015084873884916306,

@@ -151,10 +151,36 @@ def test_sigint_saves_embedding_and_state_then_resumes(tmp_path):
     stopped = json.loads((run / "state" / "state.json").read_text())["step"]
     meta_step = int(__import__("safetensors").safe_open(str(run / "mychar.safetensors"), "pt").metadata()["tinv.step"])
     assert meta_step == stopped and stopped < 16
-    again = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'outputs' / 'day' / 'again'}", "resume=latest"],
-                 tmp_path)
+    summary = json.loads((run / "summary.json").read_text())  # why and where it stopped, and how to go on
+    assert (summary["ok"], summary["stopped_by"], summary["step"]) == (False, "SIGINT", stopped)
+    assert summary["resume"] == f"resume={run}" and summary["embedding"] == str(run / "mychar.safetensors")
+    # resumed by name only: the run's own settings carry over, and it goes on in its own folder and log
+    again = _cli(["logger=none", "resume=latest"], tmp_path)
     assert again.wait() == 0, again.stderr.read()[-2000:]
     assert json.loads((run / "summary.json").read_text())["step"] == 16
+    assert sorted(p.name for p in (tmp_path / "outputs" / "day").iterdir()) == ["run"]  # no second folder
+    assert f"resumed {run} at step {stopped}" in (run / "train.log").read_text()
+
+
+def test_a_finished_run_resumes_as_finished_and_extends_without_redoing_work(tmp_path):
+    args = ["train.max_steps=4", "logger=none", "token.num_vectors=2", "save.every_n_steps=2"]
+    first = _cli(args + [f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+    assert first.wait() == 0, first.stderr.read()[-2000:]
+    embedding = tmp_path / "a" / "mychar.safetensors"
+    before = (embedding.read_bytes(), embedding.stat().st_mtime_ns, (tmp_path / "a" / "summary.json").read_text())
+    same = _cli([f"resume={tmp_path / 'a'}"], tmp_path)
+    assert same.wait() == 0 and "is complete at step 4" in same.stdout.read()
+    assert (embedding.read_bytes(), embedding.stat().st_mtime_ns,
+            (tmp_path / "a" / "summary.json").read_text()) == before  # nothing trained, nothing rewritten
+    longer = _cli([f"resume={tmp_path / 'a'}", "train.max_steps=6"], tmp_path)
+    assert longer.wait() == 0, longer.stderr.read()[-2000:]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-4 were not run again
+    assert (tmp_path / "a" / "mychar-step00000006.safetensors").is_file()  # save.every_n_steps carried over
+    whole = _cli(args[1:] + ["train.max_steps=6", f"hydra.run.dir={tmp_path / 'b'}"], tmp_path)
+    assert whole.wait() == 0, whole.stderr.read()[-2000:]
+    torch.testing.assert_close(_vectors(embedding)["emb_params"],
+                               _vectors(tmp_path / "b" / "mychar.safetensors")["emb_params"], rtol=0, atol=1e-6)
 
 
 def test_resume_errors(tmp_path):

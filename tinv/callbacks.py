@@ -8,6 +8,7 @@ callback is a plain class with just the hooks it needs, added with `+callbacks.m
     on_start(run)                           after setup (and resume), before the first step
     on_step_end(run, step: StepOutput)      after every optimizer step, skipped ones included (step.skipped)
     on_log(run, metrics)                    whenever the run logs metrics
+    on_files(run, files)                    after the parts wrote files ({summary key: path})
     on_end(run)                             after the last step
     state_dict() / load_state_dict(state)   what a resumed run needs (kept in <run dir>/state)
 
@@ -112,8 +113,9 @@ class BestFiles:
 
 
 class ResumableState:
-    """<run dir>/state every `every_n_steps` (save.state_every_n_steps), skipped steps included. A stop by Ctrl-C or
-    SIGTERM writes it whatever this says."""
+    """<run dir>/state every `every_n_steps` (save.state_every_n_steps), skipped steps included, and whenever files
+    are written (so a resume never redoes work the files already hold). The end of a run and a stop by Ctrl-C or
+    SIGTERM write it whatever this says."""
 
     def __init__(self, every_n_steps: int = 0):
         self.every_n_steps = every_n_steps
@@ -121,3 +123,6 @@ class ResumableState:
     def on_step_end(self, run, step) -> None:
         if every(step.step, self.every_n_steps):
             run.save_state()
+
+    def on_files(self, run, files: dict) -> None:
+        run.save_state()

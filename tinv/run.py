@@ -111,6 +111,7 @@ class Run:
             written.update(part.write(self, suffix))
         for path in written.values():
             log.info("saved %s (step %d)", path, self.step)
+        self.callbacks.call("on_files", self, written)
         return written
 
     def save_state(self) -> None:

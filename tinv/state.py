@@ -77,7 +77,13 @@ def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:
         if not (state / "state.json").is_file():
             raise ConfigError(f"resume={resume!r}: no saved state there (expected {state / 'state.json'}); "
                               "runs save one with save.state_every_n_steps or when stopped by Ctrl-C/SIGTERM")
+    state = state.resolve()
     return state.parent, state
+
+
+def saved_step(state_dir: Path) -> int:
+    """The optimizer steps a saved state holds, read without loading anything else."""
+    return int(json.loads((state_dir / "state.json").read_text())["step"])
 
 
 def load_state(state_dir: Path, run) -> RunState:

@@ -30,6 +30,7 @@ from .losses import DiffusionLoss
 from .objective import sweep_value
 from .optim import check_optimization
 from .run import Job, open_run
+from .state import find_state, saved_step
 from .sweeping import sweep_identity
 from .trainer import Interrupted, Trainer, TrainResult
 
@@ -80,12 +81,20 @@ def describe_samples(dataset, token, backbone, count: int = 8) -> str:
 
 
 def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) -> Job | None:
-    """Every piece of the run, built from the config and checked before any weights load; None for data.debug,
-    which only prints. `tracker` replaces the configured logger (tinv-bench passes its own)."""
+    """Every piece of the run, built from the config and checked before any weights load; None when there is
+    nothing to train (data.debug, which only prints; a resumed run that is already complete). `tracker` replaces
+    the configured logger (tinv-bench passes its own)."""
     apply_deprecated(cfg)
     check_values(cfg)
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    if cfg.resume:
+        state_dir = find_state(cfg.resume, run_dir)[1]
+        done = saved_step(state_dir)
+        if done >= cfg.train.max_steps:
+            print(f"tinv-train: {state_dir.parent} is complete at step {done} (train.max_steps={cfg.train.max_steps});"
+                  f" nothing to do - raise train.max_steps to train further")
+            return None
     check_optimization(cfg.optimizer, cfg.scheduler, cfg.train.max_steps, choices)
 
     token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights,
@@ -168,7 +177,32 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='tinv-rank-')}", "hydra.output_subdir=null"]
     import_from_cwd()
+    try:
+        sys.argv[1:] = resumed_args(sys.argv[1:])
+    except ConfigError as err:
+        print(f"tinv-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     hydra_main()
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def resumed_args(args: list[str]) -> list[str]:
+    """With `resume=<run dir>` (or latest): that run's own overrides first (this command's win over them) and Hydra's
+    folder set to the run's, so a resumed run keeps its settings and goes on in its own folder and log."""
+    import yaml
+
+    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not resume or not resume[-1] or resume[-1] == "null" or any(a in ("-m", "--multirun") for a in args):
+        return args
+    run_dir, _ = find_state(resume[-1], Path("/nonexistent"))
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    original = (yaml.safe_load(recorded.read_text()) or []) if recorded.is_file() else []
+    given = {_key(a) for a in args if not a.startswith("-")} | {"resume", "hydra.run.dir"}
+    return [o for o in original if _key(o) not in given] + \
+        [a for a in args if _key(a) not in ("resume", "hydra.run.dir")] + [f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 
 def import_from_cwd() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import TrainingDiverged
+from .errors import TrainingDiverged, first_line
 from .losses import DiffusionLoss
 from .objective import read_objective
 from .seeds import derive_seed
@@ -52,9 +52,17 @@ class TrainResult:
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the files and the state were saved."""
 
-    def __init__(self, signum: int, run_dir: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at a step boundary; embedding and state saved "
-                         f"in {run_dir} - continue with the same command plus resume={run_dir}")
+    def __init__(self, signum: int, run_dir: Path, when: str = "at a step boundary"):
+        self.signum, self.signal = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal} {when}; embedding and state saved in {run_dir} - continue with "
+                         f"the same command plus resume={run_dir}")
+
+
+class StopNow(Exception):
+    """A signal after the last step (during the final scoring): the work is saved, so stop at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
@@ -89,11 +97,14 @@ class Trainer:
                     run.callbacks.call("on_step_end", run, out)
                     if (signum := stop.agreed(run.accelerator)) is not None:
                         bar.close()
-                        run.write_files("")
-                        run.save_state()
-                        raise Interrupted(signum, run.run_dir)
+                        raise self.save_and_stop(run, signum)
                 bar.close()
-            run.callbacks.call("on_end", run)
+                stop.at_once = True  # from here on a signal stops the final work (scores) at once
+                try:
+                    run.callbacks.call("on_end", run)
+                except StopNow as err:
+                    raise self.save_and_stop(run, err.signum, "during the final scoring") from None
+            run.save_state()  # a finished run resumes as finished
             run.tracker.set_summary(final_loss=last_loss, step=run.step, base_model=run.backbone.source,
                                     family=run.backbone.family, bad_steps=run.state.bad_steps_total,
                                     wall_s=round(time.perf_counter() - run.started[0], 2), started_at=run.started[1],
@@ -103,8 +114,21 @@ class Trainer:
             ok = True
             embedding = summary.get("embedding")
             return TrainResult(Path(embedding) if embedding else None, run.step, last_loss, run, summary)
+        except Interrupted as err:
+            run.tracker.set_summary(step=run.step, stopped_by=err.signal, resume=f"resume={run.run_dir}")
+            raise
+        except BaseException as err:
+            run.tracker.set_summary(step=run.step, error=f"{type(err).__name__}: {first_line(err)}")
+            raise
         finally:
             run.tracker.finish(ok)
+
+    @staticmethod
+    def save_and_stop(run, signum: int, when: str = "at a step boundary") -> Interrupted:
+        """Write the files and the state as they are now; the Interrupted error to raise."""
+        run.tracker.set_summary(**{key: str(path) for key, path in run.write_files("").items()})
+        run.save_state()
+        return Interrupted(signum, run.run_dir, when)
 
     @staticmethod
     def metrics(run, out: StepOutput, steps_per_s: float) -> dict:
@@ -199,12 +223,16 @@ class Throughput:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second signal stops at once."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second signal stops at once. After the last
+    step (`at_once`) the first signal stops at once: the files are written by then."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.at_once = False
 
     def __call__(self, signum, frame) -> None:
+        if self.at_once:
+            raise StopNow(signum)
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
