@@ -47,7 +47,7 @@ def test_known_token_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tinv-train: error:")]
     assert len(errors) == 1 and "token.string='cat'" in errors[0] and "token.string=" in errors[0].split(";")[1]
     assert not run.exists()  # nothing written, not even Hydra's files
-    assert proc.stdout.count("already token") == 0  # said once, on stderr
+    assert proc.stdout.count("already a word") == 0  # said once, on stderr
 
 
 def test_tinv_tiny_writes_a_loadable_pipeline(tmp_path):

@@ -50,7 +50,7 @@ def test_vectors_stay_fp32_when_the_vocabulary_is_half():
 @pytest.mark.parametrize("word", ["cat", "photo", "<|endoftext|>", "a"])
 def test_known_token_is_refused_with_a_suggestion(word):
     backbone = Backbone.from_pretrained("sd1", tiny_model_path("sd15"))
-    with pytest.raises(ConfigError, match=r"token.string=.*already token .* pick a word the model does not know"):
+    with pytest.raises(ConfigError, match=r"token.string=.*already a word the model knows .* pick a new word"):
         ConceptToken(word).check_new(backbone.encoders)
 
 
@@ -58,7 +58,7 @@ def test_extra_vector_names_are_checked_too():
     backbone = Backbone.from_pretrained("sd1", tiny_model_path("sd15"))
     backbone.encoders[0].tokenizer.add_tokens(["zork1"])  # as if another embedding were loaded before
     ConceptToken("zork", num_vectors=1).check_new(backbone.encoders)
-    with pytest.raises(ConfigError, match="'zork1' is already token"):
+    with pytest.raises(ConfigError, match="'zork1' is already a word"):
         ConceptToken("zork", num_vectors=2).check_new(backbone.encoders)
 
 

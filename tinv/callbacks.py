@@ -10,6 +10,7 @@ callback is a plain class with just the hooks it needs, added with `+callbacks.m
     on_log(run, metrics)                    whenever the run logs metrics
     on_files(run, files)                    after the parts wrote files ({summary key: path})
     on_end(run)                             after the last step
+    next_steps(run) -> list[str]            commands worth running next, printed at the end of the run
     state_dict() / load_state_dict(state)   what a resumed run needs (kept in <run dir>/state)
 
 `run` is the tinv.run.Run context: its public fields are all a callback needs. Callbacks run in config order.
@@ -46,6 +47,11 @@ class Callbacks:
             method = getattr(callback, hook, None)
             if method is not None:
                 method(*args)
+
+    def collect(self, hook: str, *args) -> list:
+        """The lists a hook returns, joined."""
+        return [item for callback in self.items.values() if hasattr(callback, hook)
+                for item in getattr(callback, hook)(*args)]
 
     def on_dataset(self, dataset):
         for callback in self.items.values():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -102,8 +102,8 @@ class ConceptToken:
                     free = next(c for c in (f"my{self.string}", f"{self.string}ti", f"{self.string}_ti")
                                 if all(_vocab_hit(e.tokenizer, c) is None for e in encoders))
                     raise ConfigError(
-                        f"token.string={self.string!r}: {name!r} is already token {hit} of the {enc.key} tokenizer, "
-                        f"so it cannot be learned; pick a word the model does not know, e.g. token.string={free}")
+                        f"token.string={self.string!r}: {name!r} is already a word the model knows (token {hit} of "
+                        f"{enc.label}), so it cannot be learned; pick a new word, e.g. token.string={free}")
 
     def check_start(self, encoders) -> None:
         """token.weights must fit the model: one tensor per encoder, of its width, with equal row counts."""
@@ -117,12 +117,13 @@ class ConceptToken:
                 if self.weights_path and Path(self.weights_path).name.startswith(DIFFUSERS_FILES[0]):
                     raise ConfigError(f"token.weights={self.weights_path} is one file of a diffusers SDXL pair; give "
                                       "the folder holding learned_embeds.safetensors and learned_embeds_2.safetensors")
-                raise ConfigError(f"token.weights has {sorted(self.start)} but this {enc.key!r} model needs "
-                                  f"{[e.key for e in encoders]}; it was trained for another model family")
+                raise ConfigError(f"token.weights holds vectors for {sorted(self.start)} but this model needs "
+                                  f"{[e.key for e in encoders]} (one set per text encoder); it was trained for another "
+                                  "model family")
             width = self.start[enc.key].shape[1]
             if width != enc.width:
-                raise ConfigError(f"token.weights {enc.key} vectors are {width} wide but the model's {enc.key} "
-                                  f"encoder is {enc.width} wide; it was trained for another model family")
+                raise ConfigError(f"token.weights: its {enc.key} vectors are {width} wide but {enc.label} is "
+                                  f"{enc.width} wide; it was trained for another model family")
 
     def contains_token(self, text: str) -> bool:
         return bool(self._pattern.search(text))
@@ -145,8 +146,9 @@ class ConceptToken:
             ids = tok.convert_tokens_to_ids(self.names)
             probe = tok(self.expand(self.string), add_special_tokens=False).input_ids
             if ids != list(range(first, first + self.num_vectors)) or probe != ids:
-                raise ConfigError(f"token.string={self.string!r} does not tokenize to its own new tokens in the "
-                                  f"{enc.key} tokenizer (got {probe}); use a lowercase word of letters and digits")
+                raise ConfigError(f"token.string={self.string!r} does not come out as its own new tokens from the "
+                                  f"tokenizer of {enc.label} (got ids {probe}); use a lowercase word of letters and "
+                                  "digits")
             self.first_ids[enc.key] = first
 
     def install(self, encoders, seed: int) -> None:
@@ -294,18 +296,18 @@ def _save_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: Embeddin
 class LoadedEmbedding:
     vectors: dict[str, torch.Tensor]  # {emb_params} or {clip_l, clip_g}, dtype as stored
     name: str | None  # the token name the file carries, if any
+    header: dict = field(default_factory=dict)  # safetensors metadata (tinv writes tinv.family, tinv.base_model, ...)
 
 
-def _read_tensors(path: Path) -> object:
+def _read_tensors(path: Path) -> tuple[object, dict]:
+    """The file's content and its header metadata (safetensors only)."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            data = {k: f.get_tensor(k) for k in f.keys()}
-            name = (f.metadata() or {}).get("tinv.token")
-        return data if name is None else {**data, "__tinv_name__": name}
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True), {}
     except Exception as err:  # noqa: BLE001 - any unpickling failure means we will not trust the file
         raise ConfigError(f"{path}: refused - not a plain tensor file ({first_line(err)}); only weights are loaded, never "
                           "pickled code. Convert it to .safetensors") from None
@@ -323,13 +325,11 @@ def read_embedding(path: str | Path) -> LoadedEmbedding:
         if len(parts) == 1:
             return parts[0]
         return LoadedEmbedding({"clip_l": parts[0].vectors[SD_KEY], "clip_g": parts[1].vectors[SD_KEY]},
-                               parts[0].name)
+                               parts[0].name, parts[0].header)
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} does not exist; give the path of an embedding file")
-    data = _read_tensors(path)
-    name = None
-    if isinstance(data, dict):
-        name = data.pop("__tinv_name__", None)
+    data, header = _read_tensors(path)
+    name = header.get("tinv.token")
     if isinstance(data, torch.Tensor):
         data = {SD_KEY: data}
     if not isinstance(data, dict):
@@ -348,7 +348,7 @@ def read_embedding(path: str | Path) -> LoadedEmbedding:
             name = name or key
         vectors = {SD_KEY: tensor}
     vectors = {k: v.unsqueeze(0) if v.ndim == 1 else v for k, v in vectors.items()}
-    return LoadedEmbedding({k: v.detach() for k, v in vectors.items()}, name)
+    return LoadedEmbedding({k: v.detach() for k, v in vectors.items()}, name, header)
 
 
 def load_embedding(path: str | Path) -> dict[str, torch.Tensor]:

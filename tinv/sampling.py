@@ -86,17 +86,18 @@ SAMPLER_CLASSES = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
                    "euler_a": "EulerAncestralDiscreteScheduler", "dpmsolver++": "DPMSolverMultistepScheduler"}
 
 
-def _scheduler(name: str, config, prediction_type: str):
+def scheduler_for(name: str, config, prediction_type: str):
+    """The diffusers sampler `name` (a Sampler value) for a model's noise schedule."""
     import diffusers
 
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
     return getattr(diffusers, SAMPLER_CLASSES[name]).from_config(config, prediction_type=prediction_type, **extra)
 
 
-def grid(images: list) -> "object":
+def grid(images: list, cols: int = 4) -> "object":
     from PIL import Image
 
-    cols = min(4, len(images))
+    cols = min(cols, len(images))
     rows = (len(images) + cols - 1) // cols
     w, h = max(i.width for i in images), max(i.height for i in images)
     sheet = Image.new("RGB", (cols * w, rows * h), "white")
@@ -105,7 +106,8 @@ def grid(images: list) -> "object":
     return sheet
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A prompt as a short file-name part."""
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:48] or "prompt"
 
 
@@ -163,7 +165,7 @@ class Previews:
         images, written = [], []
         with sampling_mode(backbone, acc.device):
             for n, spec in enumerate(self.prompts):
-                pipe = backbone.pipeline(_scheduler(spec.sampler, backbone.noise_scheduler.config,
+                pipe = backbone.pipeline(scheduler_for(spec.sampler, backbone.noise_scheduler.config,
                                                     backbone.prediction_type))
                 pipe.set_progress_bar_config(disable=True)
                 gen = torch.Generator(device="cpu").manual_seed(spec.seed)
@@ -172,7 +174,7 @@ class Previews:
                                  width=spec.width, height=spec.height, num_inference_steps=spec.steps,
                                  guidance_scale=spec.guidance_scale, generator=gen,
                                  **backbone.sampling_kwargs()).images[0]
-                path = out_dir / f"{n:02d}-{_slug(spec.prompt)}.png"
+                path = out_dir / f"{n:02d}-{slug(spec.prompt)}.png"
                 image.save(path)
                 images.append(image)
                 written.append(path)

@@ -96,6 +96,15 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
+def summary_direction(metric: str) -> str | None:
+    """Which value of a metric wandb's summary should keep: lower losses, higher accuracies and similarities."""
+    if "loss" in metric:
+        return "min"
+    if any(word in metric for word in ("accuracy", "reconstruction", "score")):
+        return "max"
+    return None
+
+
 class WandbTracker(Tracker):
     def __init__(self, project: str = "tinv", mode: str | None = None, entity: str | None = None,
                  name: str | None = None, group: str | None = None, tags: list[str] | None = None,
@@ -113,6 +122,7 @@ class WandbTracker(Tracker):
             raise ConfigError("logger.mode=online needs a wandb API key: run `wandb login` or set WANDB_API_KEY, "
                               "or use logger.mode=offline (and `wandb sync` later)")
         self.run = None
+        self.defined: set[str] = set()
 
     def start(self, run_dir: Path, config: dict, enabled: bool = True, resume_id: str | None = None,
               resume_step: int = 0) -> None:
@@ -126,9 +136,12 @@ class WandbTracker(Tracker):
         sweep = sweep_identity()  # a multirun job: one wandb group per sweep, named runs, overrides in the config
         if sweep:
             config = {**config, "sweep": {k: sweep[k] for k in ("sweep", "sweep_dir", "job_num", "overrides")}}
-        self.run = wandb.init(project=self.project, entity=self.entity, name=self.name or sweep.get("job_name"),
+        token = config.get("token", {}).get("string", "run")  # a single run: "<token>-<date>-<time>" of its folder
+        name = self.name or sweep.get("job_name") or f"{token}-{Path(run_dir).parent.name}-{Path(run_dir).name}"
+        self.run = wandb.init(project=self.project, entity=self.entity, name=name,
                               group=self.group or sweep.get("group"), tags=self.tags, config=config,
-                              dir=str(run_dir), mode=self.mode, id=resume_id, resume="allow" if resume_id else None)
+                              dir=str(run_dir), mode=self.mode, id=resume_id, resume="allow" if resume_id else None,
+                              settings=wandb.Settings(silent=True))  # tinv says what matters at the end
         self.run_id = self.run.id
         self.set_summary(wandb_id=self.run.id, wandb_group=self.run.group or "")
         log.info("wandb run %s (%s)", self.run.id, self.mode)
@@ -142,6 +155,10 @@ class WandbTracker(Tracker):
     def log(self, metrics: dict, step: int) -> None:
         super().log(metrics, step)
         if self.run is not None:
+            for key in metrics.keys() - self.defined:  # the summary keeps each metric's best value, not its last
+                self.defined.add(key)
+                if summary_direction(key):
+                    self.run.define_metric(key, summary=summary_direction(key))
             self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
 
     def finish(self, ok: bool = True) -> None:

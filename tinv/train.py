@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .atomic import write_text_atomic
 from .callbacks import Callbacks
+from .console import quiet_libraries, route_library_logs
 from .config import LOADING_KEYS, apply_deprecated, check_values
 from .data import PromptBuilder
 from .embedding import ConceptToken
@@ -35,6 +36,7 @@ from .sweeping import sweep_identity
 from .trainer import Interrupted, Trainer, TrainResult
 
 log = logging.getLogger("tinv")
+quiet_libraries()  # transformers and diffusers load later, when the model does
 
 
 def build(node, label: str | None = None, **kwargs):
@@ -124,18 +126,52 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | None:
-    """Train one embedding (None for data.debug, which only prints)."""
+    """Train one embedding (None when there is nothing to train)."""
     job = prepare(cfg, run_dir)
     if job is None:
         return None
     result = job.trainer.fit(open_run(job))
-    log.info("embedding: %s", result.embedding)
+    if result.run.is_main:
+        print(outcome(result, cfg), flush=True)
     return result
+
+
+def outcome(result: TrainResult, cfg: DictConfig) -> str:
+    """What a finished run says: its numbers, its files, and what to do next."""
+    s, run = result.summary, result.run
+    better = "higher" if s.get("objective_mode") == "max" else "lower"
+    lines = [f"tinv-train: done, {s['step']} steps in {s['wall_s']:.0f} s; {s['objective_name']} = "
+             f"{s['objective']:.4g} ({better} is better)"]
+    scores = {k.split("/", 1)[1]: v[-1][1] for k, v in run.tracker.history.items()
+              if k.startswith("val/") and isinstance(v[-1][1], float)}
+    if scores:
+        lines.append("  scores     " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f" (step {s['step']})")
+    files = [("embedding", s.get("embedding"))]
+    best = sorted(run.run_dir.glob(f"{run.output_name}-best.*"))
+    if best and "best_step" in s:
+        files.append(("best", f"{best[0]} (step {s['best_step']})"))
+    files += [("samples", s.get("concept_samples")), ("previews", run.run_dir / "samples"
+                                                                  if any(run.run_dir.glob("samples/step-*")) else None),
+              ("run folder", f"{run.run_dir} (metrics.jsonl, summary.json, train.log, state/)")]
+    lines += [f"  {name:<10} {value}" for name, value in files if value]
+    if s.get("embedding"):
+        token = run.token.string
+        generate = (f'tinv-generate {s["embedding"]} "a photo of {token}" --sampler {cfg.sample.sampler} '
+                    f"--steps {cfg.sample.steps} --guidance {cfg.sample.guidance_scale}")
+        name = Path(s["embedding"]).stem
+        steps = [generate, *run.callbacks.collect("next_steps", run),
+                 f"A1111/Forge: copy it into embeddings/ and write {name} in a prompt; ComfyUI: models/embeddings/, "
+                 f"embedding:{name}; diffusers: load_textual_inversion (README: Using the embedding)"]
+        lines += ["  next       " + steps[0]] + [f"             {line}" for line in steps[1:]]
+    if getattr(run.tracker, "mode", None) == "offline":
+        lines.append(f"  wandb      offline; upload with: wandb sync {run.run_dir / 'wandb'}/offline-run-*")
+    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Returns the run's objective to the sweeper (objective.*: the best val/loss by default, lower is better)."""
+    route_library_logs()
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = bool(sweep_identity())
     try:

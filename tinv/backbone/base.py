@@ -31,6 +31,12 @@ class TextEncoder:
     model: nn.Module | None = None
     width: int = 0  # hidden size, read from the encoder's config before any weights load
 
+    @property
+    def label(self) -> str:
+        """The encoder as messages name it."""
+        return {"emb_params": "the text encoder", "clip_l": "text encoder 1 (CLIP-L)",
+                "clip_g": "text encoder 2 (OpenCLIP bigG)"}[self.key]
+
 
 def _final_layer_norm(model: nn.Module) -> nn.Module:
     # transformers 5 CLIPTextModel has no `.text_model` wrapper; CLIPTextModelWithProjection still does.
@@ -212,6 +218,11 @@ class Backbone:
     def sampling_kwargs(self) -> dict:
         """Arguments of a pipeline call that make it condition prompts as training does."""
         return {}
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the loaded UNet was built for (latent size x the VAE's downscale)."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()

@@ -109,11 +109,18 @@ class ConceptScoring:
 
     def on_end(self, run) -> None:
         if run.is_main:
-            run.tracker.set_summary(**self.score(run))
+            log.info("scoring %d samples of the token against %r (Ctrl-C skips it: the embedding is saved)",
+                     self.num_samples, self.concept.text())
+            run.tracker.set_summary(**self.score(run, progress=True))
 
-    def score(self, run) -> dict:
+    def next_steps(self, run) -> list[str]:
+        embedding = run.tracker.summary.get("embedding")
+        return [f'tinv-eval {embedding} --concept "{self.concept.text()}" --grid samples.png'] if embedding else []
+
+    def score(self, run, progress: bool = False) -> dict:
         from diffusers import DDIMScheduler
 
+        from ..atomic import atomic_path
         from ..sampling import sampling_mode
         from .scoring import sample_images, score
 
@@ -122,9 +129,14 @@ class ConceptScoring:
             pipe = backbone.pipeline(DDIMScheduler.from_config(backbone.noise_scheduler.config))
             prompts = [token.expand(p) for p in eval_prompts(token.string, self.num_samples)]
             images = sample_images(pipe, prompts, eval_seeds(self.seed, self.num_samples), self.guidance_scale,
-                                   **backbone.sampling_kwargs())
+                                   progress=progress, **backbone.sampling_kwargs())
         scores = score(self.judge, images, self.concept, self.references)
         run.log({f"val/{k}": v for k, v in scores.items()})
+        grid = run.run_dir / "samples" / f"concept-step-{run.step:08d}.png"
+        with atomic_path(grid) as tmp:
+            save_grid(images, tmp, fmt="png")
+        run.tracker.log_images({"val/concept_samples": [grid_image(images)]}, run.step)
+        run.tracker.set_summary(concept_samples=str(grid))
         log.info("step %d: %s", run.step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return scores
 
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 2) -> Path:
+def grid_image(images: np.ndarray, cols: int = 8, scale: int = 2):
+    """The samples as one PIL image, `cols` to a row, enlarged `scale` times."""
     from PIL import Image
 
     n, h, w, _ = images.shape
@@ -213,8 +226,12 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 2) -> 
     sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
     for i, im in enumerate(images):
         sheet[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST).save(path)
+    return Image.fromarray(sheet).resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST)
+
+
+def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 2, fmt: str | None = None) -> Path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, cols, scale).save(path, format=fmt)
     return path
 
 

@@ -18,11 +18,11 @@ from .world import Concept
 
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: float = GUIDANCE_SCALE,
-                  steps: int = SAMPLE_STEPS, batch: int = 64, **call_kwargs) -> np.ndarray:
+                  steps: int = SAMPLE_STEPS, batch: int = 64, progress: bool = False, **call_kwargs) -> np.ndarray:
     """uint8 (n, 32, 32, 3): prompt i from seed i, independent of batch size and order."""
     from diffusers import DDIMScheduler
 
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=not progress, desc="scoring", leave=False)
     scheduler = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(scheduler.config)  # one fixed sampler for every score
     out = []

@@ -1,0 +1,60 @@
+"""What tinv's commands print: tinv's own messages on the console; the libraries' warnings and notices in the run's
+log file (train.log) only, and no download or weight-loading progress bars.
+
+`quiet_libraries()` runs before transformers or diffusers are first imported (their import-time notices, such as
+the torchvision one, are never shown); `route_library_logs()` then sends what they log to the root logger, where
+Hydra's file handler keeps it and `ConsoleFilter` keeps it off the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LIBRARIES = ("transformers", "diffusers", "huggingface_hub")
+OWN = ("tinv", "hydra", "__main__")  # loggers whose INFO belongs on the console
+
+
+def quiet_libraries() -> None:
+    for name in LIBRARIES:
+        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.captureWarnings(True)  # Python warnings become log records (py.warnings), filtered like the rest
+
+
+def route_library_logs(to_log_file: bool = True) -> None:
+    """No progress bars from the libraries; with `to_log_file` (a Hydra job, which keeps train.log) their warnings
+    propagate to the root logger instead of printing, otherwise only their errors print."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for lib in (transformers_logging, diffusers_logging):
+        lib.disable_progress_bar()
+        if to_log_file:
+            lib.disable_default_handler()
+            lib.enable_propagation()
+            lib.set_verbosity_warning()
+        else:
+            lib.set_verbosity_error()
+    if not to_log_file:
+        logging.getLogger("py.warnings").addHandler(logging.NullHandler())
+        logging.getLogger("py.warnings").propagate = False
+
+
+class ConsoleFilter(logging.Filter):
+    """tinv's and Hydra's records, and anyone's errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] in OWN or record.levelno >= logging.ERROR
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Plain messages; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
