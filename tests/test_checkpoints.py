@@ -137,9 +137,10 @@ def test_weights_mismatches_fail_before_models_load(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Backbone, "load_models", lambda *a, **k: pytest.fail("models loaded"))
     files = _formats(tmp_path, "sd1")
-    with pytest.raises(ConfigError, match=r"has \['emb_params'\] but this 'clip_l' model needs"):
+    with pytest.raises(ConfigError, match=r"holds vectors for \['emb_params'\] but this model needs \['clip_l', "
+                                          r"'clip_g'\] \(one set per text encoder\)"):
         train(tmp_path / "a", ["model=tiny_sdxl", f"token.weights={files['kohya']}"])
-    with pytest.raises(ConfigError, match="emb_params vectors are 32 wide but the model's emb_params encoder is 48"):
+    with pytest.raises(ConfigError, match="its emb_params vectors are 32 wide but the text encoder is 48 wide"):
         train(tmp_path / "b", ["model=tiny_sd2", f"token.weights={files['kohya']}"])
     (tmp_path / "xl").mkdir()
     pair = _formats(tmp_path / "xl", "sdxl")["diffusers_pair"]

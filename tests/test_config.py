@@ -205,9 +205,9 @@ def test_adamw8bit_without_bitsandbytes_says_how_to_fix():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["optimizer.lr=-1"], "optimizer: Invalid learning rate: -1"),
-    (["optimizer=sgd", "optimizer.momentum=-1"], "optimizer: Invalid momentum value"),
-    (["scheduler.name=cosinus"], "scheduler: 'cosinus' is not a valid SchedulerType"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1: Invalid learning rate: -1"),
+    (["optimizer=sgd", "optimizer.momentum=-1"], "optimizer.momentum=-1: Invalid momentum value"),
+    (["scheduler.name=cosinus"], "scheduler.name=cosinus: 'cosinus' is not a valid SchedulerType"),
 ])
 def test_bad_optimizer_and_scheduler_values_fail_before_loading(overrides, message):
     cfg = compose(overrides)

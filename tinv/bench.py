@@ -189,9 +189,10 @@ def bench_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    from .train import import_from_cwd
+    from .train import command_line, import_from_cwd
 
     import_from_cwd()
+    sys.argv[1:] = command_line("tinv-bench", sys.argv[1:])
     bench_main()
 
 

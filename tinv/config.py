@@ -264,8 +264,25 @@ def recorded_config(cfg) -> dict:
     return plain
 
 
+def _unknown_keys(schema: type, node, prefix: str = ""):
+    """(key, its siblings in the schema) for keys of typed nodes that the schema does not have (added with `+`)."""
+    known = {f.name: f for f in fields(schema)}
+    for key in node.keys():
+        if key not in known:
+            yield f"{prefix}{key}", [f"{prefix}{k}" for k in known]
+        elif is_dataclass(known[key].type):
+            yield from _unknown_keys(known[key].type, node[key], f"{prefix}{key}.")
+
+
 def check_values(cfg) -> None:
-    """Value checks that types cannot express; raises ConfigError naming the key."""
+    """Keys the schema does not know, and value checks that types cannot express; raises ConfigError naming the
+    key."""
+    import difflib
+
+    for key, siblings in _unknown_keys(RunConfig, cfg):
+        close = difflib.get_close_matches(key, siblings, n=2, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "`tinv-train --cfg job` lists every key"
+        raise ConfigError(f"{key} is not a key tinv reads, so it would do nothing; {hint}")
     for key, node, name, minimum in _fields_with(RunConfig, cfg, "min"):
         value = node[name]
         if value is not None and value < minimum:

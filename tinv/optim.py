@@ -7,6 +7,7 @@ misspelled argument or a bad value (a negative lr, an unknown schedule name) cos
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 from hydra.utils import get_method, instantiate
@@ -57,6 +58,15 @@ def check_optimization(optimizer: DictConfig, scheduler: DictConfig, max_steps: 
         try:
             build()
         except Exception as err:  # noqa: BLE001 - any failure here is a bad value in the user's config
-            cause = err.__cause__ or err
-            raise ConfigError(f"{group}: {first_line(cause)} (from {group} settings "
-                              f"{OmegaConf.to_container(node)})") from None
+            message = first_line(err.__cause__ or err)
+            raise ConfigError(f"{_culprit(group, node, message)}: {message}") from None
+
+
+def _culprit(group: str, node: DictConfig, message: str) -> str:
+    """The `group.key=value` whose value the library's message quotes (e.g. "Invalid learning rate: -0.001" names
+    optimizer.lr=-0.001), else the group and its target."""
+    for key, value in OmegaConf.to_container(node).items():
+        if not key.startswith("_") and isinstance(value, (int, float, str)) and not isinstance(value, bool) \
+                and re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", message):
+            return f"{group}.{key}={value}"
+    return f"{group} ({node.get('_target_')})"

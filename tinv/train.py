@@ -213,32 +213,24 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='tinv-rank-')}", "hydra.output_subdir=null"]
     import_from_cwd()
-    try:
-        sys.argv[1:] = resumed_args(sys.argv[1:])
-    except ConfigError as err:
-        print(f"tinv-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.argv[1:] = command_line("tinv-train", sys.argv[1:])
     hydra_main()
 
 
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
+def command_line(prog: str, args: list[str]) -> list[str]:
+    """The arguments as Hydra should get them (tinv.commandline); exits with one line for what cannot run."""
+    from .commandline import expand_home, help_text, precheck, resumed_args
 
-
-def resumed_args(args: list[str]) -> list[str]:
-    """With `resume=<run dir>` (or latest): that run's own overrides first (this command's win over them) and Hydra's
-    folder set to the run's, so a resumed run keeps its settings and goes on in its own folder and log."""
-    import yaml
-
-    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if not resume or not resume[-1] or resume[-1] == "null" or any(a in ("-m", "--multirun") for a in args):
-        return args
-    run_dir, _ = find_state(resume[-1], Path("/nonexistent"))
-    recorded = run_dir / ".hydra" / "overrides.yaml"
-    original = (yaml.safe_load(recorded.read_text()) or []) if recorded.is_file() else []
-    given = {_key(a) for a in args if not a.startswith("-")} | {"resume", "hydra.run.dir"}
-    return [o for o in original if _key(o) not in given] + \
-        [a for a in args if _key(a) not in ("resume", "hydra.run.dir")] + [f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
+    if prog == "tinv-train" and ("--help" in args or "-h" in args):
+        print(help_text())
+        sys.exit(0)
+    try:
+        args = resumed_args(expand_home(args))
+        precheck(args)
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return args
 
 
 def import_from_cwd() -> None:

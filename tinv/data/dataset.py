@@ -94,14 +94,14 @@ class TrainingSet(Dataset):
     def _scan(self, sub: SubsetSpec, ds: DatasetSpec, subset_index: int, dataset_index: int) -> list[Sample]:
         root = Path(sub.image_dir).expanduser()
         if not root.is_dir():
-            raise ConfigError(f"{sub.source}: image_dir={str(root)!r} does not exist or is not a folder")
+            raise ConfigError(f"{self._where(sub, root)} does not exist or is not a folder")
         captions = read_metadata(sub.metadata_file, sub.caption_separator) if sub.metadata_file else None
         paths = list_images(root)
         if captions is not None:
             paths = [p for p in paths if str(p) in captions or p.stem in captions or
                      str(p.relative_to(root)) in captions]
         if not paths:
-            raise ConfigError(f"{sub.source}: image_dir={str(root)!r} holds no images (png, jpg, jpeg, webp, bmp)")
+            raise ConfigError(f"{self._where(sub, root)} holds no images (png, jpg, jpeg, webp, bmp)")
         buckets = self._bucket_list(ds)
         samples, skipped = [], 0
         for path in paths:
@@ -120,6 +120,11 @@ class TrainingSet(Dataset):
         if skipped:
             log.warning("%s: skipped %d of %d files that are not readable images", sub.source, skipped, len(paths))
         return samples
+
+    @staticmethod
+    def _where(sub: SubsetSpec, root: Path) -> str:
+        """The subset's folder as the user gave it (named once)."""
+        return sub.source if str(root) in sub.source else f"{sub.source}: image_dir={str(root)!r}"
 
     @staticmethod
     def _bucket_list(ds: DatasetSpec) -> list[tuple[int, int]] | None:

@@ -1,0 +1,183 @@
+"""What `tinv-train` (and `tinv-bench`) do with the command line before Hydra sees it.
+
+- `key=~/path` becomes the home-expanded path (Hydra's lexer refuses a bare `~`; shells do not expand it there);
+- `resume=<run>` brings back that run's own overrides and folder (see `resumed_args`);
+- `--help` prints tinv's own help, fast;
+- every override is composed once up front, so a misspelled key, an unknown choice or a bad value is one line that
+  says how to fix it (with the closest real keys), before Hydra makes a run folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+
+from .errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps" / "sweep"
+_HOME = re.compile(r"^([+~]*[\w./-]+)=~(/.*)?$")
+
+
+def expand_home(args: list[str]) -> list[str]:
+    return [f"{m.group(1)}={os.path.expanduser('~' + (m.group(2) or ''))}" if (m := _HOME.match(a)) else a
+            for a in args]
+
+
+def override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def resumed_args(args: list[str]) -> list[str]:
+    """With `resume=<run dir>` (or latest): that run's own overrides first (this command's win over them) and Hydra's
+    folder set to the run's, so a resumed run keeps its settings and goes on in its own folder and log."""
+    import yaml
+
+    from .state import find_state
+
+    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not resume or resume[-1] in ("", "null") or any(a in ("-m", "--multirun") for a in args):
+        return args
+    run_dir, _ = find_state(resume[-1], Path("/nonexistent"))
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    original = (yaml.safe_load(recorded.read_text()) or []) if recorded.is_file() else []
+    given = {override_key(a) for a in args if not a.startswith("-")} | {"resume", "hydra.run.dir"}
+    return [o for o in original if override_key(o) not in given] + \
+        [a for a in args if override_key(a) not in ("resume", "hydra.run.dir")] + \
+        [f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
+
+
+def _choices(group: Path) -> list[str]:
+    return sorted(p.stem for p in group.glob("*.yaml"))
+
+
+def _launchers() -> list[str]:
+    from importlib.util import find_spec
+
+    found = ["basic"] + _choices(CONF / "hydra" / "launcher")
+    plugins = {"joblib": "hydra_plugins.hydra_joblib_launcher",
+               "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+               "submitit_slurm": "hydra_plugins.hydra_submitit_launcher"}
+    return sorted(set(found) | {name for name, module in plugins.items() if find_spec(module)})
+
+
+MAIN_KEYS = [
+    ("token.string", "the trigger word (new to the model)"), ("token.init_word", "start the vectors from this word"),
+    ("token.num_vectors", "vectors per token"), ("data.image_dir", "your images (with data=folder)"),
+    ("optimizer.lr", "learning rate"), ("train.max_steps", "optimizer steps"), ("train.batch_size", "images per step"),
+    ("train.mixed_precision", "no | fp16 | bf16"), ("save.every_n_steps", "also save every N steps"),
+    ("val.every_n_steps", "validation loss (and toy scores) every N steps"),
+    ("sample.every_n_steps", "preview images every N steps"), ("resume", "a run folder (or latest) to continue"),
+    ("objective.metric", "what sweeps optimise"), ("logger.mode", "online | offline | disabled"),
+]
+
+
+def help_text() -> str:
+    """tinv-train --help: the groups and their choices (the default first), the main keys, examples."""
+    import yaml
+
+    defaults = {}
+    for entry in yaml.safe_load((CONF / "train.yaml").read_text())["defaults"]:
+        if isinstance(entry, dict):
+            (group, choice), = entry.items()
+            defaults[group.split(" ")[-1]] = choice
+    groups = {g.name: _choices(g) for g in sorted(CONF.iterdir()) if g.is_dir() and g.name != "hydra"}
+    groups["sweep"] = _choices(SWEEPS)
+    groups["hydra/launcher"] = _launchers()
+    lines = ["tinv-train: train a textual-inversion embedding. Choose group=choice, set key=value (Hydra overrides).",
+             "", "  tinv-train                                    # the toy model learns the demo concept (CPU, ~1-2 min)",
+             "  tinv-train model=sd15 data=folder data.image_dir=~/data/mychar token.string=mychar token.init_word=girl",
+             "  tinv-train sweep=lr_vectors hydra/launcher=joblib   # a named sweep, jobs in parallel",
+             "", "Config groups (default in [brackets]):"]
+    for group, choices in groups.items():
+        default = defaults.get(group, "basic" if group == "hydra/launcher" else None)
+        shown = ", ".join(f"[{c}]" if c == default else c for c in choices)
+        lines.append(f"  {group:<15} {shown}")
+    lines += ["", "Main keys:"] + [f"  {key:<22} {text}" for key, text in MAIN_KEYS]
+    lines += ["", "More: `tinv-train --cfg job` prints every key of the composed config; `tinv-train --hydra-help` "
+                  "Hydra's own options; README.md everything else. Other commands: tinv-generate, tinv-eval, "
+                  "tinv-report, tinv-convert, tinv-bench, tinv-toy, tinv-tiny."]
+    return "\n".join(lines)
+
+
+def _flat_keys(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            keys += _flat_keys(child, f"{full}.")
+    return keys
+
+
+def _composable(args: list[str]) -> list[str]:
+    """The job overrides among the arguments, a sweep's first value standing for all of them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    candidates = [a for a in args if not a.startswith("-") and "=" in a or a.startswith("~")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except OverrideParseException as err:
+        raise ConfigError(f"{first(err)}; quote a value with spaces or special characters: 'key=\"a value\"'") \
+            from None
+    kept = []
+    for override, text in zip(parsed, candidates):
+        if override.key_or_group.startswith("hydra"):
+            continue
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+            text = f"{text.split('=', 1)[0]}={values[0]}" if values else None
+        if text:
+            kept.append(text)
+    return kept
+
+
+def first(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def precheck(args: list[str]) -> None:
+    """Compose the config once with these overrides; anything Hydra would refuse becomes a one-line ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    from . import config  # noqa: F401 - schemas and resolvers
+
+    overrides = _composable(args)
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            compose(config_name="train", overrides=overrides)
+            return
+    except MissingConfigException as err:
+        group = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
+        if group and err.options:
+            raise ConfigError(f"{group.group(1)}={group.group(2)} is not a choice; {group.group(1)} is one of: "
+                              f"{', '.join(err.options)}") from None
+        raise ConfigError(first(err)) from None
+    except ConfigCompositionException as err:
+        missing = re.match(r"Could not override '([^']+)'", str(err))
+        if missing:
+            raise ConfigError(unknown_key_message(missing.group(1), overrides)) from None
+        cause = err.__cause__
+        override = re.search(r"override (\S+)", str(err))
+        where = override.group(1) if override else getattr(cause, "full_key", "")
+        raise ConfigError(f"{where}: {first(cause or err)}") from None
+
+
+def unknown_key_message(key: str, overrides: list[str]) -> str:
+    """"train.maxsteps is not a key; did you mean train.max_steps?" - never a suggestion to add it with `+`."""
+    from hydra import compose, initialize_config_dir
+
+    others = [o for o in overrides if override_key(o) != key]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=others)
+    known = sorted(set(_flat_keys(cfg)) | {g.name for g in CONF.iterdir() if g.is_dir()} | {"sweep"})
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else "`tinv-train --cfg job` lists every key"
+    return f"{key} is not a key; {hint}"
