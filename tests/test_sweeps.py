@@ -41,6 +41,8 @@ def test_grid_sweep_wandb_group_and_report(tmp_path):
     assert len({s["wandb_group"] for s in found}) == 1 and found[0]["wandb_group"].startswith("multirun-")  # one group
     assert len(list(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))) == 4
     assert all(s["objective"] == s["best_val_loss"] for s in found)
+    best = min(found, key=lambda s: s["objective"])  # the sweep's last words name its winner
+    assert "sweep done, 4 of 4 jobs finished" in proc.stdout and f"embedding  {best['embedding']}" in proc.stdout
 
     report = subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
@@ -48,9 +50,11 @@ def test_grid_sweep_wandb_group_and_report(tmp_path):
     assert len(rows) == 4 and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
     objectives = [float(r["objective"]) for r in rows]
     assert objectives == sorted(objectives)
-    assert (sweep / "report.md").read_text().count("| ok |") == 4
+    markdown = (sweep / "report.md").read_text()
+    assert markdown.count("| ok |") == 4
+    assert "concept_accuracy" not in markdown and "concept_accuracy" not in rows[0]  # nobody reported it
     for png in ("loss_curves.png", "objective_vs_optimizer.lr.png", "objective_vs_token.num_vectors.png"):
-        assert (sweep / png).stat().st_size > 1000
+        assert (sweep / png).stat().st_size > 1000 and f"]({png})" in markdown  # written and linked
 
 
 def _complete_trials(db: Path) -> int:
@@ -173,3 +177,14 @@ def test_the_objective_reads_the_configured_metric_and_keeps_the_sweeps_directio
         (0.25, "last train/loss", "min")
     # a sweep maximising accuracy must not maximise a fallback loss: it sees the loss negated
     assert sweep_value(fallback, "max") == -0.25 and sweep_value(last, "max") == 0.7
+
+
+def test_report_helpers_smooth_and_pick_log_axes():
+    from tinv.report import _log_scaled, smooth
+    from tinv.tracking import summary_direction
+
+    noisy = [1.0, 0.0] * 50
+    assert max(smooth(noisy, 10)[20:]) - min(smooth(noisy, 10)[20:]) < 0.25  # the zig-zag is flattened
+    assert _log_scaled("optimizer.lr", [1e-3, 5e-3]) and not _log_scaled("token.num_vectors", [1, 4])
+    assert (summary_direction("val/loss"), summary_direction("val/concept_accuracy"),
+            summary_direction("train/lr")) == ("min", "max", None)

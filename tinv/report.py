@@ -1,8 +1,10 @@
 """`tinv-report <multirun dir>`: one table of a sweep's jobs and a few plots, from the jobs' own files.
 
 Reads each job's summary.json and metrics.jsonl (no wandb needed) and writes, into the sweep folder:
-report.md and report.csv (jobs sorted by objective, failed jobs last), loss_curves.png (every job's train/loss on
-one chart) and objective_vs_<param>.png for each parameter the sweep varied.
+report.md and report.csv (best objective first, failed jobs last; columns nobody filled left out), loss_curves.png
+(every job's smoothed train/loss), objective_curves.png (the objective's metric over the steps where it was
+measured, when it was measured more than once) and objective_vs_<param>.png for each parameter the sweep varied.
+report.md links the plots.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ BOOKKEEPING = {"ok", "objective", "final_loss", "best_step", "step", "wall_s", "
 class Job:
     folder: Path
     summary: dict
-    losses: list[tuple[int, float]] = field(default_factory=list)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
+
+    @property
+    def metric(self) -> str | None:
+        """The metric behind the objective ("best val/loss" -> val/loss)."""
+        name = self.summary.get("objective_name") or ""
+        return name.split(" ", 1)[1] if " " in name else None
 
     @property
     def ok(self) -> bool:
@@ -66,15 +74,21 @@ def read_jobs(sweep_dir: Path) -> list[Job]:
                 import yaml
 
                 summary["overrides"] = yaml.safe_load(overrides.read_text()) or []
-        losses = []
+        curves: dict[str, list[tuple[int, float]]] = {}
         metrics = folder / "metrics.jsonl"
         if metrics.is_file():
             for line in metrics.read_text().splitlines():
                 record = json.loads(line) if line.strip() else {}
-                if isinstance(record.get("train/loss"), (int, float)):
-                    losses.append((record["step"], record["train/loss"]))
-        jobs.append(Job(folder, summary, losses))
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        curves.setdefault(key, []).append((record["step"], value))
+        jobs.append(Job(folder, summary, curves))
     return jobs
+
+
+def ranked(jobs: list[Job]) -> list[Job]:
+    """Best objective first (each in its own direction), failed jobs last."""
+    return sorted(jobs, key=lambda j: (not j.ok, j.better_first if j.ok else 0.0, j.folder.name))
 
 
 def _swept(jobs: list[Job]) -> list[str]:
@@ -90,9 +104,8 @@ def _columns(jobs: list[Job]) -> list[str]:
 
 
 def _rows(jobs: list[Job], columns: list[str]) -> list[dict]:
-    ordered = sorted(jobs, key=lambda j: (not j.ok, j.better_first if j.ok else 0.0, j.folder.name))
     rows = []
-    for rank, job in enumerate(ordered, 1):
+    for rank, job in enumerate(ranked(jobs), 1):
         s = job.summary
         row = {c: s.get(c) for c in columns}
         row.update({"rank": rank if job.ok else "", "job": job.folder.name,
@@ -129,21 +142,38 @@ def write_report(sweep_dir: str | Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{sweep_dir} holds no job folders (with summary.json or .hydra/)")
     columns = _columns(jobs)
     rows = _rows(jobs, columns)
+    columns = [c for c in columns if any(row[c] not in (None, "") for row in rows)]  # nobody reported it
     out = {"markdown": sweep_dir / "report.md", "csv": sweep_dir / "report.csv"}
+    plots = _plots(sweep_dir, jobs)
 
     lines = [f"# Sweep report: {sweep_dir.name}", "",
              f"{sum(j.ok for j in jobs)} of {len(jobs)} jobs finished; best objective first "
              f"({_objective_label(jobs)}).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["", "## Plots", ""] + [f"![{name.replace('_', ' ')}]({path.name})" for name, path in plots.items()]
     write_text_atomic(out["markdown"], "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({c: row[c] for c in columns} for row in rows)
     write_text_atomic(out["csv"], buffer.getvalue())
-    out.update(_plots(sweep_dir, jobs))
+    out.update(plots)
     return out
+
+
+def smooth(values: list[float], span: int) -> list[float]:
+    """Exponential moving average over about `span` values (per-step losses are too noisy to compare raw)."""
+    alpha, out, level = 2 / (span + 1), [], None
+    for value in values:
+        level = value if level is None else level + alpha * (value - level)
+        out.append(level)
+    return out
+
+
+def _log_scaled(key: str, xs: list[float]) -> bool:
+    """Learning rates (and anything spanning 20x or more) read better on a log axis."""
+    return min(xs) > 0 and ("lr" in key.split(".")[-1] or max(xs) / min(xs) >= 20)
 
 
 def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
@@ -153,15 +183,28 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     written = {}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for job in jobs:
-        if job.losses:
-            steps, losses = zip(*job.losses)
-            ax.plot(steps, losses, label=job.folder.name[:60], linewidth=1)
-    ax.set(xlabel="step", ylabel="train/loss", title="training loss per job")
-    if 0 < sum(bool(j.losses) for j in jobs) <= 12:
-        ax.legend(fontsize=6)
-    written["loss_curves"] = _save(fig, sweep_dir / "loss_curves.png")
+    label = _objective_label(jobs)
+    curves = [(job, job.curves["train/loss"]) for job in jobs if job.curves.get("train/loss")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for job, points in curves:
+            steps, losses = zip(*points)
+            ax.plot(steps, smooth(list(losses), max(5, len(losses) // 20)), label=job.folder.name[:60],
+                    linewidth=1)
+        ax.set(xlabel="step", ylabel="train/loss (smoothed)", title="training loss per job")
+        if len(curves) <= 12:
+            ax.legend(fontsize=6)
+        written["loss_curves"] = _save(fig, sweep_dir / "loss_curves.png")
+    measured = [(job, job.curves[job.metric]) for job in jobs
+                if job.metric and len(job.curves.get(job.metric, [])) > 1]
+    if measured:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for job, points in measured:
+            ax.plot(*zip(*points), marker="o", label=job.folder.name[:60], linewidth=1)
+        ax.set(xlabel="step", ylabel=measured[0][0].metric, title=f"{measured[0][0].metric} per job ({label})")
+        if len(measured) <= 12:
+            ax.legend(fontsize=6)
+        written["objective_curves"] = _save(fig, sweep_dir / "objective_curves.png")
     finished = [j for j in jobs if j.ok]
     for key in _swept(finished):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -169,13 +212,13 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
         try:
             xs = [float(v) for v in values]
             ax.scatter(xs, [j.objective for j in finished])
-            if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            if _log_scaled(key, xs):
                 ax.set_xscale("log")
         except (TypeError, ValueError):  # categorical parameter
             labels = sorted(set(map(str, values)))
             ax.scatter([labels.index(str(v)) for v in values], [j.objective for j in finished])
             ax.set_xticks(range(len(labels)), labels)
-        ax.set(xlabel=key, ylabel=_objective_label(finished), title=f"objective vs {key}")
+        ax.set(xlabel=key, ylabel=label, title=f"objective vs {key}")
         safe = key.replace("/", "_")
         written[f"objective_vs_{safe}"] = _save(fig, sweep_dir / f"objective_vs_{safe}.png")
     return written
