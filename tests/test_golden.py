@@ -72,9 +72,8 @@ def tensors_digest(path: Path) -> str:
 
 def observe(run_dir: Path, overrides: list[str]) -> dict:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        result = train(run_dir, overrides)
+        result = train(run_dir, [*overrides, "train.num_threads=1"])
     finally:
         torch.set_num_threads(threads)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -121,6 +121,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = None  # over every trained tensor together
     log_every_n_steps: int = at_least(1, 1)
     cpu: bool = False  # force the CPU even when an accelerator is present
+    num_threads: Optional[int] = at_least(1, None)  # CPU threads; None = the launcher's, or a share of the cores
     # loss options
     noise_offset: float = 0.0
     min_snr_gamma: Optional[float] = None  # e.g. 5.0: Min-SNR loss weighting

@@ -20,6 +20,7 @@ from .config import recorded_config
 from .data import BucketBatchSampler, Latents, TrainingSet, collate
 from .embedding import ConceptToken
 from .errors import ConfigError
+from .resources import ThreadShare, pick_gpu
 from .state import RunState, find_state, load_state, save_state
 from .tracking import Tracker
 
@@ -66,6 +67,7 @@ class Run:
     save_format: str
     max_steps: int
     seed: int
+    threads: ThreadShare | None = None  # this run's share of the CPU cores
     started: tuple[float, float] = (0.0, 0.0)  # (time.perf_counter(), time.time()) when the run began to load
 
     @property
@@ -124,6 +126,8 @@ def open_run(job: Job) -> Run:
     asked, start the tracker."""
     cfg, train = job.cfg, job.cfg.train
     started = (time.perf_counter(), time.time())
+    threads = ThreadShare(train.num_threads)
+    threads.claim()
     accelerator = _accelerator(train.mixed_precision, train.gradient_accumulation, train.cpu)
     run_dir, state_dir = job.run_dir, None
     if cfg.resume:
@@ -132,7 +136,8 @@ def open_run(job: Job) -> Run:
     run = Run(accelerator=accelerator, backbone=job.backbone, dataset=job.dataset, token=job.token, parts=job.parts,
               optimizer=None, lr_scheduler=None, latents=None, loader=None, state=RunState(), tracker=job.tracker,
               callbacks=job.callbacks, run_dir=run_dir, output_name=cfg.output_name or job.token.string,
-              save_format=cfg.save.format, max_steps=train.max_steps, seed=train.seed, started=started)
+              save_format=cfg.save.format, max_steps=train.max_steps, seed=train.seed, threads=threads,
+              started=started)
     for part in run.parts.values():
         part.setup(run)
     _speed_options(run, train)
@@ -153,10 +158,10 @@ def open_run(job: Job) -> Run:
     run.tracker.start(run.run_dir, recorded_config(cfg), enabled=run.is_main,
                       resume_id=run.state.tracker_id, resume_step=run.step)
     run.state.tracker_id = run.tracker.run_id
-    log.info("training %s (%d floats; token %r with vectors: %d) on %s x%d (%s); %d images, %d samples per epoch",
-             ", ".join(run.parts), sum(p.numel() for p in run.parameters()), run.token.string, run.token.num_vectors,
-             accelerator.device, accelerator.num_processes, train.mixed_precision, len(set(run.dataset.order)),
-             len(run.dataset))
+    log.info("training %s (%d floats; token %r with vectors: %d) on %s x%d (%s, %d threads); %d images, %d samples "
+             "per epoch", ", ".join(run.parts), sum(p.numel() for p in run.parameters()), run.token.string,
+             run.token.num_vectors, accelerator.device, accelerator.num_processes, train.mixed_precision,
+             threads.threads, len(set(run.dataset.order)), len(run.dataset))
     return run
 
 
@@ -169,6 +174,7 @@ def _accelerator(mixed_precision: str, gradient_accumulation: int, cpu: bool):
     # tests) may differ in precision or accumulation. The distributed state (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    pick_gpu()
     no_gpu = not torch.cuda.is_available()
     accelerator = Accelerator(
         mixed_precision=str(mixed_precision), cpu=cpu or no_gpu,  # cpu=True: real gloo DDP on CPUs

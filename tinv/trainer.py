@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -82,10 +83,11 @@ class Trainer:
             with stop_signals() as stop:
                 run.callbacks.call("on_start", run)
                 bar = tqdm(total=run.max_steps, initial=run.step, desc="tinv", dynamic_ncols=True,
-                           disable=not run.is_main)
+                           disable=not run.is_main, mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: sparse
                 batches, speed = run.batches(), Throughput(run.step)
                 while run.step < run.max_steps:
                     out = self.step(run, batches)  # micro-batches -> latents -> encoders -> UNet -> loss -> step
+                    run.threads.adjust()  # other runs on these cores started or ended: share them
                     bar.update(run.step - bar.n)
                     if not out.skipped:
                         for part in run.parts.values():
@@ -121,6 +123,7 @@ class Trainer:
             run.tracker.set_summary(step=run.step, error=f"{type(err).__name__}: {first_line(err)}")
             raise
         finally:
+            run.threads.release()
             run.tracker.finish(ok)
 
     @staticmethod

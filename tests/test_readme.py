@@ -1,0 +1,61 @@
+"""The README's commands: every tinv-train / tinv-bench line composes as written (keys, choices, values), and the toy
+world's walk-through runs end to end as pasted (slow)."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from tinv.commandline import expand_home, precheck
+
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands(prog: str) -> list[list[str]]:
+    """Each `prog ...` line of the README's bash blocks (continuations joined, comments dropped), as arguments."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] == prog:
+                found.append(words[1:])
+    return found
+
+
+def test_the_readme_has_the_commands_this_test_reads():
+    assert len(readme_commands("tinv-train")) >= 8 and len(readme_commands("tinv-bench")) >= 4
+
+
+@pytest.mark.parametrize("args", readme_commands("tinv-train") + readme_commands("tinv-bench"), ids=" ".join)
+def test_every_readme_training_command_composes_as_written(args):
+    precheck(expand_home(args))  # raises a one-line ConfigError for a key, choice or value that no longer exists
+
+
+@pytest.mark.slow  # a default 500-step run and three scorings of the toy model: about 3 minutes on 2 cores
+def test_the_toy_world_walk_through_runs_as_pasted(tmp_path):
+    block = README[README.index("tinv-toy render --concept"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    run_dir = None
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if not words or words[:2] == ["tinv-toy", "targets"]:  # the targets table is a long benchmark
+            continue
+        if words[0] == "tinv-train":
+            words.append(f"hydra.run.dir={tmp_path / 'run'}")
+            run_dir = tmp_path / "run"
+        words = [str(tmp_path) + w[1:] if w.startswith("~/") else w for w in words]  # as the shell expands them
+        words = [w.replace("outputs/<date>/<time>", str(run_dir)) for w in words]
+        module = {"tinv-toy": "tinv.toy.cli", "tinv-train": "tinv.train", "tinv-eval": "tinv.toy.evaluation"}[words[0]]
+        proc = subprocess.run([sys.executable, "-m", module, *words[1:]], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, (line, proc.stderr[-2000:])
+    assert (tmp_path / "data" / "cross" / "000.png").is_file() and (tmp_path / "samples.png").is_file()
+    summary = __import__("json").loads((run_dir / "summary.json").read_text())
+    assert summary["concept_accuracy"] >= 0.5  # the walk-through's concept is learned with the defaults
+    assert Path(summary["embedding"]).is_file()
