@@ -37,7 +37,15 @@ def test_default_run_logs_to_wandb_offline_and_metrics(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ok"] is True and summary["step"] == 4
     assert 0 <= summary["concept_accuracy"] <= 1 and summary["objective"] == summary["concept_accuracy"]
+    assert summary["wandb_name"] == "cli-test"
     assert (run / ".hydra" / "config.yaml").is_file()
+    # the console: tinv's own lines and what to do next; the libraries' notices only in train.log, no bars
+    console = proc.stdout + proc.stderr
+    for noise in ("torchvision", "Loading weights", "Writing model shards", "wandb:", "Warning"):
+        assert noise not in console, noise
+    assert "torchvision" in (run / "train.log").read_text()
+    assert "tinv-train: done, 4 steps" in proc.stdout and f"tinv-generate {run / 'mychar.safetensors'}" in proc.stdout
+    assert (run / "samples" / "concept-step-00000004.png").is_file()  # the judged samples, as a grid
 
 
 def test_known_token_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):

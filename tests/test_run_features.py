@@ -291,6 +291,7 @@ def test_two_cpu_processes_match_one(tmp_path, model):
 def test_resume_continues_the_same_wandb_run(tmp_path):
     first = train(tmp_path / "a", ["logger=wandb", "train.max_steps=2", "save.state_every_n_steps=2"])
     run_id = first.run.tracker.run_id
+    assert first.summary["wandb_name"] == f"mychar-{tmp_path.name}-a"  # a single run: <token>-<its folder>
     assert run_id and json.loads((tmp_path / "a" / "state" / "state.json").read_text())["tracker_id"] == run_id
     second = train(tmp_path / "b", ["logger=wandb", "train.max_steps=4", f"resume={tmp_path / 'a'}"])
     assert second.run.tracker.run_id == run_id and second.step == 4

@@ -126,3 +126,24 @@ def test_the_best_file_follows_the_toy_objective_the_concept_score(run_dir):
     assert result.summary["objective"] == best and "best_val_loss" not in result.summary
     with safe_open(str(run_dir / "mychar-best.safetensors"), "pt") as f:
         assert int(f.metadata()["tinv.step"]) == best_step
+
+
+def test_a_signal_during_the_final_scoring_stops_it_at_once_with_the_work_saved(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tinv.train", "train.max_steps=3", "logger=none",
+                             "callbacks.concept.num_samples=2000", f"hydra.run.dir={run}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while "scoring 2000 samples" not in ((run / "train.log").read_text() if (run / "train.log").exists() else ""):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 128 + signal.SIGINT  # scoring 2000 samples would take minutes
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["stopped_by"], summary["step"]) == ("SIGINT", 3) and "during the final scoring" in \
+        proc.stderr.read()
+    assert (run / "mychar.safetensors").is_file() and json.loads((run / "state" / "state.json").read_text())["step"] == 3

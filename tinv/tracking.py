@@ -143,7 +143,7 @@ class WandbTracker(Tracker):
                               dir=str(run_dir), mode=self.mode, id=resume_id, resume="allow" if resume_id else None,
                               settings=wandb.Settings(silent=True))  # tinv says what matters at the end
         self.run_id = self.run.id
-        self.set_summary(wandb_id=self.run.id, wandb_group=self.run.group or "")
+        self.set_summary(wandb_id=self.run.id, wandb_name=self.run.name, wandb_group=self.run.group or "")
         log.info("wandb run %s (%s)", self.run.id, self.mode)
 
     def log_images(self, images: dict, step: int) -> None:
