@@ -87,7 +87,7 @@ def help_text() -> str:
     groups["sweep"] = _choices(SWEEPS)
     groups["hydra/launcher"] = _launchers()
     lines = ["tinv-train: train a textual-inversion embedding. Choose group=choice, set key=value (Hydra overrides).",
-             "", "  tinv-train                                    # the toy model learns the demo concept (CPU, ~1-2 min)",
+             "", "  tinv-train                                    # the toy model learns the demo concept (~30 s, 2 CPU cores)",
              "  tinv-train model=sd15 data=folder data.image_dir=~/data/mychar token.string=mychar token.init_word=girl",
              "  tinv-train sweep=lr_vectors hydra/launcher=joblib   # a named sweep, jobs in parallel",
              "", "Config groups (default in [brackets]):"]

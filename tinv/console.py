@@ -58,3 +58,10 @@ class ConsoleFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
+
+
+def quiet_command() -> None:
+    """For commands without a log file (tinv-eval, tinv-generate, tinv-toy, tinv-tiny): no library notices or bars;
+    their errors still print."""
+    quiet_libraries()
+    route_library_logs(to_log_file=False)

@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         parser.error("--n and --steps must be at least 1")
-    from .console import quiet_libraries
+    from .console import quiet_command
 
-    quiet_libraries()
+    quiet_command()
     try:
         result = generate(args)
     except ConfigError as err:

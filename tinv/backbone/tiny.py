@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-file", metavar="FILE", help="also write it as one original-layout checkpoint "
                         "(.safetensors or .ckpt), loadable with model.config_dir=DIR")
     args = parser.parse_args(argv)
+    from ..console import quiet_command
+
+    quiet_command()
     try:
         path = write_tiny_model(args.kind, args.out_dir, args.seed)
     except FileExistsError as err:

@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", help="also write the numbers as JSON here")
     t.add_argument("overrides", nargs="*", help="tinv-train overrides for every training run (default: none)")
     args = parser.parse_args(argv)
+    if args.command != "render":  # these load models: no library notices or bars
+        from ..console import quiet_command
+
+        quiet_command()
     if args.command == "targets":
         import json
 

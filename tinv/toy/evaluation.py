@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the scores as JSON here")
     parser.add_argument("--grid", help="also write the samples as a PNG grid here")
     args = parser.parse_args(argv)
+    from ..console import quiet_command
+
+    quiet_command()
     try:
         concept = Concept.parse(args.concept)
         if bool(args.embedding) == bool(args.text):
