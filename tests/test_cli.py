@@ -46,6 +46,8 @@ def test_default_run_logs_to_wandb_offline_and_metrics(tmp_path):
     assert "torchvision" in (run / "train.log").read_text()
     assert "tinv-train: done, 4 steps" in proc.stdout and f"tinv-generate {run / 'mychar.safetensors'}" in proc.stdout
     assert (run / "samples" / "concept-step-00000004.png").is_file()  # the judged samples, as a grid
+    assert "--references " in proc.stdout and f"--grid {run / 'samples' / 'eval.png'}" in proc.stdout
+    assert proc.stderr.count("tinv:") <= 3  # into a log, the progress bar is drawn sparsely, not every step
 
 
 def test_known_token_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):

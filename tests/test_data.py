@@ -202,6 +202,12 @@ def test_resolution_as_width_height_from_the_command_line(tmp_path, run_dir):
     assert result.run.dataset.samples[0].bucket == (96, 64)
 
 
+def test_a_bad_resolution_names_the_key_as_the_user_set_it(tmp_path):
+    d = make_images(tmp_path / "imgs", [(64, 64)])
+    with pytest.raises(ConfigError, match=r"^data.resolution=30 must be a positive multiple of 8"):
+        build(image_dir=str(d), resolution=30)
+
+
 def test_bucket_limits_are_rounded_to_the_step(tmp_path):
     d = make_images(tmp_path / "imgs", [(300, 100)])
     data = build(image_dir=str(d), resolution=128, enable_bucket=True, min_bucket_reso=100, max_bucket_reso=300)

@@ -104,3 +104,21 @@ def test_formats_round_trip(tmp_path, fmt):
     path = save_embedding(tmp_path / f"xl.{fmt}", xl, meta, fmt)
     loaded = load_embedding(path)
     assert all(torch.equal(loaded[k], xl[k]) for k in xl)
+
+
+def test_the_same_vectors_make_the_same_file(tmp_path):
+    import hashlib
+
+    from safetensors import safe_open
+
+    from tinv.embedding import EmbeddingMeta, save_embedding
+
+    vectors = {"clip_l": torch.randn(2, 8), "clip_g": torch.randn(2, 16)}
+    meta = EmbeddingMeta("mychar", "sdxl", "/models/xl", 7)
+    digests = set()
+    for i in range(6):  # safetensors' own metadata order varies from call to call
+        path = save_embedding(tmp_path / f"{i}.safetensors", vectors, meta, "safetensors")
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata()["tinv.base_model"] == "/models/xl" and torch.equal(f.get_tensor("clip_g"), vectors["clip_g"])

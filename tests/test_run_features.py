@@ -172,8 +172,12 @@ def test_a_finished_run_resumes_as_finished_and_extends_without_redoing_work(tmp
     assert same.wait() == 0 and "is complete at step 4" in same.stdout.read()
     assert (embedding.read_bytes(), embedding.stat().st_mtime_ns,
             (tmp_path / "a" / "summary.json").read_text()) == before  # nothing trained, nothing rewritten
+    first_wall = json.loads(before[2])["wall_s"]
     longer = _cli([f"resume={tmp_path / 'a'}", "train.max_steps=6"], tmp_path)
     assert longer.wait() == 0, longer.stderr.read()[-2000:]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["wall_s"] > first_wall and summary["resumed_at_step"] == 4  # the whole run's time, not the last part
+    assert "6 steps (2 of them after resuming)" in longer.stdout.read()
     steps = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-4 were not run again
     assert (tmp_path / "a" / "mychar-step00000006.safetensors").is_file()  # save.every_n_steps carried over
@@ -280,7 +284,7 @@ def test_two_cpu_processes_match_one(tmp_path, model):
                              "train.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600, env=env)
     assert double.returncode == 0, double.stderr[-3000:]
-    assert " x2 (no," in (tmp_path / "two" / "train.log").read_text()  # really two processes
+    assert "on cpu: 2 processes" in (tmp_path / "two" / "train.log").read_text()  # really two processes
     one, two = _vectors(tmp_path / "one" / "mychar.safetensors"), _vectors(tmp_path / "two" / "mychar.safetensors")
     for key in one:
         # the sum over two processes' halves adds in another order than one process's sum: float rounding only
@@ -334,3 +338,23 @@ def test_previews_reach_wandb_keyed_by_prompt(tmp_path):
                      "logger.log_embedding=true"])
     images = list(tmp_path.glob("wandb/offline-run-*/files/media/images/samples/*.png"))
     assert len(images) == 1 and images[0].name.startswith("00 a photo of mychar")
+
+
+def test_a_sweep_jobs_folder_resumes_as_typed_or_as_pasted_from_the_stop_message(tmp_path):
+    import shlex
+
+    from tinv.commandline import override_value
+    from tinv.trainer import resume_argument
+
+    sweep = tmp_path / "sweep"
+    first = _cli(["-m", "train.max_steps=2", "optimizer.lr=1e-3", "logger=none", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert first.wait() == 0, first.stderr.read()[-2000:]
+    job = next(p for p in sweep.iterdir() if p.is_dir())
+    assert "=" in job.name and "," in job.name  # Hydra's job folder: the overrides in its name
+    pasted = shlex.split(resume_argument(job))  # what the stop message tells the user to paste
+    assert len(pasted) == 1 and override_value(pasted[0]) == str(job)
+    for n, resume in enumerate([f"resume={job}", pasted[0]]):  # typed raw, or pasted
+        again = _cli([resume, f"train.max_steps={3 + n}"], tmp_path)
+        assert again.wait() == 0, again.stderr.read()[-2000:]
+    steps = [json.loads(x)["step"] for x in (job / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -82,6 +82,9 @@ def test_tinv_eval_is_deterministic(tmp_path):
         return json.loads(out.read_text()), (tmp_path / f"{name}.png").read_bytes()
 
     (a, grid_a), (b, grid_b) = run("a"), run("b")
+    quiet = subprocess.run([sys.executable, "-m", "tinv.toy.evaluation", "--text", "red circle", "--concept",
+                            "red circle on a gray background", "--samples", "2"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and not any(noise in quiet.stderr for noise in ("Loading", "torchvision", "%|"))
     assert a == b and grid_a == grid_b  # same scores, same pixels
     assert set(a) >= {"concept_accuracy", "shape_accuracy", "colour_accuracy", "background_accuracy", "seed"}
 

@@ -30,6 +30,29 @@ def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def override_value(override: str) -> str:
+    """The value of a `key=value` argument as Hydra reads it (quotes around it removed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return str(OverridesParser.create().parse_override(override).value())
+    except Exception:  # noqa: BLE001 - not parseable as written (a path with `=` or `,`): take it as it is
+        return override.split("=", 1)[1]
+
+
+def path_override(key: str, path) -> str:
+    """`key=path` as Hydra reads it back, whatever the path holds (a sweep job's folder has `=` and `,`)."""
+    text = str(path)
+    return f"{key}={text}" if re.fullmatch(r"[\w./~-]+", text) else f"{key}='{text.replace(chr(39), chr(92) + chr(39))}'"
+
+
+def shell_quoted(argument: str) -> str:
+    """One argument as a shell takes it when pasted."""
+    import shlex
+
+    return shlex.quote(argument)
+
+
 def resumed_args(args: list[str]) -> list[str]:
     """With `resume=<run dir>` (or latest): that run's own overrides first (this command's win over them) and Hydra's
     folder set to the run's, so a resumed run keeps its settings and goes on in its own folder and log."""
@@ -37,8 +60,8 @@ def resumed_args(args: list[str]) -> list[str]:
 
     from .state import find_state
 
-    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if not resume or resume[-1] in ("", "null") or any(a in ("-m", "--multirun") for a in args):
+    resume = [override_value(a) for a in args if a.startswith("resume=")]
+    if not resume or resume[-1] in ("", "null", "None") or any(a in ("-m", "--multirun") for a in args):
         return args
     run_dir, _ = find_state(resume[-1], Path("/nonexistent"))
     recorded = run_dir / ".hydra" / "overrides.yaml"
@@ -46,7 +69,7 @@ def resumed_args(args: list[str]) -> list[str]:
     given = {override_key(a) for a in args if not a.startswith("-")} | {"resume", "hydra.run.dir"}
     return [o for o in original if override_key(o) not in given] + \
         [a for a in args if override_key(a) not in ("resume", "hydra.run.dir")] + \
-        [f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
+        [path_override("resume", run_dir), path_override("hydra.run.dir", run_dir)]
 
 
 def _choices(group: Path) -> list[str]:
@@ -65,7 +88,7 @@ def _launchers() -> list[str]:
 
 MAIN_KEYS = [
     ("token.string", "the trigger word (new to the model)"), ("token.init_word", "start the vectors from this word"),
-    ("token.num_vectors", "vectors per token"), ("data.image_dir", "your images (with data=folder)"),
+    ("token.num_vectors", "vectors per token"), ("data.image_dir", "your folder of images (and captions)"),
     ("optimizer.lr", "learning rate"), ("train.max_steps", "optimizer steps"), ("train.batch_size", "images per step"),
     ("train.mixed_precision", "no | fp16 | bf16"), ("save.every_n_steps", "also save every N steps"),
     ("val.every_n_steps", "validation loss (and toy scores) every N steps"),

@@ -177,8 +177,11 @@ class ConceptToken:
             if not ids:
                 raise ConfigError(f"token.init_word={self.init_word!r} tokenizes to nothing; use a plain word")
             if len(ids) > 1:
-                log.warning("token.init_word=%r is %d tokens in the %s tokenizer; the %d vectors cycle over them",
-                            self.init_word, len(ids), enc.key, self.num_vectors)
+                use = "only the first piece is used" if self.num_vectors == 1 else \
+                    f"the {self.num_vectors} vectors take the pieces in turn"
+                log.warning("token.init_word=%r is not one word to %s (it splits into %d pieces); %s - a word the "
+                            "model knows starts the vectors closer to your concept", self.init_word, enc.label,
+                            len(ids), use)
             return torch.stack([vocab[ids[i % len(ids)]] for i in range(self.num_vectors)])
         # No init word: draw each vector from the vocabulary's per-dimension mean and spread, so it starts with
         # the scale of a real word embedding but no meaning.
@@ -258,6 +261,7 @@ def save_embedding(path: str | Path, vectors: dict[str, torch.Tensor], meta: Emb
 
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta.header(tensors))
+            _sort_metadata(tmp)
     elif fmt == "a1111":
         if SD_KEY in tensors:
             data = {"string_to_token": {"*": 265}, "string_to_param": {"*": tensors[SD_KEY]}, "name": meta.token,
@@ -271,6 +275,21 @@ def save_embedding(path: str | Path, vectors: dict[str, torch.Tensor], meta: Emb
     else:
         raise ConfigError(f"embedding format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes its metadata map in a random order; sorted, the same vectors give the same bytes (and the
+    same checksum) every time. The header keeps its length, so only its bytes are rewritten."""
+    import json
+
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def _save_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: EmbeddingMeta) -> None:

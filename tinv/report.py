@@ -112,8 +112,38 @@ def _rows(jobs: list[Job], columns: list[str]) -> list[dict]:
                     "overrides": " ".join(s.get("overrides", [])), "objective": job.objective, "steps": s.get("step"),
                     "embedding": s.get("embedding", ""),
                     "status": "ok" if job.ok else f"failed: {s.get('error', 'no objective')}"})
+        row.update(job.params)
         rows.append(row)
     return rows
+
+
+def _link(path: str | None, sweep_dir: Path, text: str) -> str:
+    """A markdown link relative to the report (spaces escaped), or nothing."""
+    if not path:
+        return ""
+    target = Path(path)
+    relative = target.relative_to(sweep_dir) if target.is_relative_to(sweep_dir) else target
+    return f"[{text}]({str(relative).replace(' ', '%20')})"
+
+
+def _markdown_table(jobs: list[Job], rows: list[dict], columns: list[str], sweep_dir: Path) -> list[str]:
+    """The readable table: what the sweep varied, the objective and the scores that differ from it, and links;
+    the full record is report.csv."""
+    same_as_objective = {c for c in columns if rows and all(row.get(c) == row["objective"] for row in rows)}
+    shown = ["rank", *_swept(jobs), "objective"] + [c for c in columns if c not in COLUMNS and c not in
+                                                     same_as_objective] + \
+        ["final_loss", "best_step", "steps", "wall_s", "samples", "embedding", "status"]
+    by_job = {job.folder.name: job for job in jobs}
+    lines = []
+    for row in rows:
+        summary = by_job[row["job"]].summary
+        row = {**row, "samples": _link(summary.get("concept_samples"), sweep_dir, "grid"),
+               "embedding": _link(summary.get("embedding"), sweep_dir, Path(summary.get("embedding", "x")).name),
+               "wall_s": f"{row['wall_s']:.1f}" if isinstance(row.get("wall_s"), float) else row.get("wall_s")}
+        lines.append(row)
+    shown = [c for c in shown if any(row.get(c) not in (None, "") for row in lines)]
+    return ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)] + \
+        ["| " + " | ".join(_fmt(row.get(c)) for c in shown) + " |" for row in lines]
 
 
 def _objective_label(jobs: list[Job]) -> str:
@@ -125,12 +155,18 @@ def _objective_label(jobs: list[Job]) -> str:
     return f"{name or 'objective'}, {'higher' if mode == 'max' else 'lower'} is better"
 
 
+def number(value) -> str:
+    """Scores and losses with four decimals (1.0000 beside 0.9062, not 1 beside 0.982791); very small or large
+    values in scientific notation."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
+
+
 def _fmt(value) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value).replace("|", "\\|")
+    return number(value).replace("|", "\\|")
 
 
 def write_report(sweep_dir: str | Path) -> dict[str, Path]:
@@ -148,15 +184,14 @@ def write_report(sweep_dir: str | Path) -> dict[str, Path]:
 
     lines = [f"# Sweep report: {sweep_dir.name}", "",
              f"{sum(j.ok for j in jobs)} of {len(jobs)} jobs finished; best objective first "
-             f"({_objective_label(jobs)}).", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+             f"({_objective_label(jobs)}); every column is in report.csv.", ""]
+    lines += _markdown_table(jobs, rows, columns, sweep_dir)
     lines += ["", "## Plots", ""] + [f"![{name.replace('_', ' ')}]({path.name})" for name, path in plots.items()]
     write_text_atomic(out["markdown"], "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
-    writer.writerows({c: row[c] for c in columns} for row in rows)
+    writer.writerows({c: row.get(c) for c in columns} for row in rows)
     write_text_atomic(out["csv"], buffer.getvalue())
     out.update(plots)
     return out
@@ -184,13 +219,17 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
 
     written = {}
     label = _objective_label(jobs)
+    swept = _swept(jobs)
+
+    def name(job: Job) -> str:  # a job in a legend: the values the sweep varied
+        return ", ".join(f"{k}={job.params.get(k)}" for k in swept) or job.folder.name[:60]
+
     curves = [(job, job.curves["train/loss"]) for job in jobs if job.curves.get("train/loss")]
     if curves:
         fig, ax = plt.subplots(figsize=(8, 5))
         for job, points in curves:
             steps, losses = zip(*points)
-            ax.plot(steps, smooth(list(losses), max(5, len(losses) // 20)), label=job.folder.name[:60],
-                    linewidth=1)
+            ax.plot(steps, smooth(list(losses), max(5, len(losses) // 20)), label=name(job), linewidth=1)
         ax.set(xlabel="step", ylabel="train/loss (smoothed)", title="training loss per job")
         if len(curves) <= 12:
             ax.legend(fontsize=6)
@@ -200,7 +239,7 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
     if measured:
         fig, ax = plt.subplots(figsize=(8, 5))
         for job, points in measured:
-            ax.plot(*zip(*points), marker="o", label=job.folder.name[:60], linewidth=1)
+            ax.plot(*zip(*points), marker="o", label=name(job), linewidth=1)
         ax.set(xlabel="step", ylabel=measured[0][0].metric, title=f"{measured[0][0].metric} per job ({label})")
         if len(measured) <= 12:
             ax.legend(fontsize=6)
@@ -214,6 +253,9 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
             ax.scatter(xs, [j.objective for j in finished])
             if _log_scaled(key, xs):
                 ax.set_xscale("log")
+            if len(set(xs)) <= 8:  # a tick at every value tried
+                ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+                ax.minorticks_off()
         except (TypeError, ValueError):  # categorical parameter
             labels = sorted(set(map(str, values)))
             ax.scatter([labels.index(str(v)) for v in values], [j.objective for j in finished])

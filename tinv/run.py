@@ -82,6 +82,10 @@ class Run:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def elapsed_s(self) -> float:
+        """Wall time of the whole run: earlier invocations (from the state) and this one."""
+        return self.state.elapsed_s + time.perf_counter() - self.started[0]
+
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for part in self.parts.values() for p in part.parameters()]
 
@@ -154,14 +158,18 @@ def open_run(job: Job) -> Run:
     run.loader = DataLoader(run.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)
     if state_dir is not None:
         run.state = load_state(state_dir, run)
+        run.tracker.set_summary(resumed_at_step=run.step)
         log.info("resumed %s at step %d", run.run_dir, run.step)
     run.tracker.start(run.run_dir, recorded_config(cfg), enabled=run.is_main,
                       resume_id=run.state.tracker_id, resume_step=run.step)
     run.state.tracker_id = run.tracker.run_id
-    log.info("training %s (%d floats; token %r with vectors: %d) on %s x%d (%s, %d threads); %d images, %d samples "
-             "per epoch", ", ".join(run.parts), sum(p.numel() for p in run.parameters()), run.token.string,
-             run.token.num_vectors, accelerator.device, accelerator.num_processes, train.mixed_precision,
-             threads.threads, len(set(run.dataset.order)), len(run.dataset))
+    vectors, processes = run.token.num_vectors, accelerator.num_processes
+    log.info("training %s (%d floats; token %r, %d vector%s) on %s: %d process%s, %d thread%s, precision %s; %d "
+             "images, %d samples per epoch", ", ".join(run.parts), sum(p.numel() for p in run.parameters()),
+             run.token.string, vectors, "s"[:vectors > 1], accelerator.device.type, processes,
+             "es"[:2 * (processes > 1)], threads.threads, "s"[:threads.threads > 1],
+             {"no": "fp32"}.get(train.mixed_precision, train.mixed_precision), len(set(run.dataset.order)),
+             len(run.dataset))
     return run
 
 

@@ -31,6 +31,7 @@ class RunState:
     bad_steps: int = 0
     bad_steps_total: int = 0
     tracker_id: str | None = None
+    elapsed_s: float = 0.0  # wall time of the run's earlier invocations (a resumed run adds its own)
 
 
 def save_state(run) -> Path:
@@ -43,7 +44,8 @@ def save_state(run) -> Path:
                     "lr_scheduler": run.lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None},
                    staging / "state.pt")
-        (staging / "state.json").write_text(json.dumps({**asdict(run.state), "callbacks": run.callbacks.state_dict(),
+        (staging / "state.json").write_text(json.dumps({**asdict(run.state), "elapsed_s": round(run.elapsed_s(), 2),
+                                                         "callbacks": run.callbacks.state_dict(),
                                                          "token": run.token.string,
                                                          "num_vectors": run.token.num_vectors,
                                                          "base_model": run.backbone.source}, indent=2))
@@ -61,12 +63,14 @@ def save_state(run) -> Path:
 
 def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:
     """(run dir, state dir) for `resume=<run dir>|<state dir>|latest`."""
-    if resume == "latest":
+    if resume == "latest":  # the newest single run's state (a sweep's jobs are resumed by their folder)
         root = Path("outputs")
         candidates = [p for p in root.rglob(f"{STATE_DIR}/state.json")] if root.is_dir() else []
-        candidates = [p for p in candidates if p.parent.parent.resolve() != Path(fallback_run_dir).resolve()]
+        candidates = [p for p in candidates if p.parent.parent.resolve() != Path(fallback_run_dir).resolve()
+                      and "multirun" not in p.relative_to(root).parts]
         if not candidates:
-            raise ConfigError(f"resume=latest: no saved state under {root.resolve()}; give the run dir instead")
+            raise ConfigError(f"resume=latest: no saved state of a single run under {root.resolve()}; give the run "
+                              "folder instead")
         state = max(candidates, key=lambda p: p.stat().st_mtime).parent
     else:
         path = Path(resume).expanduser()

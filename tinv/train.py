@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .embedding import ConceptToken
 from .errors import ConfigError, TrainingDiverged
 from .losses import DiffusionLoss
 from .objective import sweep_value
+from .report import number
 from .optim import check_optimization
 from .run import Job, open_run
 from .state import find_state, saved_step
@@ -132,7 +134,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
         return None
     result = job.trainer.fit(open_run(job))
     if result.run.is_main:
-        print(outcome(result, cfg), flush=True)
+        s = result.summary
+        sweep = sweep_identity()  # a sweep's job says one line; the sweep's end names the best one
+        print(f"tinv-train: job {sweep['job_num']} done, {s['objective_name']} = {number(s['objective'])}, "
+              f"{s.get('embedding')}" if sweep else outcome(result, cfg), flush=True)
     return result
 
 
@@ -140,12 +145,13 @@ def outcome(result: TrainResult, cfg: DictConfig) -> str:
     """What a finished run says: its numbers, its files, and what to do next."""
     s, run = result.summary, result.run
     better = "higher" if s.get("objective_mode") == "max" else "lower"
-    lines = [f"tinv-train: done, {s['step']} steps in {s['wall_s']:.0f} s; {s['objective_name']} = "
-             f"{s['objective']:.4g} ({better} is better)"]
+    resumed = f" ({s['step'] - s['resumed_at_step']} of them after resuming)" if "resumed_at_step" in s else ""
+    lines = [f"tinv-train: done, {s['step']} steps{resumed} in {s['wall_s']:.0f} s; {s['objective_name']} = "
+             f"{number(s['objective'])} ({better} is better)"]
     scores = {k.split("/", 1)[1]: v[-1][1] for k, v in run.tracker.history.items()
               if k.startswith("val/") and isinstance(v[-1][1], float)}
     if scores:
-        lines.append("  scores     " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f" (step {s['step']})")
+        lines.append("  scores     " + ", ".join(f"{k} {number(v)}" for k, v in scores.items()) + f" (step {s['step']})")
     files = [("embedding", s.get("embedding"))]
     best = sorted(run.run_dir.glob(f"{run.output_name}-best.*"))
     if best and "best_step" in s:
@@ -156,8 +162,8 @@ def outcome(result: TrainResult, cfg: DictConfig) -> str:
     lines += [f"  {name:<10} {value}" for name, value in files if value]
     if s.get("embedding"):
         token = run.token.string
-        generate = (f'tinv-generate {s["embedding"]} "a photo of {token}" --sampler {cfg.sample.sampler} '
-                    f"--steps {cfg.sample.steps} --guidance {cfg.sample.guidance_scale}")
+        generate = (f'tinv-generate {shlex.quote(s["embedding"])} "a photo of {token}" --sampler '
+                    f"{cfg.sample.sampler} --steps {cfg.sample.steps} --guidance {cfg.sample.guidance_scale}")
         name = Path(s["embedding"]).stem
         steps = [generate, *run.callbacks.collect("next_steps", run),
                  f"A1111/Forge: copy it into embeddings/ and write {name} in a prompt; ComfyUI: models/embeddings/, "

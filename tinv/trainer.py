@@ -55,8 +55,16 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, run_dir: Path, when: str = "at a step boundary"):
         self.signum, self.signal = signum, signal.Signals(signum).name
+        self.resume = resume_argument(run_dir)
         super().__init__(f"stopped by {self.signal} {when}; embedding and state saved in {run_dir} - continue with "
-                         f"the same command plus resume={run_dir}")
+                         f"tinv-train {self.resume}")
+
+
+def resume_argument(run_dir: Path) -> str:
+    """`resume=<run dir>` as it pastes into a shell (a sweep job's folder holds `=` and `,`)."""
+    from .commandline import path_override, shell_quoted
+
+    return shell_quoted(path_override("resume", run_dir))
 
 
 class StopNow(Exception):
@@ -93,7 +101,7 @@ class Trainer:
                         for part in run.parts.values():
                             part.after_step()
                         last_loss = out.loss
-                        bar.set_postfix(loss=f"{last_loss:.4f}")
+                        bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                         if run.step % self.log_every_n_steps == 0 or run.step == run.max_steps:
                             run.log(self.metrics(run, out, speed.since_last(run.step)))
                     run.callbacks.call("on_step_end", run, out)
@@ -109,7 +117,7 @@ class Trainer:
             run.save_state()  # a finished run resumes as finished
             run.tracker.set_summary(final_loss=last_loss, step=run.step, base_model=run.backbone.source,
                                     family=run.backbone.family, bad_steps=run.state.bad_steps_total,
-                                    wall_s=round(time.perf_counter() - run.started[0], 2), started_at=run.started[1],
+                                    wall_s=round(run.elapsed_s(), 2), started_at=run.started[1],
                                     finished_at=time.time(),
                                     **read_objective(run.tracker.history, last_loss, **self.objective))
             summary = dict(run.tracker.summary)
@@ -117,7 +125,7 @@ class Trainer:
             embedding = summary.get("embedding")
             return TrainResult(Path(embedding) if embedding else None, run.step, last_loss, run, summary)
         except Interrupted as err:
-            run.tracker.set_summary(step=run.step, stopped_by=err.signal, resume=f"resume={run.run_dir}")
+            run.tracker.set_summary(step=run.step, stopped_by=err.signal, resume=err.resume)
             raise
         except BaseException as err:
             run.tracker.set_summary(step=run.step, error=f"{type(err).__name__}: {first_line(err)}")

@@ -71,6 +71,7 @@ class DatasetSpec:
     bucket_no_upscale: bool = False
     resize_interpolation: Optional[Interpolation] = None
     subsets: list[SubsetSpec] = field(default_factory=list, metadata={"internal": True})
+    source: str = field(default="data", metadata={"internal": True})  # "data" (our keys) or the TOML table
 
 
 def keys_of(spec: type) -> list[str]:
@@ -103,7 +104,7 @@ def _resolution(value, where: str) -> tuple[int, int]:
         value = list(value)
         if len(value) == 2 and all(isinstance(v, int) for v in value):
             return (int(value[0]), int(value[1]))
-    raise ConfigError(f"{where}: resolution={value!r} must be an integer or [width, height]")
+    raise ConfigError(f"{_named(where, 'resolution', repr(value))} must be an integer or [width, height]")
 
 
 def defaults_from_config(data_cfg, batch_size: int) -> tuple[dict, dict]:
@@ -135,7 +136,7 @@ def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> dict:
 def _make_dataset(values: dict, subsets: list[SubsetSpec], where: str) -> DatasetSpec:
     values = dict(values)
     values["resolution"] = _resolution(values.get("resolution"), where)
-    return DatasetSpec(**{k: v for k, v in values.items() if k in DATASET_KEYS}, subsets=subsets)
+    return DatasetSpec(**{k: v for k, v in values.items() if k in DATASET_KEYS}, subsets=subsets, source=where)
 
 
 def from_toml(path: str | Path, dataset_defaults: dict, subset_defaults: dict) -> list[DatasetSpec]:
@@ -204,32 +205,40 @@ def from_folder(dataset_defaults: dict, subset_defaults: dict) -> list[DatasetSp
     return [_make_dataset(dataset_defaults, subsets, "data")]
 
 
+def _named(source: str, key: str, value) -> str:
+    """A setting as the user gave it: `data.key=value` for our own keys, else the TOML table and the key."""
+    if source == "data" or source.startswith("data.image_dir"):
+        return f"data.{key}={value}"
+    return f"{source}: {key}={value}"
+
+
 def validate(specs: list[DatasetSpec], family: str) -> None:
-    """Value checks with the subset's source named; run before any image or model is read."""
+    """Value checks naming the key where the user set it; run before any image or model is read."""
     for ds in specs:
         step = ds.bucket_reso_steps
-        where = ds.subsets[0].source if ds.subsets else "data"
         if step % 8 or step <= 0:
-            raise ConfigError(f"{where}: bucket_reso_steps={step} must be a positive multiple of 8")
+            raise ConfigError(f"{_named(ds.source, 'bucket_reso_steps', step)} must be a positive multiple of 8")
         if family != "sdxl" and step % 64:
-            raise ConfigError(f"{where}: bucket_reso_steps={step} must be a multiple of 64 for {family} models "
-                              "(32 is allowed for SDXL)")
+            raise ConfigError(f"{_named(ds.source, 'bucket_reso_steps', step)} must be a multiple of 64 for {family} "
+                              "models (32 is allowed for SDXL)")
         if min(ds.resolution) < 8 or any(r % 8 for r in ds.resolution):
-            raise ConfigError(f"{where}: resolution={list(ds.resolution)} must be multiples of 8")
+            shown = ds.resolution[0] if ds.resolution[0] == ds.resolution[1] else list(ds.resolution)
+            raise ConfigError(f"{_named(ds.source, 'resolution', shown)} must be a positive multiple of 8 on each side (e.g. 512)")
         if ds.batch_size < 1:
-            raise ConfigError(f"{where}: batch_size={ds.batch_size} must be at least 1")
+            raise ConfigError(f"{_named(ds.source, 'batch_size', ds.batch_size)} must be at least 1")
         for sub in [ds, *ds.subsets]:
             interp = sub.resize_interpolation
             if interp is not None and interp not in Interpolation.values():
-                raise ConfigError(f"{where}: resize_interpolation={interp!r}; use one of "
+                raise ConfigError(f"{_named(sub.source, 'resize_interpolation', repr(interp))}: use one of "
                                   f"{', '.join(Interpolation.values())}")
         for sub in ds.subsets:
             if not sub.caption_separator:
-                raise ConfigError(f"{sub.source}: caption_separator is empty; use e.g. ',' (the default)")
+                raise ConfigError(f"{_named(sub.source, 'caption_separator', repr(''))}: it is empty; use e.g. ',' "
+                                  "(the default)")
             if sub.num_repeats < 1:
-                raise ConfigError(f"{sub.source}: num_repeats={sub.num_repeats} must be at least 1")
+                raise ConfigError(f"{_named(sub.source, 'num_repeats', sub.num_repeats)} must be at least 1")
             if not 0.0 <= sub.caption_tag_dropout_rate < 1.0:
-                raise ConfigError(f"{sub.source}: caption_tag_dropout_rate={sub.caption_tag_dropout_rate} must be "
-                                  "in [0, 1)")
+                raise ConfigError(f"{_named(sub.source, 'caption_tag_dropout_rate', sub.caption_tag_dropout_rate)} "
+                                  "must be in [0, 1)")
             if sub.keep_tokens < 0:
-                raise ConfigError(f"{sub.source}: keep_tokens={sub.keep_tokens} must be 0 or more")
+                raise ConfigError(f"{_named(sub.source, 'keep_tokens', sub.keep_tokens)} must be 0 or more")

@@ -91,7 +91,7 @@ class ConceptScoring:
             self.concept = Concept.parse(concept) if concept else None
         except ValueError as err:
             raise ConfigError(f"concept: {err}") from None
-        self.judge, self.references = load_judge(path), None
+        self.judge, self.references, self.image_dirs = load_judge(path), None, []
         self.num_samples, self.seed, self.every_n_steps = num_samples, seed, every_n_steps
         self.guidance_scale = guidance_scale if guidance_scale is not None else GUIDANCE_SCALE
 
@@ -100,6 +100,7 @@ class ConceptScoring:
         if self.concept is None:
             self.concept = concept_from_captions([s.caption for s in dataset.samples], "the training set")
         self.references = load_references([s.path for s in dataset.samples])
+        self.image_dirs = sorted({str(sub.image_dir) for sub in dataset.subsets})
         log.info("concept scoring against %r", self.concept.text())
 
     def on_step_end(self, run, step) -> None:
@@ -114,8 +115,14 @@ class ConceptScoring:
             run.tracker.set_summary(**self.score(run, progress=True))
 
     def next_steps(self, run) -> list[str]:
+        from shlex import quote
+
         embedding = run.tracker.summary.get("embedding")
-        return [f'tinv-eval {embedding} --concept "{self.concept.text()}" --grid samples.png'] if embedding else []
+        if not embedding:
+            return []
+        references = f" --references {quote(self.image_dirs[0])}" if len(self.image_dirs) == 1 else ""
+        return [f"tinv-eval {quote(embedding)} --concept {quote(self.concept.text())}{references} --samples 64 "
+                f"--grid {quote(str(run.run_dir / 'samples' / 'eval.png'))}"]
 
     def score(self, run, progress: bool = False) -> dict:
         from diffusers import DDIMScheduler
