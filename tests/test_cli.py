@@ -36,7 +36,7 @@ def test_default_run_logs_to_wandb_offline_and_metrics(tmp_path):
     assert len(offline) == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ok"] is True and summary["step"] == 4
-    assert 0 <= summary["concept_accuracy"] <= 1 and summary["objective"] == summary["concept_accuracy"]
+    assert 0 <= summary["concept_accuracy"] <= 1 and summary["objective"] == summary["concept_and_edit"]
     assert summary["wandb_name"] == "cli-test"
     assert (run / ".hydra" / "config.yaml").is_file()
     # the console: tinv's own lines and what to do next; the libraries' notices only in train.log, no bars

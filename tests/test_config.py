@@ -40,7 +40,7 @@ def test_the_toy_world_comes_from_the_defaults_list_not_from_the_model():
     choices = cfg.hydra.runtime.choices
     assert (choices.model, choices.data, choices.world) == ("toy", "demo", "toy")
     assert cfg.callbacks.concept._target_ == "tinv.toy.evaluation.ConceptScoring"
-    assert (cfg.token.init_word, cfg.objective.metric, cfg.objective.mode) == ("shape", "val/concept_accuracy", "max")
+    assert (cfg.token.init_word, cfg.objective.metric, cfg.objective.mode) == ("shape", "val/concept_and_edit", "max")
     # the model file itself sets model keys only; without the world the toy model is a plain model
     assert set(OmegaConf.load(CONF / "model" / "toy.yaml")) == {"family", "path", "resolution", "prediction_type"}
     assert "concept" not in bare.callbacks and bare.token.init_word is None and bare.objective.metric == "val/loss"

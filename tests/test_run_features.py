@@ -225,10 +225,10 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 # ---- loss and optimisation options ---------------------------------------------------------------------------------
 
 def test_loss_options_run_and_change_the_loss(tmp_path):
-    base = train(tmp_path / "a", ["train.max_steps=2"])
+    base = train(tmp_path / "a", ["train.max_steps=2", "train.min_snr_gamma=null"])  # plain squared error
     for i, extra in enumerate([["train.noise_offset=0.1"], ["train.min_snr_gamma=5"],
                                ["train.min_timestep=500", "train.max_timestep=600"]]):
-        other = train(tmp_path / f"o{i}", ["train.max_steps=2", *extra])
+        other = train(tmp_path / f"o{i}", ["train.max_steps=2", "train.min_snr_gamma=null", *extra])
         assert math.isfinite(other.final_loss) and other.final_loss != base.final_loss, extra
 
 

@@ -34,6 +34,7 @@ Precision = _choices("Precision", "no", "fp16", "bf16")
 SaveFormat = _choices("SaveFormat", "safetensors", "pt")
 TrackerMode = _choices("TrackerMode", "online", "offline", "disabled")
 TokenNorm = _choices("TokenNorm", "none", "clamp_to_vocab_max", "l2_to_init")
+InitFrom = _choices("InitFrom", "input", "output")  # the init word's token embedding, or the encoder's output for it
 TrainEncoders = _choices("TrainEncoders", "both", "clip_l", "clip_g")
 LrScale = _choices("LrScale", "none", "batch")
 Sampler = _choices("Sampler", "ddim", "euler", "euler_a", "dpmsolver++")

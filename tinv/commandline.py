@@ -88,6 +88,7 @@ def _launchers() -> list[str]:
 
 MAIN_KEYS = [
     ("token.string", "the trigger word (new to the model)"), ("token.init_word", "start the vectors from this word"),
+    ("token.init_from", "output (encoder output of the word) | input"),
     ("token.num_vectors", "vectors per token"), ("data.image_dir", "your folder of images (and captions)"),
     ("optimizer.lr", "learning rate"), ("train.max_steps", "optimizer steps"), ("train.batch_size", "images per step"),
     ("train.mixed_precision", "no | fp16 | bf16"), ("save.every_n_steps", "also save every N steps"),
@@ -110,7 +111,7 @@ def help_text() -> str:
     groups["sweep"] = _choices(SWEEPS)
     groups["hydra/launcher"] = _launchers()
     lines = ["tinv-train: train a textual-inversion embedding. Choose group=choice, set key=value (Hydra overrides).",
-             "", "  tinv-train                                    # the toy model learns the demo concept (~30 s, 2 CPU cores)",
+             "", "  tinv-train                                    # the toy model learns the demo concept (~1 min, 2 CPU cores)",
              "  tinv-train model=sd15 data=folder data.image_dir=~/data/mychar token.string=mychar token.init_word=girl",
              "  tinv-train sweep=lr_vectors hydra/launcher=joblib   # a named sweep, jobs in parallel",
              "", "Config groups (default in [brackets]):"]

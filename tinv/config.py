@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
-from .choices import (Family, LrScale, MissingToken, Mode, Precision, PredictionType, Reduce, SaveFormat, Sampler,
-                      TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
+from .choices import (Family, InitFrom, LrScale, MissingToken, Mode, Precision, PredictionType, Reduce, SaveFormat,
+                      Sampler, TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
 from .errors import ConfigError
 
@@ -58,6 +58,9 @@ class TokenConfig:
     weights: Optional[str] = None  # continue from an existing embedding file
     norm: TokenNorm = "none"  # keep the vectors near real word embeddings
     norm_weight: float = 0.01  # l2_to_init: weight of ||v - v_init||^2 in the loss
+    init_from: InitFrom = "output"  # init_word's encoder output (Cross Initialization) or its token embedding
+    context_weight: float = 0.0  # > 0: keep the rest of a prompt's encoding as with init_word (needs init_word)
+    context_prompts: Optional[list[str]] = None  # prompts with "{}" for the token and other content; None = built-in
     train_encoders: TrainEncoders = "both"  # SDXL: one encoder only; the other keeps its initial vectors
 
 
@@ -109,7 +112,7 @@ DataConfig = _data_config()
 
 @dataclass
 class TrainConfig:
-    max_steps: int = at_least(1, 500)
+    max_steps: int = at_least(1, 1000)
     batch_size: int = at_least(1, 4)
     gradient_accumulation: int = at_least(1, 1)
     seed: int = 42
@@ -124,7 +127,7 @@ class TrainConfig:
     num_threads: Optional[int] = at_least(1, None)  # CPU threads; None = the launcher's, or a share of the cores
     # loss options
     noise_offset: float = 0.0
-    min_snr_gamma: Optional[float] = None  # e.g. 5.0: Min-SNR loss weighting
+    min_snr_gamma: Optional[float] = 5.0  # Min-SNR loss weighting (null: plain mean squared error)
     min_timestep: int = 0
     max_timestep: Optional[int] = None  # None = the schedule's length
     lr_scale: LrScale = "none"  # batch: lr x batch x accumulation x processes (the original TI rule)

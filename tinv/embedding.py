@@ -64,7 +64,7 @@ class ConceptToken:
 
     def __init__(self, string: str, num_vectors: int | None = 1, init_word: str | None = None,
                  weights: str | None = None, norm: str = "none", norm_weight: float = 0.01,
-                 train_encoders: str = "both"):
+                 train_encoders: str = "both", init_from: str = "output"):
         string = (string or "").strip()
         if not string or re.search(r"\s", string):
             raise ConfigError(f"token.string={string!r} must be one word without spaces, e.g. token.string=mychar")
@@ -85,6 +85,7 @@ class ConceptToken:
         self.splices: dict[str, SplicedEmbedding] = {}
         self.first_ids: dict[str, int] = {}  # per encoder key: the id of the first token name
         self.norm, self.norm_weight, self.train_encoders = norm, norm_weight, train_encoders
+        self.init_from = init_from  # input: the init word's rows; output: given to install() by the caller
         self.initial: dict[str, torch.Tensor] = {}  # the starting vectors, for l2_to_init
         self.max_norms: dict[str, float] = {}  # the longest vocabulary row per encoder, for clamp_to_vocab_max
         self._pattern = re.compile(rf"(?<!\w){re.escape(string)}(?!\w)", re.IGNORECASE)
@@ -151,14 +152,19 @@ class ConceptToken:
                                   "digits")
             self.first_ids[enc.key] = first
 
-    def install(self, encoders, seed: int) -> None:
-        """Splice trainable rows for the new ids into each encoder's token lookup."""
+    def install(self, encoders, seed: int, init_rows: dict[str, torch.Tensor] | None = None) -> None:
+        """Splice trainable rows for the new ids into each encoder's token lookup. `init_rows` (per encoder key,
+        one row per piece of the init word) replace the init word's token embeddings as the start."""
         self.add_to_tokenizers(encoders)
         for enc in encoders:
             base = enc.model.get_input_embeddings()
             if isinstance(base, SplicedEmbedding):
                 raise ConfigError("this model already has trained tokens spliced in; load a fresh backbone")
-            init = self._initial_rows(enc, base.weight.detach(), seed)
+            if init_rows is not None and self.start is None:
+                rows = init_rows[enc.key].float().cpu()
+                init = torch.stack([rows[i % len(rows)] for i in range(self.num_vectors)])
+            else:
+                init = self._initial_rows(enc, base.weight.detach(), seed)
             splice = SplicedEmbedding(base, self.first_ids[enc.key], init).to(base.weight.device)
             splice.vectors.requires_grad_(self.train_encoders in ("both", enc.key))
             enc.model.set_input_embeddings(splice)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .embedding import EmbeddingMeta, save_embedding
+from .errors import ConfigError
 
 
 class TrainablePart(Protocol):
@@ -44,16 +45,92 @@ class TrainablePart(Protocol):
         """Write this part's files for `<output_name><suffix>`; returns {summary key: path}."""
 
 
+# Prompts with content besides the token, for the context regulariser ("{}" is the token).
+CONTEXT_PROMPTS = ["a photo of {} on the beach", "a photo of {} in the snow", "a painting of {} in a forest",
+                   "{} next to a red car", "a close-up photo of {} on a wooden table", "{} in a city street at night",
+                   "a watercolor of {} on a mountain", "{} under a blue sky"]
+
+
 class TokenVectors:
     """The token's N vectors per text encoder, spliced into the frozen token lookup (tinv.embedding), written as an
-    embedding file every UI loads."""
+    embedding file every UI loads.
 
-    def __init__(self):
+    Two ways to keep the token from swallowing the rest of a prompt, both text-encoder only:
+    - `token.init_from=output` (the default) starts the vectors from the encoder's output for the init word instead
+      of its input embedding (Cross Initialization, Pang et al. 2024); token.norm=l2_to_init pulls them back to that
+      start (on the toy world even a weight of 1e-4 keeps them from learning: see the README's methods table);
+    - `context_weight` > 0 adds the mean squared difference between the encoder states of the words after the token
+      (and the end token) in `context_prompts`, and the same states with the init word in the token's place (a
+      context regulariser in the spirit of CoRe, 2024): the token may change what it names, not its context.
+    """
+
+    def __init__(self, context_weight: float = 0.0, context_prompts: list[str] | None = None):
         self.token = None
+        self.context_weight = context_weight
+        self.context_prompts = list(context_prompts or CONTEXT_PROMPTS)
+        bad = [p for p in self.context_prompts if p.count("{}") != 1]
+        if bad:
+            raise ConfigError(f"token.context_prompts entry {bad[0]!r} needs exactly one '{{}}' for the token")
+        self.context: list[tuple] = []  # per encoder: (ids with the token, [(start, count)], target states)
 
     def setup(self, run) -> None:
         self.token = run.token
-        self.token.install(run.backbone.encoders, run.seed)  # after the dtype cast: the vectors stay fp32
+        self.backbone = run.backbone
+        crossed = self.token.init_from == "output" and self.token.init_word and self.token.start is None
+        rows = self._output_rows(run) if crossed else None
+        self.token.install(run.backbone.encoders, run.seed, rows)  # after the dtype cast: the vectors stay fp32
+        if self.context_weight > 0:
+            self._context_setup(run)
+
+    @torch.no_grad()
+    def _output_rows(self, run) -> dict[str, torch.Tensor]:
+        """The encoders' states for the init word's pieces (what conditions the UNet), one row per piece."""
+        bb, word = run.backbone, self.token.init_word
+        states = bb.hidden_states(bb.tokenize([word]))
+        rows = {}
+        for enc, state in zip(bb.encoders, states):
+            pieces = len(enc.tokenizer(word, add_special_tokens=False).input_ids)
+            rows[enc.key] = state[0, 1:1 + pieces].float().cpu()
+        return rows
+
+    def _context_setup(self, run) -> None:
+        if not self.token.init_word:
+            raise ConfigError("token.context_weight compares the token with the word it stands for; set "
+                              "token.init_word too")
+        bb = run.backbone
+        with_token, with_word, spans = [], [], []
+        for enc in bb.encoders:
+            tok = enc.tokenizer
+            names = list(range(self.token.first_ids[enc.key], self.token.first_ids[enc.key] + self.token.num_vectors))
+            # the word's pieces in the token's N places, as the vectors start (token.init_from=input)
+            pieces = tok(self.token.init_word, add_special_tokens=False).input_ids
+            word = [pieces[i % len(pieces)] for i in range(len(names))]
+            a, b, span = [], [], []
+            for prompt in self.context_prompts:
+                prefix, suffix = (tok(part, add_special_tokens=False).input_ids for part in prompt.split("{}"))
+                a.append(self._ids(tok, prefix + names + suffix))
+                b.append(self._ids(tok, prefix + word + suffix))
+                span.append((1 + len(prefix) + len(names), len(suffix) + 1))  # the words after the token, and EOS
+            with_token.append(torch.tensor(a))
+            with_word.append(torch.tensor(b))
+            spans.append(span)
+        with torch.no_grad():
+            targets = bb.hidden_states(with_word)
+        self.context = [(ids, span, [t[p, start:start + n].float() for p, (start, n) in enumerate(span)])
+                        for ids, span, t in zip(with_token, spans, targets)]
+
+    @staticmethod
+    def _ids(tokenizer, ids: list[int]) -> list[int]:
+        """[BOS] ids [EOS], padded to the tokenizer's length as training prompts are."""
+        full = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id][:tokenizer.model_max_length]
+        return full + [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(full))
+
+    def context_loss(self) -> torch.Tensor:
+        states = self.backbone.hidden_states([ids for ids, _, _ in self.context])
+        errors = [torch.nn.functional.mse_loss(state[p, start:start + n].float(), target[p].to(state.device))
+                  for state, (_, span, target) in zip(states, self.context)
+                  for p, (start, n) in enumerate(span)]
+        return torch.stack(errors).mean()
 
     def parameters(self) -> list[nn.Parameter]:
         return self.token.parameters()
@@ -62,7 +139,10 @@ class TokenVectors:
         return [{"params": self.parameters()}]
 
     def loss_term(self) -> torch.Tensor | float:
-        return self.token.regularizer()
+        term = self.token.regularizer()
+        if self.context_weight > 0:
+            term = term + self.context_weight * self.context_loss()
+        return term
 
     def after_step(self) -> None:
         self.token.after_step()

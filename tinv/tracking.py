@@ -77,6 +77,9 @@ class Tracker:
     def log_images(self, images: dict, step: int) -> None:
         """{key: [PIL images]}; the files themselves are written by the previewer."""
 
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A table for the dashboard; its numbers go to metrics.jsonl through log()."""
+
     def set_summary(self, **values) -> None:
         self.summary.update({k: _plain(v) for k, v in values.items()})
 
@@ -151,6 +154,12 @@ class WandbTracker(Tracker):
             import wandb
 
             self.run.log({k: [wandb.Image(im) for im in v] for k, v in images.items()}, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def log(self, metrics: dict, step: int) -> None:
         super().log(metrics, step)

@@ -102,7 +102,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
     check_optimization(cfg.optimizer, cfg.scheduler, cfg.train.max_steps, choices)
 
     token = ConceptToken(cfg.token.string, cfg.token.num_vectors, cfg.token.init_word, cfg.token.weights,
-                         cfg.token.norm, cfg.token.norm_weight, cfg.token.train_encoders)
+                         cfg.token.norm, cfg.token.norm_weight, cfg.token.train_encoders, cfg.token.init_from)
     prompts = PromptBuilder(cfg.template.kind, token, cfg.template.templates, cfg.data.missing_token)
     data_keys = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOADING_KEYS}
     dataset = build(data_keys, family=cfg.model.family, batch_size=cfg.train.batch_size, seed=cfg.train.seed,

@@ -136,6 +136,20 @@ class Backbone:
             if module.dtype != module_dtype:
                 module.to(dtype=module_dtype)
 
+    def load_text_encoders(self, device: torch.device | str = "cpu") -> None:
+        """The text encoders alone (inspecting an embedding needs no UNet); single files load whole."""
+        if self.src.single_file:
+            self.load_models(torch.device(device))
+            return
+        kw = self._config_kwargs()
+        weights = dict(kw, variant=self.variant) if self.variant else kw
+        try:
+            for enc in self.encoders:
+                enc.model = self._encoder_class(enc).from_pretrained(self.path, subfolder=enc.subfolder, **weights)
+                enc.model.requires_grad_(False).eval().to(device)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.path={self.path!r}: cannot load its text encoders ({first_line(err)})") from None
+
     def _load_folder(self) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -207,6 +221,11 @@ class Backbone:
     def conditioning(self, input_ids: list[torch.Tensor], batch: dict) -> dict:
         raise NotImplementedError
 
+    def hidden_states(self, input_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per text encoder, the token states that condition the UNet (SD1/SD2: the last layer or clip_skip's;
+        SDXL: each encoder's penultimate layer)."""
+        raise NotImplementedError
+
     def pipeline(self, scheduler):
         """A diffusers pipeline around the modules as they are now (trained vectors spliced in), for sampling."""
         modules = {}
@@ -249,12 +268,15 @@ class SD1Backbone(Backbone):
         return {"clip_skip": self.clip_skip - 1} if self.clip_skip > 1 else {}
 
     def conditioning(self, input_ids, batch):
+        return {"encoder_hidden_states": self.hidden_states(input_ids)[0]}
+
+    def hidden_states(self, input_ids):
         model = self.encoders[0].model
         ids = input_ids[0].to(model.device)
         if self.clip_skip == 1:
-            return {"encoder_hidden_states": model(ids).last_hidden_state}
+            return [model(ids).last_hidden_state]
         hidden = model(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
-        return {"encoder_hidden_states": _final_layer_norm(model)(hidden)}
+        return [_final_layer_norm(model)(hidden)]
 
 
 class SD2Backbone(SD1Backbone):
@@ -314,6 +336,10 @@ class SDXLBackbone(Backbone):
                 cache[k] = (hidden[j], None if pooled is None else pooled[j])
         hidden = torch.stack([cache[k][0] for k in keys])
         return hidden, None if i == 0 else torch.stack([cache[k][1] for k in keys])
+
+    def hidden_states(self, input_ids):
+        return [self._encode(i, ids.to(enc.model.device))[0] for i, (enc, ids) in enumerate(zip(self.encoders,
+                                                                                              input_ids))]
 
     def conditioning(self, input_ids, batch):
         outputs = []

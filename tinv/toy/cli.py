@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="also write the numbers as JSON here")
     t.add_argument("overrides", nargs="*", help="tinv-train overrides for every training run (default: none)")
+    m = sub.add_parser("methods", help="measure reconstruction and editability of training methods")
+    m.add_argument("work_dir", help="folder for rendered concepts and training runs")
+    m.add_argument("--others", type=int, default=3, help="concepts besides the demo one, picked by seed")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--method", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="a method as tinv-train overrides, e.g. 'l2=token.norm=l2_to_init token.norm_weight=0.1' "
+                        "(default: the built-in list)")
+    m.add_argument("--out", help="also write the numbers as JSON here")
     args = parser.parse_args(argv)
     if args.command != "render":  # these load models: no library notices or bars
         from ..console import quiet_command
@@ -54,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(Path(args.work_dir), args.samples, args.base_per_concept, args.others, args.seed,
                          args.overrides)
         print_table(result)
+        if args.out:
+            from ..atomic import write_text_atomic
+
+            write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
+        return 0
+    if args.command == "methods":
+        import json
+
+        from .targets import METHODS, measure_methods, print_methods
+
+        methods = dict(m.split("=", 1) for m in args.method)
+        methods = {k: v.split() for k, v in methods.items()} or METHODS
+        result = measure_methods(Path(args.work_dir), methods, args.others, args.seed)
+        print_methods(result)
         if args.out:
             from ..atomic import write_text_atomic
 

@@ -25,7 +25,7 @@ from ..data.templates import OBJECT_TEMPLATES
 from ..errors import ConfigError
 from ..seeds import derive_seed
 from .model import GUIDANCE_SCALE, WEIGHTS_DIR
-from .world import Concept
+from .world import BACKGROUNDS, Concept
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,44 @@ def eval_prompts(subject: str, count: int) -> list[str]:
 
 def eval_seeds(seed: int, count: int) -> list[int]:
     return [derive_seed(seed, i) for i in range(count)]
+
+
+def edit_prompts(subject: str, background: str, count: int) -> list[str]:
+    """The object templates with another background asked for: does the rest of the prompt still work?"""
+    return [f"{prompt} on a {background} background" for prompt in eval_prompts(subject, count)]
+
+
+def concept_scores(pipe, judge, subject: str, concept: Concept, references: np.ndarray | None = None,
+                   samples: int = 32, edit_samples: int = 32, seed: int = 0, guidance_scale: float = GUIDANCE_SCALE,
+                   expand=lambda prompt: prompt, progress: bool = False, **call_kwargs) -> tuple[dict, np.ndarray]:
+    """Reconstruction and editability of `subject` (a token, expanded by `expand`, or plain text).
+
+    Reconstruction: `samples` images from the object templates, judged against the concept (concept_accuracy,
+    per-attribute accuracies, reconstruction). Editability: `edit_samples` images per background the concept does
+    not have, from the same templates with "on a <background> background", judged against (the concept's shape,
+    its colour, the asked background); `editability` is their mean, `edit_<background>` each part, and
+    `concept_and_edit` the harmonic mean of concept_accuracy and editability. Returns (scores, the first images).
+    """
+    from .scoring import sample_images, score
+
+    def draw(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return sample_images(pipe, [expand(p) for p in prompts], seeds, guidance_scale, progress=progress,
+                             **call_kwargs)
+
+    images = draw(eval_prompts(subject, samples), eval_seeds(seed, samples))
+    result = score(judge, images, concept, references)
+    if edit_samples:
+        edits = [b for b in BACKGROUNDS if b != concept.background]
+        edited = draw([p for b in edits for p in edit_prompts(subject, b, edit_samples)],
+                      eval_seeds(seed, edit_samples) * len(edits))
+        for i, background in enumerate(edits):
+            part = edited[i * edit_samples:(i + 1) * edit_samples]
+            wanted = Concept(concept.shape, concept.colour, background)
+            result[f"edit_{background}"] = score(judge, part, wanted)["concept_accuracy"]
+        result["editability"] = sum(result[f"edit_{b}"] for b in edits) / len(edits)
+        both = result["concept_accuracy"] + result["editability"]
+        result["concept_and_edit"] = 2 * result["concept_accuracy"] * result["editability"] / both if both else 0.0
+    return result, images
 
 
 def load_references(paths: list[Path], limit: int = 64) -> np.ndarray:
@@ -77,7 +115,7 @@ class ConceptScoring:
     the end, where the scores also go to the summary."""
 
     def __init__(self, judge: str = JUDGE, concept: str | None = None, num_samples: int = 32,
-                 guidance_scale: float | None = None, seed: int = 0, every_n_steps: int = 0):
+                 edit_samples: int = 32, guidance_scale: float | None = None, seed: int = 0, every_n_steps: int = 0):
         from .judge import load_judge
 
         if judge is None:
@@ -85,8 +123,10 @@ class ConceptScoring:
         path = judge_path(judge)
         if not path.is_file():
             raise ConfigError(f"judge={judge!r}: no judge file at {path}; use toy (the shipped judge) or a judge path")
-        if num_samples < 1:
-            raise ConfigError(f"num_samples={num_samples} must be at least 1")
+        if num_samples < 1 or edit_samples < 0:
+            raise ConfigError(f"num_samples={num_samples} must be at least 1 and edit_samples={edit_samples} at least "
+                              "0 (0: no editability)")
+        self.edit_samples = edit_samples
         try:
             self.concept = Concept.parse(concept) if concept else None
         except ValueError as err:
@@ -129,15 +169,13 @@ class ConceptScoring:
 
         from ..atomic import atomic_path
         from ..sampling import sampling_mode
-        from .scoring import sample_images, score
 
         backbone, token = run.backbone, run.token
         with sampling_mode(backbone, run.device):
             pipe = backbone.pipeline(DDIMScheduler.from_config(backbone.noise_scheduler.config))
-            prompts = [token.expand(p) for p in eval_prompts(token.string, self.num_samples)]
-            images = sample_images(pipe, prompts, eval_seeds(self.seed, self.num_samples), self.guidance_scale,
-                                   progress=progress, **backbone.sampling_kwargs())
-        scores = score(self.judge, images, self.concept, self.references)
+            scores, images = concept_scores(pipe, self.judge, token.string, self.concept, self.references,
+                                            self.num_samples, self.edit_samples, self.seed, self.guidance_scale,
+                                            token.expand, progress, **backbone.sampling_kwargs())
         run.log({f"val/{k}": v for k, v in scores.items()})
         grid = run.run_dir / "samples" / f"concept-step-{run.step:08d}.png"
         with atomic_path(grid) as tmp:
@@ -149,15 +187,14 @@ class ConceptScoring:
 
 
 def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, model: str | None = None,
-             judge: str = JUDGE, samples: int = 64, seed: int = 0, guidance_scale: float | None = None,
-             references: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+             judge: str = JUDGE, samples: int = 64, edit_samples: int = 0, seed: int = 0,
+             guidance_scale: float | None = None, references: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """Score a subject (a token of a loaded embedding, or plain text) on the toy model; returns (scores, images)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     from .judge import load_judge
     from .model import toy_model_path
-    from .scoring import sample_images, score
 
     pipe = StableDiffusionPipeline.from_pretrained(model or toy_model_path(), safety_checker=None,
                                                    requires_safety_checker=False)
@@ -169,10 +206,8 @@ def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, mo
             raise ConfigError(f"{embedding}: not an SD1/SD2 embedding (keys {sorted(loaded.vectors)})")
         pipe.load_textual_inversion(loaded.vectors[SD_KEY].float(), token=subject)
     with torch.no_grad():
-        images = sample_images(pipe, eval_prompts(subject, samples), eval_seeds(seed, samples),
-                               guidance_scale if guidance_scale is not None else GUIDANCE_SCALE)
-    result = score(load_judge(judge_path(judge)), images, concept, references)
-    return result, images
+        return concept_scores(pipe, load_judge(judge_path(judge)), subject, concept, references, samples, edit_samples,
+                              seed, guidance_scale if guidance_scale is not None else GUIDANCE_SCALE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", help="the embedding's token in prompts (default: its stored name, else <concept>)")
     parser.add_argument("--references", help="folder of training images, for `reconstruction`")
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--edit-samples", type=int, default=32, help="per other background, for editability "
+                        "(0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=None, help=f"default {GUIDANCE_SCALE}")
     parser.add_argument("--model", help="toy model folder (default: the shipped toy model)")
@@ -209,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
 
             refs = load_references(list_images(Path(args.references)))
         result, images = evaluate(subject, concept, embedding=args.embedding, model=args.model, judge=args.judge,
-                                  samples=args.samples, seed=args.seed, guidance_scale=args.guidance_scale,
+                                  samples=args.samples, edit_samples=args.edit_samples, seed=args.seed,
+                                  guidance_scale=args.guidance_scale,
                                   references=refs)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"tinv-eval: {err}", file=sys.stderr)
         return 2
-    result.update(concept=concept.text(), subject=subject, samples=args.samples, seed=args.seed,
+    result.update(concept=concept.text(), subject=subject, samples=args.samples, edit_samples=args.edit_samples,
+                  seed=args.seed,
                   guidance_scale=args.guidance_scale if args.guidance_scale is not None else GUIDANCE_SCALE)
     text = json.dumps(result, indent=1)
     print(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .world import DEMO_CONCEPT, Concept, all_concepts, render_concept
+from ..atomic import write_text_atomic
+from ..commandline import path_override
+from .world import BACKGROUNDS, DEMO_CONCEPT, Concept, all_concepts, render_concept
 
 TARGETS = {"base_full_caption": 0.7, "init_word_max": 0.1, "trained": 0.6, "trained_vs_base": 0.8}
 
@@ -116,3 +119,69 @@ def print_table(result: dict) -> None:
               f"{r['base_full_caption']['concept_accuracy']:6.3f} {r['ratio']:6.2f} "
               f"{r['trained'].get('reconstruction', float('nan')):6.3f}")
     print(f"  targets: trained >= {t['trained']}, ratio >= {t['trained_vs_base']}, training <= ~120 s")
+
+
+# `tinv-toy methods`: each method is a set of tinv-train overrides, measured on the demo concept and others picked
+# by seed. Scores come from each run's own end-of-run judging (64 samples for reconstruction, 32 per other background
+# for editability).
+METHODS = {
+    "default": [],  # cross initialization, Min-SNR 5, 1000 steps
+    "before (issue 14)": ["token.init_from=input", "train.min_snr_gamma=null", "train.max_steps=500"],
+    "cross, no Min-SNR": ["train.min_snr_gamma=null"],
+    "4 vectors": ["token.num_vectors=4"],
+    "l2_to_init": ["token.init_from=input", "token.norm=l2_to_init"],  # token.norm_weight 0.01
+    "clamp_to_vocab_max": ["token.init_from=input", "token.norm=clamp_to_vocab_max"],
+    "context 0.0003": ["token.init_from=input", "token.context_weight=0.0003"],
+}
+SCORING = ["callbacks.concept.num_samples=64", "callbacks.concept.edit_samples=32"]
+
+
+def measure_methods(work: Path, methods: dict[str, list[str]], others: int = 3, seed: int = 0) -> dict:
+    from .demo import DEMO_IMAGES
+
+    concepts = [Concept(*DEMO_CONCEPT), *other_concepts(others, seed)]
+    rows = []
+    for name, overrides in methods.items():
+        for concept in concepts:
+            image_dir = work / "images" / concept.text().replace(" ", "_")
+            if not image_dir.is_dir():
+                render_concept(concept.text(), DEMO_IMAGES, image_dir, seed)
+            run_dir = work / "runs" / re.sub(r"[^\w.-]+", "_", name) / concept.text().replace(" ", "_")
+            done = run_dir / "method_row.json"  # a measured row: kept, so an interrupted table carries on
+            if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
+                rows.append(json.loads(done.read_text()))
+            else:
+                rows.append(_measure(name, overrides, concept, image_dir, run_dir))
+                write_text_atomic(done, json.dumps(rows[-1]) + "\n")
+            print(f"  {name:<24} {concept.text():<40} acc {rows[-1]['concept_accuracy']:.3f} "
+                  f"edit {rows[-1]['editability']:.3f} {rows[-1]['wall_s']:6.1f} s", flush=True)
+    return {"scoring": SCORING, "seed": seed, "rows": rows}
+
+
+def _measure(name: str, overrides: list[str], concept: Concept, image_dir: Path, run_dir: Path) -> dict:
+    args = [sys.executable, "-m", "tinv.train", "logger=none", path_override("hydra.run.dir", run_dir),
+            path_override("data.image_dir", image_dir), *SCORING, *overrides]
+    started = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} on {concept.text()!r} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"method": name, "overrides": overrides, "concept": concept.text(),
+            "wall_s": round(time.perf_counter() - started, 1),
+            **{k: summary.get(k) for k in ("concept_accuracy", "reconstruction", "editability", "concept_and_edit",
+                                           *(f"edit_{b}" for b in BACKGROUNDS))}}
+
+
+def print_methods(result: dict) -> None:
+    print(f"  {'method':<24} {'concept accuracy':>16} {'editability':>11} {'both':>6} {'recon':>6} {'wall s':>7}"
+          "   (mean over concepts; min in brackets)")
+    by_method: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        by_method.setdefault(row["method"], []).append(row)
+    for name, rows in by_method.items():
+        def mean(key):
+            return sum(r[key] for r in rows) / len(rows)
+
+        print(f"  {name:<24} {mean('concept_accuracy'):9.3f} ({min(r['concept_accuracy'] for r in rows):.2f}) "
+              f"{mean('editability'):6.3f} ({min(r['editability'] for r in rows):.2f}) "
+              f"{mean('concept_and_edit'):6.3f} {mean('reconstruction'):6.3f} {mean('wall_s'):7.1f}")
