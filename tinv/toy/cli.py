@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from .targets import METHODS, measure_methods, print_methods
 
+        bad = [m for m in args.method if "=" not in m]
+        if bad:
+            parser.error(f"--method {bad[0]!r}: give NAME=OVERRIDES, e.g. 'lr2=optimizer.lr=2e-3 train.max_steps=800'")
         methods = dict(m.split("=", 1) for m in args.method)
         methods = {k: v.split() for k, v in methods.items()} or METHODS
         result = measure_methods(Path(args.work_dir), methods, args.others, args.seed)
