@@ -73,8 +73,8 @@ def format_report(rows: list[dict]) -> str:
 
 class Inspection:
     """A run callback (`callbacks.inspect`): the report's numbers in metrics.jsonl (and a table in wandb) at every
-    validation (`every_n_steps`, and the end when that is on), and a warning at the end when the vectors barely moved or most training prompts
-    lack the token."""
+    validation (`every_n_steps`, and the end when that is on), and a warning at the end when the vectors barely
+    moved or most training prompts lack the token."""
 
     def __init__(self, every_n_steps: int = 0, top: int = 5):
         self.every_n_steps, self.top = every_n_steps, top
@@ -122,7 +122,8 @@ class Inspection:
         """The share of (the first `count`) training prompts in which no new token id survives tokenization."""
         if self.dataset is None or not len(self.dataset):
             return 0.0
-        prompts = [self.dataset[i]["prompt"] for i in range(min(count, len(self.dataset)))]
+        prompts = self.dataset.without_pixels()  # prompts only: no image is read
+        prompts = [prompts[i]["prompt"] for i in range(min(count, len(prompts)))]
         ids = run.input_ids(prompts)[0]
         first = run.token.first_ids[run.backbone.encoders[0].key]
         return (ids >= first).any(dim=1).logical_not().float().mean().item()
@@ -158,6 +159,7 @@ def inspect_file(embedding: Path, model: str | None, family: str | None, config_
     from .backbone import Backbone
     from .embedding import read_embedding
     from .generate import base_model
+    from .parts import output_rows
 
     loaded = read_embedding(embedding)
     model, family = base_model(embedding, loaded, model, family)
@@ -168,18 +170,12 @@ def inspect_file(embedding: Path, model: str | None, family: str | None, config_
     start = None
     if init_word:  # where the run's vectors started: the word's rows, or its encoder output (token.init_from)
         rows = len(next(iter(loaded.vectors.values())))
-        states = None
         if run_token.get("init_from") == "output":
-            with torch.no_grad():
-                states = backbone.hidden_states(backbone.tokenize([init_word]))
-        start = {}
-        for i, enc in enumerate(backbone.encoders):
-            ids = enc.tokenizer(init_word, add_special_tokens=False).input_ids
-            if states is not None:
-                pieces = states[i][0, 1:1 + len(ids)].float().cpu()
-            else:
-                pieces = enc.model.get_input_embeddings().weight.detach().float().cpu()[ids]
-            start[enc.key] = torch.stack([pieces[j % len(ids)] for j in range(rows)])
+            pieces = output_rows(backbone, init_word)
+        else:
+            pieces = {enc.key: enc.model.get_input_embeddings().weight.detach().float().cpu()[
+                enc.tokenizer(init_word, add_special_tokens=False).input_ids] for enc in backbone.encoders}
+        start = {key: torch.stack([p[j % len(p)] for j in range(rows)]) for key, p in pieces.items()}
     return report(loaded.vectors, backbone.encoders, start, top)
 
 

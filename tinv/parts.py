@@ -51,6 +51,18 @@ CONTEXT_PROMPTS = ["a photo of {} on the beach", "a photo of {} in the snow", "a
                    "a watercolor of {} on a mountain", "{} under a blue sky"]
 
 
+@torch.no_grad()
+def output_rows(backbone, word: str) -> dict[str, torch.Tensor]:
+    """Per encoder key, the encoder's states for `word`'s pieces (what conditions the UNet), one row per piece: the
+    start of token.init_from=output."""
+    states = backbone.hidden_states(backbone.tokenize([word]))
+    rows = {}
+    for enc, state in zip(backbone.encoders, states):
+        pieces = len(enc.tokenizer(word, add_special_tokens=False).input_ids)
+        rows[enc.key] = state[0, 1:1 + pieces].float().cpu()
+    return rows
+
+
 class TokenVectors:
     """The token's N vectors per text encoder, spliced into the frozen token lookup (tinv.embedding), written as an
     embedding file every UI loads.
@@ -77,21 +89,10 @@ class TokenVectors:
         self.token = run.token
         self.backbone = run.backbone
         crossed = self.token.init_from == "output" and self.token.init_word and self.token.start is None
-        rows = self._output_rows(run) if crossed else None
+        rows = output_rows(run.backbone, self.token.init_word) if crossed else None
         self.token.install(run.backbone.encoders, run.seed, rows)  # after the dtype cast: the vectors stay fp32
         if self.context_weight > 0:
             self._context_setup(run)
-
-    @torch.no_grad()
-    def _output_rows(self, run) -> dict[str, torch.Tensor]:
-        """The encoders' states for the init word's pieces (what conditions the UNet), one row per piece."""
-        bb, word = run.backbone, self.token.init_word
-        states = bb.hidden_states(bb.tokenize([word]))
-        rows = {}
-        for enc, state in zip(bb.encoders, states):
-            pieces = len(enc.tokenizer(word, add_special_tokens=False).input_ids)
-            rows[enc.key] = state[0, 1:1 + pieces].float().cpu()
-        return rows
 
     def _context_setup(self, run) -> None:
         if not self.token.init_word:

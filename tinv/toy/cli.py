@@ -54,34 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         from ..console import quiet_command
 
         quiet_command()
-    if args.command == "targets":
+    if args.command in ("targets", "methods"):
         import json
 
-        from .targets import measure, print_table
+        from ..atomic import write_text_atomic
+        from . import targets
 
-        result = measure(Path(args.work_dir), args.samples, args.base_per_concept, args.others, args.seed,
-                         args.overrides)
-        print_table(result)
+        if args.command == "targets":
+            result = targets.measure(Path(args.work_dir), args.samples, args.base_per_concept, args.others,
+                                     args.seed, args.overrides)
+            targets.print_table(result)
+        else:
+            bad = [m for m in args.method if "=" not in m]
+            if bad:
+                parser.error(f"--method {bad[0]!r}: give NAME=OVERRIDES, e.g. 'lr2=optimizer.lr=2e-3 "
+                             "train.max_steps=800'")
+            methods = {name: overrides.split() for name, overrides in (m.split("=", 1) for m in args.method)}
+            result = targets.measure_methods(Path(args.work_dir), methods or targets.METHODS, args.others, args.seed)
+            targets.print_methods(result)
         if args.out:
-            from ..atomic import write_text_atomic
-
-            write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
-        return 0
-    if args.command == "methods":
-        import json
-
-        from .targets import METHODS, measure_methods, print_methods
-
-        bad = [m for m in args.method if "=" not in m]
-        if bad:
-            parser.error(f"--method {bad[0]!r}: give NAME=OVERRIDES, e.g. 'lr2=optimizer.lr=2e-3 train.max_steps=800'")
-        methods = dict(m.split("=", 1) for m in args.method)
-        methods = {k: v.split() for k, v in methods.items()} or METHODS
-        result = measure_methods(Path(args.work_dir), methods, args.others, args.seed)
-        print_methods(result)
-        if args.out:
-            from ..atomic import write_text_atomic
-
             write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
         return 0
     if args.command == "render":
