@@ -53,9 +53,10 @@ GOLDEN = {
         # -best (issue 13: the best file follows the objective, here the concept score measured at the end)
         "files": {"mychar-best.safetensors": "fe255aeea50c9ef3e5c2a833c58819fb14827ba3c1dfce2c4b9857e7b5073f65",
                   "mychar.safetensors": "fe255aeea50c9ef3e5c2a833c58819fb14827ba3c1dfce2c4b9857e7b5073f65"},
-        # issue 14 added editability (samples with other backgrounds asked for) to the same judging
+        # issue 14 added editability (samples with other backgrounds asked for) to the same judging; issue 15's judge
+        # (retrained to know the star) gives every verdict as before, and its own features for val/reconstruction
         "val": {60: {"val/concept_accuracy": 0.90625, "val/shape_accuracy": 1.0, "val/colour_accuracy": 1.0,
-                     "val/background_accuracy": 0.90625, "val/reconstruction": 0.9521616697311401,
+                     "val/background_accuracy": 0.90625, "val/reconstruction": 0.9574418067932129,
                      "val/edit_black": 0.84375, "val/edit_gray": 0.9375, "val/edit_brown": 0.9375,
                      "val/editability": 0.90625, "val/concept_and_edit": 0.90625}},
         "final_loss": 0.015084873884916306,
@@ -64,7 +65,7 @@ GOLDEN = {
         "files": {"mychar-best.safetensors": "92d133646102eb29cd78c0cd22a4d7627328b6c3808aecfaca149068333cb9df",
                   "mychar.safetensors": "92d133646102eb29cd78c0cd22a4d7627328b6c3808aecfaca149068333cb9df"},
         "val": {60: {"val/concept_accuracy": 0.0, "val/shape_accuracy": 0.4375, "val/colour_accuracy": 0.1875,
-                     "val/background_accuracy": 0.40625, "val/reconstruction": 0.3417760729789734,
+                     "val/background_accuracy": 0.40625, "val/reconstruction": 0.37473511695861816,
                      "val/edit_black": 0.28125, "val/edit_gray": 0.09375, "val/edit_brown": 0.0,
                      "val/editability": 0.125, "val/concept_and_edit": 0.0}},
         "final_loss": 0.0158094335347414,

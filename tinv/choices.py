@@ -32,6 +32,7 @@ TemplateKind = _choices("TemplateKind", "object", "style", "caption")
 MissingToken = _choices("MissingToken", "prepend", "warn", "error")
 Precision = _choices("Precision", "no", "fp16", "bf16")
 SaveFormat = _choices("SaveFormat", "safetensors", "pt")
+LoraFormat = _choices("LoraFormat", "kohya", "diffusers")  # the LoRA file's key layout (tinv.lora)
 TrackerMode = _choices("TrackerMode", "online", "offline", "disabled")
 TokenNorm = _choices("TokenNorm", "none", "clamp_to_vocab_max", "l2_to_init")
 InitFrom = _choices("InitFrom", "input", "output")  # the init word's token embedding, or the encoder's output for it

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
-from .choices import (Family, InitFrom, LrScale, MissingToken, Mode, Precision, PredictionType, Reduce, SaveFormat,
+from .choices import (Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType, Reduce, SaveFormat,
                       Sampler, TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
 from .errors import ConfigError
@@ -62,6 +62,23 @@ class TokenConfig:
     context_weight: float = 0.0  # > 0: keep the rest of a prompt's encoding as with init_word (needs init_word)
     context_prompts: Optional[list[str]] = None  # prompts with "{}" for the token and other content; None = built-in
     train_encoders: TrainEncoders = "both"  # SDXL: one encoder only; the other keeps its initial vectors
+    stop_frac: float = 1.0  # the vectors train for this fraction of train.max_steps, then stay (method=pivotal: 0.5)
+
+
+@dataclass
+class LoraConfig:
+    """lora.*: the LoRA that method=pivotal trains beside the vectors (tinv.lora); method=ti ignores these."""
+
+    rank: int = at_least(1, 4)
+    alpha: Optional[float] = None  # None = rank (scale alpha/rank = 1)
+    dropout: float = 0.0  # on the LoRA's input, training steps only
+    lr: float = 1e-4  # its own learning rate (the vectors keep optimizer.lr)
+    text_encoder: bool = False  # also LoRA in the text encoders' attention
+    text_encoder_lr: Optional[float] = None  # None = lora.lr
+    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    start_frac: float = 0.0  # the LoRA trains from this fraction of train.max_steps ...
+    stop_frac: float = 1.0  # ... to this one
 
 
 @dataclass
@@ -145,6 +162,8 @@ class SaveConfig:
     format: SaveFormat = "safetensors"  # pt = A1111's torch layout
     every_n_steps: int = at_least(0, 0)  # 0 = only the final embedding
     state_every_n_steps: int = at_least(0, 0)  # resumable state in <run dir>/state (0 = off; Ctrl-C still writes it)
+    lora_format: LoraFormat = "kohya"  # method=pivotal's <name>-lora file: kohya (A1111/ComfyUI/diffusers) or diffusers
+    lora_bundle: bool = True  # also <name>-bundle: the kohya LoRA with the embedding inside (A1111/Forge)
 
 
 @dataclass
@@ -207,6 +226,7 @@ class BenchConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     token: TokenConfig = field(default_factory=TokenConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -299,6 +319,21 @@ def check_values(cfg) -> None:
         raise ConfigError(f"train.max_timestep={top} must be in (0, 1000]: the schedule has 1000 timesteps")
     if not 0 <= cfg.train.min_timestep < top:
         raise ConfigError(f"train.min_timestep={cfg.train.min_timestep} must be in [0, train.max_timestep={top})")
+    if not 0.0 < cfg.token.stop_frac <= 1.0:
+        raise ConfigError(f"token.stop_frac={cfg.token.stop_frac} must be in (0, 1]: the fraction of train.max_steps "
+                          "the vectors train for")
+    last = max(cfg.token.stop_frac, cfg.lora.stop_frac if "lora" in cfg.parts else 0.0)
+    if last < 1.0:
+        raise ConfigError(f"token.stop_frac={cfg.token.stop_frac}" + (f" and lora.stop_frac={cfg.lora.stop_frac}"
+                          if "lora" in cfg.parts else "") + ": nothing would train for the last steps; lower "
+                          "train.max_steps instead")
+    if "lora" in cfg.parts:
+        if cfg.token.stop_frac < cfg.lora.start_frac:
+            raise ConfigError(f"token.stop_frac={cfg.token.stop_frac} < lora.start_frac={cfg.lora.start_frac}: "
+                              "between the two nothing would train; let the phases meet or overlap")
+        if cfg.lora.text_encoder and cfg.train.cache_text_encoder_outputs:
+            raise ConfigError("train.cache_text_encoder_outputs caches a frozen encoder, and lora.text_encoder=true "
+                              "trains every encoder; turn one of them off")
     if cfg.token.train_encoders != "both" and cfg.model.family != "sdxl":
         raise ConfigError(f"token.train_encoders={cfg.token.train_encoders} applies to SDXL only; "
                           f"{cfg.model.family} has one text encoder")

@@ -1,10 +1,13 @@
-"""`tinv-convert IN OUT`: an embedding from any common format to another, tensors unchanged.
+"""`tinv-convert IN OUT`: an embedding from any common format to another, tensors unchanged; `split` and `join` take
+an A1111 bundle (a LoRA with the embedding inside, method=pivotal's -bundle file) apart and put one together.
 
     tinv-convert mychar.pt mychar.safetensors                      # A1111 .pt -> kohya/A1111/ComfyUI safetensors
     tinv-convert mychar.safetensors mychar.pt                      # and back
     tinv-convert mychar.safetensors learned_embeds.safetensors --to diffusers --token mychar
     tinv-convert sdxl_char.safetensors sdxl_char_diffusers/ --to diffusers   # SDXL: a folder with the two files
     tinv-convert sdxl_char_diffusers/ sdxl_char.safetensors        # and back
+    tinv-convert split mychar-bundle.safetensors mychar.safetensors mychar-lora.safetensors
+    tinv-convert join mychar.safetensors mychar-lora.safetensors mychar-bundle.safetensors
 """
 
 from __future__ import annotations
@@ -28,20 +31,59 @@ def _format_for(out: Path, explicit: str | None) -> str:
 
 
 def convert(src: str | Path, out: str | Path, fmt: str | None = None, token: str | None = None) -> Path:
-    src, out = Path(src).expanduser(), Path(out).expanduser()
+    src = Path(src).expanduser()
     loaded = read_embedding(src)
+    return convert_vectors(loaded.vectors, token or loaded.name or src.stem, out, fmt)
+
+
+def convert_vectors(vectors: dict, name: str, out: str | Path, fmt: str | None = None) -> Path:
+    """Write vectors (by encoder key) as an embedding in `fmt`, or the format OUT's name implies."""
+    out = Path(out).expanduser()
     fmt = _format_for(out, fmt)
-    name = token or loaded.name or src.stem
-    if fmt == "diffusers" and len(loaded.vectors) == 1 and out.suffix not in (".safetensors", ".bin"):
+    if fmt == "diffusers" and len(vectors) == 1 and out.suffix not in (".safetensors", ".bin"):
         out.mkdir(parents=True, exist_ok=True)
-    if fmt == "diffusers" and len(loaded.vectors) == 2:
+    if fmt == "diffusers" and len(vectors) == 2:
         if out.suffix:
             raise ConfigError(f"{out}: an SDXL embedding in diffusers format is two files; give a folder path")
         out.mkdir(parents=True, exist_ok=True)
-    return save_embedding(out, loaded.vectors, EmbeddingMeta(name), fmt)
+    return save_embedding(out, vectors, EmbeddingMeta(name), fmt)
+
+
+def bundle_main(argv: list[str]) -> int:
+    """`tinv-convert split BUNDLE EMBEDDING LORA` / `tinv-convert join EMBEDDING LORA BUNDLE`."""
+    from .lora import join_bundle, split_bundle
+
+    parser = argparse.ArgumentParser(prog=f"tinv-convert {argv[0]}")
+    if argv[0] == "split":
+        parser.description = "an A1111 bundle -> its embedding and its plain (kohya-layout) LoRA"
+        parser.add_argument("bundle")
+        parser.add_argument("embedding", help="embedding file to write (format from its name, as tinv-convert IN OUT)")
+        parser.add_argument("lora", help="LoRA .safetensors to write")
+        parser.add_argument("--to", choices=FORMATS, help="embedding format (default: from its name)")
+    else:
+        parser.description = "an embedding and a LoRA (kohya or diffusers layout) -> one A1111 bundle"
+        parser.add_argument("embedding")
+        parser.add_argument("lora")
+        parser.add_argument("bundle", help=".safetensors file to write")
+        parser.add_argument("--token", help="the token the bundle names (default: the embedding's, else its stem)")
+    args = parser.parse_args(argv[1:])
+    try:
+        if argv[0] == "split":
+            written = split_bundle(args.bundle, args.embedding, args.lora, args.to)
+        else:
+            written = (join_bundle(args.embedding, args.lora, args.bundle, args.token),)
+    except ConfigError as err:
+        print(f"tinv-convert {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("split", "join"):
+        return bundle_main(argv)
     parser = argparse.ArgumentParser(prog="tinv-convert", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("src", help="embedding file (.safetensors, .pt, .bin) or diffusers folder")

@@ -359,6 +359,10 @@ def read_embedding(path: str | Path) -> LoadedEmbedding:
         data = {SD_KEY: data}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: holds a {type(data).__name__}, not an embedding")
+    if any(k.startswith("bundle_emb.") for k in data):  # an A1111 bundle: a LoRA with the embedding inside
+        from .lora import unbundle
+
+        _, name, data = unbundle(data, str(path))
     if "string_to_param" in data:
         name = data.get("name") if isinstance(data.get("name"), str) else name
         data = {SD_KEY: next(iter(data["string_to_param"].values()))}

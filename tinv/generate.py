@@ -2,8 +2,10 @@
 
     tinv-generate outputs/2026-12-02/10-00-00/mychar.safetensors "a photo of mychar on a beach" "mychar in the snow"
     tinv-generate mychar.pt "a photo of mychar" --model /models/sd15 --n 8 --compare
+    tinv-generate mychar.safetensors "a photo of mychar" --lora mychar-lora.safetensors   # method=pivotal
 
-Any embedding file tinv reads (kohya/A1111/ComfyUI safetensors, A1111 .pt, diffusers files and folders). The base
+Any embedding file tinv reads (kohya/A1111/ComfyUI safetensors, A1111 .pt, diffusers files and folders, an A1111
+bundle, whose LoRA comes along); `--lora` adds method=pivotal's LoRA file (either layout). The base
 model comes from the file's own header (tinv writes it), else from the run's summary.json beside the file, else
 from --model (any source tinv loads: hub id, diffusers folder, single file with --config-dir). Writes each image,
 and a grid with a row per prompt (and, with --compare, the same seeds without the token beneath it), and prints
@@ -58,6 +60,7 @@ def generate(args) -> dict:
 
     from .backbone import Backbone
     from .embedding import ConceptToken, read_embedding
+    from .lora import load_into_pipeline
     from .sampling import grid, sampling_mode, scheduler_for, slug
 
     embedding = Path(args.embedding).expanduser()
@@ -88,6 +91,9 @@ def generate(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pipe = backbone.pipeline(scheduler_for(args.sampler, backbone.noise_scheduler.config, backbone.prediction_type))
     pipe.set_progress_bar_config(disable=True)
+    with_lora = load_into_pipeline(pipe, embedding, args.lora, args.lora_scale)
+    if args.lora_scale != 1.0 and not with_lora:
+        raise ConfigError("--lora-scale needs a LoRA: give --lora FILE or a bundle as the embedding")
     rows, written = [], []
     with sampling_mode(backbone, device):
         for p, prompt in enumerate(args.prompts):
@@ -109,7 +115,8 @@ def generate(args) -> dict:
     if scale > 1:
         sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST)
     sheet.save(out / "grid.png")
-    return {"images": written, "grid": out / "grid.png", "model": model, "family": family, "token": token.string}
+    return {"images": written, "grid": out / "grid.png", "model": model, "family": family, "token": token.string,
+            "lora": with_lora}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("embedding", help="an embedding file (or a diffusers SDXL embedding folder)")
     parser.add_argument("prompts", nargs="+", help="prompts with the token in them, e.g. \"a photo of mychar\"")
+    parser.add_argument("--lora", help="a LoRA to load with it (method=pivotal's -lora file; a bundle given as the "
+                        "embedding brings its own)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's strength (default 1)")
     parser.add_argument("--model", help="base model (default: the one the embedding was trained on)")
     parser.add_argument("--family", choices=Family.values(), help="model family (default: from the embedding)")
     parser.add_argument("--config-dir", help="single-file models: a local diffusers folder of the same family")
@@ -143,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"tinv-generate: error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(result['images'])} images of {result['token']!r} on {result['model']} ({result['family']}):")
+    lora = " with its LoRA" if result["lora"] else ""
+    print(f"{len(result['images'])} images of {result['token']!r}{lora} on {result['model']} ({result['family']}):")
     print(f"  grid    {result['grid']}")
     print(f"  images  {result['images'][0].parent}/")
     return 0

@@ -1,8 +1,8 @@
 """What a run trains: a set of parts, each bringing its parameters, optimizer groups, resumable state and files.
 
 The loop, the optimizer and the state file see parts only through this interface, so a new kind of trainable
-weights (a LoRA beside the vectors) is a new part and a config entry, not a change to the loop. Parts are chosen
-in config: `parts.<name>._target_` (conf/train.yaml holds the default, the token's vectors).
+weights is a new part and a config entry, not a change to the loop: method=pivotal adds a LoRA (tinv.lora) this way.
+Parts are chosen in config: `parts.<name>._target_` (conf/train.yaml holds the default, the token's vectors).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ class TrainablePart(Protocol):
 
     def after_step(self) -> None:
         """After a good optimizer step (e.g. a norm constraint)."""
+
+    def trains(self, step: int, max_steps: int) -> bool:
+        """Whether the step with this 0-based index trains the part (its phase); a part that stops gets no
+        gradients, so the optimizer leaves it as it is (no update, no weight decay)."""
 
     def metrics(self) -> dict[str, float]:
         """Logged with the training loss."""
@@ -76,8 +80,10 @@ class TokenVectors:
       context regulariser in the spirit of CoRe, 2024): the token may change what it names, not its context.
     """
 
-    def __init__(self, context_weight: float = 0.0, context_prompts: list[str] | None = None):
+    def __init__(self, context_weight: float = 0.0, context_prompts: list[str] | None = None, stop_frac: float = 1.0):
         self.token = None
+        self.stop_frac = stop_frac
+        self.trained: list[nn.Parameter] = []
         self.context_weight = context_weight
         self.context_prompts = list(context_prompts or CONTEXT_PROMPTS)
         bad = [p for p in self.context_prompts if p.count("{}") != 1]
@@ -91,6 +97,7 @@ class TokenVectors:
         crossed = self.token.init_from == "output" and self.token.init_word and self.token.start is None
         rows = output_rows(run.backbone, self.token.init_word) if crossed else None
         self.token.install(run.backbone.encoders, run.seed, rows)  # after the dtype cast: the vectors stay fp32
+        self.trained = self.token.parameters()  # before any phase switches gradients off
         if self.context_weight > 0:
             self._context_setup(run)
 
@@ -134,7 +141,10 @@ class TokenVectors:
         return torch.stack(errors).mean()
 
     def parameters(self) -> list[nn.Parameter]:
-        return self.token.parameters()
+        return list(self.trained)
+
+    def trains(self, step: int, max_steps: int) -> bool:
+        return step < self.stop_frac * max_steps
 
     def param_groups(self) -> list[dict]:
         return [{"params": self.parameters()}]

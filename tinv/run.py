@@ -89,6 +89,17 @@ class Run:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for part in self.parts.values() for p in part.parameters()]
 
+    def training_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of the parts whose phase includes the step about to run; the others' gradients are
+        switched off, so the optimizer skips them."""
+        active = []
+        for part in self.parts.values():
+            on = part.trains(self.step, self.max_steps) if hasattr(part, "trains") else True
+            for p in part.parameters():
+                p.requires_grad_(on)
+            active += part.parameters() if on else []
+        return active
+
     def input_ids(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids per text encoder for these prompts, the token expanded to all its names."""
         return self.backbone.tokenize([self.token.expand(p) for p in prompts])

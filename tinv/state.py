@@ -99,6 +99,9 @@ def load_state(state_dir: Path, run) -> RunState:
                           f"{run.token.num_vectors}; resume with the run's own settings")
     data = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
     parts = data["parts"] if "parts" in data else {"vectors": data["vectors"]}  # states written before parts existed
+    if set(parts) != set(run.parts):
+        raise ConfigError(f"resume: the state in {state_dir} trains {', '.join(sorted(parts))}, this run "
+                          f"{', '.join(sorted(run.parts))}; resume with the run's own method and parts")
     for name, state in parts.items():
         run.parts[name].load_state_dict(state)
     run.optimizer.load_state_dict(data["optimizer"])

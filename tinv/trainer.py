@@ -153,13 +153,14 @@ class Trainer:
         """One optimizer step: `gradient_accumulation` micro-batches, gradients averaged over processes, clipped,
         applied (or skipped when not finite)."""
         acc, losses = run.accelerator, []
+        params = run.training_parameters()  # the parts in their phase (token.stop_frac, lora.start_frac/stop_frac)
         while True:
             with acc.accumulate():
                 loss = self.micro_batch_loss(run, next(batches))
                 acc.backward(loss)
                 run.state.micro_step += 1
                 if acc.sync_gradients:
-                    grad_norm, finite = self._reduce_and_clip(run, loss)
+                    grad_norm, finite = self._reduce_and_clip(run, loss, params)
                     if finite or acc.scaler is not None:  # fp16: the scaler skips inf steps and lowers its scale
                         run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
@@ -186,9 +187,12 @@ class Trainer:
                              timesteps.to(latents.device))
         return loss + sum(part.loss_term() for part in run.parts.values())
 
-    def _reduce_and_clip(self, run, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Average the parts' gradients over processes, unscale, clip; report whether all is finite."""
-        acc, params = run.accelerator, run.parameters()
+    def _reduce_and_clip(self, run, loss: torch.Tensor, params: list) -> tuple[torch.Tensor, bool]:
+        """Average the trained parameters' gradients over processes, unscale, clip; report whether all is finite."""
+        acc = run.accelerator
+        # a weight the loss does not reach has no gradient (SDXL's last text-encoder layer feeds only the pooled
+        # output); it is the same on every process, and the optimizer skips it
+        params = [p for p in params if p.grad is not None]
         if acc.num_processes > 1:  # the parts live outside any DDP wrapper, so average them here
             for p in params:
                 p.grad = acc.reduce(p.grad, "mean")

@@ -2,6 +2,7 @@
 
     tinv-toy render --concept "yellow triangle on a navy background" --n 16 DIR
     tinv-toy pretrain OUT_DIR [--seed 0]      # maintainers: about an hour on 2 CPU cores; ships as tinv/toy/weights
+    tinv-toy judge OUT_DIR [--seed 0]         # maintainers: the judge alone (minutes), after a new attribute
     tinv-toy targets WORK_DIR                 # measure the quality targets (minutes)
 """
 
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=2, help="samples per concept at each checkpoint (0 = none)")
     p.add_argument("--continue-from", metavar="DIR", help="an earlier pretrain output: train its text encoder and "
                    "UNet for --denoiser-steps more (judge and VAE kept)")
+    j = sub.add_parser("judge", help="retrain the judge alone for every attribute the world renders")
+    j.add_argument("out_dir")
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--steps", type=int, default=800)
     t = sub.add_parser("targets", help="measure and print the quality targets (base model, init word, training)")
     t.add_argument("work_dir", help="folder for rendered concepts and training runs")
     t.add_argument("--samples", type=int, default=64, help="samples per score")
@@ -84,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.n} images of {args.concept!r} to {out}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.command == "judge":
+        from .pretrain import retrain_judge
+
+        print(retrain_judge(Path(args.out_dir), args.steps, args.seed))
+        return 0
     from .pretrain import pretrain
 
     report = pretrain(Path(args.out_dir), seed=args.seed, judge_steps=args.judge_steps, vae_steps=args.vae_steps,

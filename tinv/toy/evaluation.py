@@ -188,8 +188,10 @@ class ConceptScoring:
 
 def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, model: str | None = None,
              judge: str = JUDGE, samples: int = 64, edit_samples: int = 0, seed: int = 0,
-             guidance_scale: float | None = None, references: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
-    """Score a subject (a token of a loaded embedding, or plain text) on the toy model; returns (scores, images)."""
+             guidance_scale: float | None = None, references: np.ndarray | None = None,
+             lora: str | None = None) -> tuple[dict, np.ndarray]:
+    """Score a subject (a token of a loaded embedding, with its LoRA if any, or plain text) on the toy model;
+    returns (scores, images)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -205,6 +207,10 @@ def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, mo
         if SD_KEY not in loaded.vectors:
             raise ConfigError(f"{embedding}: not an SD1/SD2 embedding (keys {sorted(loaded.vectors)})")
         pipe.load_textual_inversion(loaded.vectors[SD_KEY].float(), token=subject)
+    if lora or embedding:
+        from ..lora import load_into_pipeline
+
+        load_into_pipeline(pipe, embedding, lora)
     with torch.no_grad():
         return concept_scores(pipe, load_judge(judge_path(judge)), subject, concept, references, samples, edit_samples,
                               seed, guidance_scale if guidance_scale is not None else GUIDANCE_SCALE)
@@ -215,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("embedding", nargs="?", help="embedding file (kohya, A1111 .pt or diffusers)")
     parser.add_argument("--concept", required=True, help='the concept it should draw, e.g. "red circle on a black '
                         'background"')
+    parser.add_argument("--lora", help="a LoRA to load with the embedding (method=pivotal's -lora file; a bundle "
+                        "brings its own)")
     parser.add_argument("--text", help="score this text in the subject slot instead of an embedding's token")
     parser.add_argument("--token", help="the embedding's token in prompts (default: its stored name, else <concept>)")
     parser.add_argument("--references", help="folder of training images, for `reconstruction`")
@@ -247,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             refs = load_references(list_images(Path(args.references)))
         result, images = evaluate(subject, concept, embedding=args.embedding, model=args.model, judge=args.judge,
                                   samples=args.samples, edit_samples=args.edit_samples, seed=args.seed,
-                                  guidance_scale=args.guidance_scale,
-                                  references=refs)
+                                  guidance_scale=args.guidance_scale, references=refs, lora=args.lora)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"tinv-eval: {err}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from . import world
 
-HEADS = {"shape": len(world.SHAPES), "colour": len(world.COLOURS), "background": len(world.BACKGROUNDS)}
+# every attribute the world renders, the novel shapes included
+HEADS = {"shape": len(world.ALL_SHAPES), "colour": len(world.COLOURS), "background": len(world.BACKGROUNDS)}
 
 
 class Judge(nn.Module):

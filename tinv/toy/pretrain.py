@@ -43,15 +43,21 @@ def _degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return pick * y + (1 - pick) * x
 
 
-def train_judge(steps: int, seed: int, batch: int = 128) -> tuple[Judge, float]:
+def train_judge(steps: int, seed: int, batch: int = 128, vae=None) -> tuple[Judge, float]:
+    """With a `vae`, a quarter of each batch is its reconstruction: samples reach the judge through that decoder,
+    which blurs a thin star point into something squarer."""
     rng, gen = random.Random(f"judge:{seed}"), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    judge, concepts = Judge(), world.all_concepts()
+    judge, concepts = Judge(), world.judged_concepts()
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     for step in range(steps):
         images, labels = _render_labelled(rng, batch, concepts)
-        logits = judge(_degrade(to_tensor(images), gen))
+        x = to_tensor(images)
+        if vae is not None:
+            with torch.no_grad():
+                x[:batch // 4] = vae.decode(vae.encode(x[:batch // 4]).latent_dist.mean).sample.clamp(-1, 1)
+        logits = judge(_degrade(x, gen))
         loss = sum(F.cross_entropy(logits[k], labels[:, i]) for i, k in enumerate(HEADS))
         opt.zero_grad()
         loss.backward()
@@ -63,9 +69,40 @@ def train_judge(steps: int, seed: int, batch: int = 128) -> tuple[Judge, float]:
     return judge, judge_accuracy(judge, seed + 1)
 
 
+def save_judge(judge: Judge, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(out_dir / "judge.safetensors") as tmp:
+        save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, str(tmp))
+
+
+def retrain_judge(out_dir: Path, steps: int, seed: int) -> dict:
+    """The judge alone, for every concept the world renders (a new attribute needs no new diffusion model), checked
+    on fresh renders and on the shipped VAE's reconstructions of them; writes judge.safetensors and judge.json."""
+    from .model import build_pipeline, load_weights
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    vae = load_weights(build_pipeline()).vae
+    judge, acc = train_judge(steps, seed, vae=vae)
+    save_judge(judge, out_dir)
+    images, labels = _render_labelled(random.Random(f"vae-check:{seed}"), 1000, world.judged_concepts())
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample.clamp(-1, 1)
+    hits = (judge.predict(recon) == labels).all(1)
+    novel = torch.tensor([world.ALL_SHAPES[int(i)] in world.NOVEL_SHAPES for i in labels[:, 0]])
+    report = {"seed": seed, "judge_steps": steps, "torch_threads": torch.get_num_threads(),
+              "judge_heldout_accuracy": acc, "judge_on_vae_reconstructions": hits.float().mean().item(),
+              "judge_on_vae_reconstructions_novel": hits[novel].float().mean().item(),
+              "judge_minutes": (time.time() - t0) / 60,
+              "command": f"tinv-toy judge OUT --seed {seed} --steps {steps}"}
+    write_text_atomic(out_dir / "judge.json", json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def judge_accuracy(judge: Judge, seed: int, n: int = 2000) -> float:
     """Held-out accuracy (all three attributes right) on fresh renders from a seed training never used."""
-    images, labels = _render_labelled(random.Random(f"judge-heldout:{seed}"), n, world.all_concepts())
+    images, labels = _render_labelled(random.Random(f"judge-heldout:{seed}"), n, world.judged_concepts())
     return (judge.predict(to_tensor(images)) == labels).all(dim=1).float().mean().item()
 
 
@@ -189,8 +226,6 @@ def pretrain(out_dir: Path, seed: int = 0, judge_steps: int = 800, vae_steps: in
              continue_from: Path | None = None) -> dict:
     """All three stages; or, with `continue_from` (an earlier output), more text encoder + UNet steps on top of its
     judge, VAE and EMA weights."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"seed": seed, "judge_steps": judge_steps, "vae_steps": vae_steps, "denoiser_steps": denoiser_steps,
               "per_concept": per_concept, "torch_threads": torch.get_num_threads()}
@@ -198,8 +233,7 @@ def pretrain(out_dir: Path, seed: int = 0, judge_steps: int = 800, vae_steps: in
         return _continue(Path(continue_from), out_dir, report, seed, denoiser_steps, per_concept, eval_samples)
     t0 = time.time()
     judge, acc = train_judge(judge_steps, seed)
-    with atomic_path(out_dir / "judge.safetensors") as tmp:
-        save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, str(tmp))
+    save_judge(judge, out_dir)
     report.update(judge_heldout_accuracy=acc, judge_minutes=(time.time() - t0) / 60)
     log.info("judge held-out accuracy %.4f", acc)
 

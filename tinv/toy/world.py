@@ -21,12 +21,19 @@ SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 240), "yellow": (240, 215, 40),
            "white": (240, 240, 240)}
 BACKGROUNDS = {"black": (15, 15, 15), "gray": (125, 125, 125), "brown": (120, 75, 30), "navy": (20, 30, 90)}
+# Outside pretraining: no image of a star and no word for it ever reached the toy model (it is not in its
+# tokenizer); only the judge knows it. A star is a concept the base model cannot draw and a token alone hardly
+# can: the lab for pivotal tuning (method=pivotal, a LoRA beside the vectors). No novel colour: the frozen VAE
+# decodes colours outside its pretraining wrongly (magenta comes back pink or white), so none could be learnt.
+NOVEL_SHAPES = ("star",)
+ALL_SHAPES = SHAPES + NOVEL_SHAPES  # what the judge reads; pretrained ones first, so their indices never move
 ATTRIBUTES = ("shape", "colour", "background")
 NOUNS = ("shape", "thing", "object")  # what a caption calls the figure when its shape is left out
 
 # Never rendered with a full caption in pretraining: the base model draws it only by composing what it learned
 # from other concepts, and the demo token must learn it from images alone.
 DEMO_CONCEPT = ("triangle", "yellow", "navy")
+NOVEL_CONCEPT = ("star", "green", "brown")  # a shape outside pretraining
 
 
 @dataclass(frozen=True)
@@ -39,14 +46,20 @@ class Concept:
         return f"{self.colour} {self.shape} on a {self.background} background"
 
     def labels(self) -> tuple[int, int, int]:
-        return (SHAPES.index(self.shape), list(COLOURS).index(self.colour), list(BACKGROUNDS).index(self.background))
+        return (ALL_SHAPES.index(self.shape), list(COLOURS).index(self.colour),
+                list(BACKGROUNDS).index(self.background))
+
+    @property
+    def novel(self) -> bool:
+        """Has an attribute outside pretraining."""
+        return self.shape in NOVEL_SHAPES
 
     @classmethod
     def parse(cls, text: str) -> "Concept":
         """Read "yellow triangle on a navy background" (any order of the three words, articles optional)."""
         words = re.findall(r"[a-z]+", text.lower())
         found = {}
-        for kind, names in (("shape", SHAPES), ("colour", COLOURS), ("background", BACKGROUNDS)):
+        for kind, names in (("shape", ALL_SHAPES), ("colour", COLOURS), ("background", BACKGROUNDS)):
             hits = [w for w in words if w in names]
             if kind == "background" and len(hits) > 1:
                 hits = hits[-1:]
@@ -58,13 +71,19 @@ class Concept:
         missing = [k for k, v in found.items() if len(v) != 1]
         if missing:
             raise ValueError(
-                f"concept {text!r} must name one shape ({', '.join(SHAPES)}), one colour ({', '.join(COLOURS)}) "
+                f"concept {text!r} must name one shape ({', '.join(ALL_SHAPES)}), one colour ({', '.join(COLOURS)}) "
                 f"and one background ({', '.join(BACKGROUNDS)}), e.g. 'red circle on a black background'")
         return cls(found["shape"][0], found["colour"][0], found["background"][0])
 
 
 def all_concepts() -> list[Concept]:
+    """The pretrained world's concepts."""
     return [Concept(s, c, b) for s in SHAPES for c in COLOURS for b in BACKGROUNDS]
+
+
+def judged_concepts() -> list[Concept]:
+    """Every concept the world renders and the judge reads, novel attributes included."""
+    return [Concept(s, c, b) for s in ALL_SHAPES for c in COLOURS for b in BACKGROUNDS]
 
 
 def world_words() -> list[str]:
@@ -78,6 +97,11 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     elif shape == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
         pts = [(x, y + 0.2) for x, y in pts]  # centre the triangle's bounding box
+        scale = r * 1.1
+    elif shape == "star":  # five points, inner radius 0.45
+        radii = [1.0 if k % 2 == 0 else 0.45 for k in range(10)]
+        angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
+        pts = [(r_k * math.cos(a), r_k * math.sin(a) + 0.1) for r_k, a in zip(radii, angles)]
         scale = r * 1.1
     elif shape == "cross":
         w = 0.36
