@@ -44,7 +44,7 @@ class Offset:
     def param_groups(self):
         return [{"params": [self.value], "lr": 0.1}]
 
-    def loss_term(self):
+    def loss_term(self, micro):
         return ((self.value - 1) ** 2).sum()
 
     def after_step(self):

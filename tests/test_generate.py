@@ -46,3 +46,27 @@ def test_generate_reads_other_formats_with_the_model_given(tmp_path):
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "o" / "00-a_photo_of_zorbit-seed0.png").is_file()
+
+
+def test_generate_with_the_lora_of_a_pivotal_run(tmp_path, capsys):
+    """--lora draws with the LoRA (the same seed differs from the embedding alone), a bundle given as the embedding
+    brings its LoRA along, and --lora-scale 0 is the embedding alone again."""
+    train(tmp_path / "run", ["method=pivotal", "train.max_steps=2", "lora.lr=0.05", "lora.start_frac=0",
+                             "token.stop_frac=1"])
+    run = tmp_path / "run"
+
+    def draw(name, *args):
+        out = tmp_path / name
+        assert main([str(run / args[0]), "a photo of mychar", "--n", "1", "--steps", "2", "--out", str(out),
+                     *args[1:]]) == 0
+        return np.asarray(Image.open(out / "00-a_photo_of_mychar-seed0.png"), dtype=float)
+
+    alone = draw("alone", "mychar.safetensors")
+    assert "with its LoRA" not in capsys.readouterr().out
+    paired = draw("paired", "mychar.safetensors", "--lora", str(run / "mychar-lora.safetensors"))
+    assert "with its LoRA" in capsys.readouterr().out
+    bundled = draw("bundled", "mychar-bundle.safetensors")
+    assert np.abs(paired - alone).mean() > 0.5 and np.array_equal(bundled, paired)
+    assert np.array_equal(draw("off", "mychar.safetensors", "--lora", str(run / "mychar-lora.safetensors"),
+                               "--lora-scale", "0"), alone)
+    assert main([str(run / "mychar.safetensors"), "a photo of mychar", "--lora-scale", "0.5"]) == 2

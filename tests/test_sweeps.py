@@ -188,3 +188,22 @@ def test_report_helpers_smooth_and_pick_log_axes():
     assert _log_scaled("optimizer.lr", [1e-3, 5e-3]) and not _log_scaled("token.num_vectors", [1, 4])
     assert (summary_direction("val/loss"), summary_direction("val/concept_accuracy"),
             summary_direction("train/lr")) == ("min", "max", None)
+
+
+def test_pivotal_sweep_runs_each_distinct_job_once(tmp_path):
+    """sweep=pivotal's grid crosses method with LoRA keys that method=ti does not read: those ti jobs reuse the
+    first one's result instead of training again."""
+    sweep = tmp_path / "pivotal"
+    proc = tinv(["sweep=pivotal", "lora.rank=2,4", "lora.lr=1e-3", "train.max_steps=2", "logger=none",
+                 f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {tuple(s["overrides"]): s for s in summaries(sweep)}
+    assert len(found) == 4
+    ti = [s for o, s in found.items() if "method=ti" in o]
+    pivotal = [s for o, s in found.items() if "method=pivotal" in o]
+    assert sorted("same_as" in s for s in ti) == [False, True]  # one trained, the other is its result
+    assert ti[0]["objective"] == ti[1]["objective"] and ti[0]["embedding"] == ti[1]["embedding"]
+    assert not any("same_as" in s for s in pivotal) and pivotal[0]["objective"] != pivotal[1]["objective"]
+    assert all(s.get("lora", "").endswith("mychar-lora.safetensors") for s in pivotal)
+    assert len(list(sweep.glob("*/mychar.safetensors"))) == 3
+    assert "would repeat job" in proc.stdout and "sweep done, 4 of 4 jobs finished" in proc.stdout

@@ -71,6 +71,33 @@ def test_shipped_model_and_judge_load_offline_and_the_judge_is_accurate():
     assert judge_accuracy(load_judge(WEIGHTS_DIR / "judge.safetensors"), seed=12345, n=1000) >= 0.98
 
 
+def test_the_star_is_outside_pretraining_yet_rendered_and_judged(tmp_path):
+    """A shape the toy model never saw nor has a word for: the world renders it, the judge reads it, also through
+    the shipped VAE (samples reach the judge through its decoder), and in-world labels keep their indices."""
+    import random
+
+    import torch
+
+    from tinv.toy import world
+    from tinv.toy.judge import load_judge, to_tensor
+    from tinv.toy.model import WEIGHTS_DIR, build_pipeline, build_tokenizer, load_weights
+    from tinv.toy.pretrain import _render_labelled
+
+    star = world.Concept.parse("a green star on a brown background")
+    assert star.novel and star.labels() == (4, 1, 2) and world.Concept.parse("red circle on a black background"
+                                                                             ).labels() == (0, 0, 0)
+    assert star not in world.all_concepts() and star in world.judged_concepts()
+    assert "star</w>" not in build_tokenizer().get_vocab()  # no word for it
+    out = world.render_concept(star.text(), 2, tmp_path / "stars")
+    assert (out / "000.txt").read_text().strip() == "a green star on a brown background"
+    images, labels = _render_labelled(random.Random("star-test"), 96, [c for c in world.judged_concepts() if c.novel])
+    judge, vae = load_judge(WEIGHTS_DIR / "judge.safetensors"), load_weights(build_pipeline()).vae
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample.clamp(-1, 1)
+    for x in (to_tensor(images), decoded):
+        assert (judge.predict(x) == labels).all(1).float().mean() >= 0.97
+
+
 def test_tinv_eval_is_deterministic(tmp_path):
     def run(name):
         out = tmp_path / f"{name}.json"

@@ -33,6 +33,7 @@ MissingToken = _choices("MissingToken", "prepend", "warn", "error")
 Precision = _choices("Precision", "no", "fp16", "bf16")
 SaveFormat = _choices("SaveFormat", "safetensors", "pt")
 LoraFormat = _choices("LoraFormat", "kohya", "diffusers")  # the LoRA file's key layout (tinv.lora)
+PreserveWith = _choices("PreserveWith", "word", "token")  # lora.preserve_with: whose prompts keep their output
 TrackerMode = _choices("TrackerMode", "online", "offline", "disabled")
 TokenNorm = _choices("TokenNorm", "none", "clamp_to_vocab_max", "l2_to_init")
 InitFrom = _choices("InitFrom", "input", "output")  # the init word's token embedding, or the encoder's output for it

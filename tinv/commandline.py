@@ -90,6 +90,7 @@ MAIN_KEYS = [
     ("token.string", "the trigger word (new to the model)"), ("token.init_word", "start the vectors from this word"),
     ("token.init_from", "output (encoder output of the word) | input"),
     ("token.num_vectors", "vectors per token"), ("data.image_dir", "your folder of images (and captions)"),
+    ("lora.rank", "method=pivotal: the LoRA's rank"), ("lora.lr", "method=pivotal: the LoRA's learning rate"),
     ("optimizer.lr", "learning rate"), ("train.max_steps", "optimizer steps"), ("train.batch_size", "images per step"),
     ("train.mixed_precision", "no | fp16 | bf16"), ("save.every_n_steps", "also save every N steps"),
     ("val.every_n_steps", "validation loss (and toy scores) every N steps"),
@@ -114,6 +115,7 @@ def help_text() -> str:
              "", "  tinv-train                                    # the toy model learns the demo concept (~1 min, 2 CPU cores)",
              "  tinv-train model=sd15 data=folder data.image_dir=~/data/mychar token.string=mychar token.init_word=girl",
              "  tinv-train sweep=lr_vectors hydra/launcher=joblib   # a named sweep, jobs in parallel",
+             "  tinv-train method=pivotal data.image_dir=~/data/mything   # the vectors and a LoRA (pivotal tuning)",
              "", "Config groups (default in [brackets]):"]
     for group, choices in groups.items():
         default = defaults.get(group, "basic" if group == "hydra/launcher" else None)

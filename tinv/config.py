@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
-from .choices import (Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType, Reduce, SaveFormat,
-                      Sampler, TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
+from .choices import (Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType,
+                      PreserveWith, Reduce, SaveFormat, Sampler, TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
 from .errors import ConfigError
 
@@ -79,6 +79,10 @@ class LoraConfig:
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     start_frac: float = 0.0  # the LoRA trains from this fraction of train.max_steps ...
     stop_frac: float = 1.0  # ... to this one
+    preserve_weight: float = 0.0  # > 0: keep the UNet's output for preserve_prompts as the frozen model's
+    preserve_prompts: Optional[list[str]] = None  # "{}" = token.init_word; None = token.context_prompts
+    preserve_with: PreserveWith = "word"  # word: the init word's prompts, the frozen model as teacher; token: the
+    # token's prompts, the vectors without the LoRA as teacher
 
 
 @dataclass

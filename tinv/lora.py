@@ -66,7 +66,9 @@ class LoraWeights:
     def __init__(self, rank: int = 4, alpha: float | None = None, dropout: float = 0.0, lr: float = 1e-4,
                  text_encoder: bool = False, text_encoder_lr: float | None = None,
                  unet_targets: list[str] | None = None, text_encoder_targets: list[str] | None = None,
-                 start_frac: float = 0.0, stop_frac: float = 1.0, format: str = "kohya", bundle: bool = True):
+                 start_frac: float = 0.0, stop_frac: float = 1.0, format: str = "kohya", bundle: bool = True,
+                 preserve_weight: float = 0.0, preserve_prompts: list[str] | None = None,
+                 context_prompts: list[str] | None = None, preserve_with: str = "word"):
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"lora.dropout={dropout} must be in [0, 1)")
         if not 0.0 <= start_frac < stop_frac <= 1.0:
@@ -83,6 +85,18 @@ class LoraWeights:
         self.text_encoder_targets = list(text_encoder_targets or TEXT_ENCODER_TARGETS)
         self.start_frac, self.stop_frac = start_frac, stop_frac
         self.format, self.bundle = format, bundle
+        if preserve_weight < 0:
+            raise ConfigError(f"lora.preserve_weight={preserve_weight} must be at least 0 (0 = off)")
+        from .parts import CONTEXT_PROMPTS
+
+        preserve_prompts = preserve_prompts or context_prompts or CONTEXT_PROMPTS
+        bad = [p for p in preserve_prompts if p.count("{}") != 1]
+        if preserve_weight and bad:
+            raise ConfigError(f"lora.preserve_prompts entry {bad[0]!r} needs exactly one '{{}}' for the init word")
+        if preserve_with not in ("word", "token"):
+            raise ConfigError(f"lora.preserve_with={preserve_with!r}; use word or token")
+        self.preserve_weight, self.preserve_prompts = preserve_weight, list(preserve_prompts or [])
+        self.preserve_with = preserve_with
         self.layers: dict[str, dict[str, nn.Module]] = {}  # owner (unet | encoder key) -> {module path: LoRA layer}
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -97,7 +111,13 @@ class LoraWeights:
             torch.manual_seed(derive_seed(run.seed, -1) % 2**63)  # -1: an index no micro-step uses
             for owner, (model, targets, key) in owners.items():
                 self.layers[owner] = self._inject(model, targets, key)
-        self.family, self.token = run.backbone.family, run.token
+        self.family, self.token, self.run = run.backbone.family, run.token, run
+        if self.preserve_weight:
+            if self.preserve_with == "word" and not run.token.init_word:
+                raise ConfigError("lora.preserve_with=word keeps what the base model draws for the init word's "
+                                  "prompts; set token.init_word too (or lora.preserve_with=token)")
+            word = run.token.init_word if self.preserve_with == "word" else run.token.string
+            self.preserved = [p.format(word) for p in self.preserve_prompts]
         log.info("LoRA rank %d, alpha %g in %d modules (%s)", self.rank, self.alpha,
                  sum(len(v) for v in self.layers.values()), ", ".join(self.layers))
 
@@ -140,8 +160,32 @@ class LoraWeights:
         """Whether the step with this 0-based index trains the LoRA (lora.start_frac, lora.stop_frac)."""
         return self.start_frac * max_steps <= step < self.stop_frac * max_steps
 
-    def loss_term(self) -> float:
-        return 0.0
+    def loss_term(self, micro) -> torch.Tensor | float:
+        """lora.preserve_weight x the mean squared change the LoRA makes to the UNet's output for prompts about the
+        init word ("a shape on a gray background"), on this micro-batch's noised latents: prior preservation with
+        the frozen model itself as the teacher (no class images), so the LoRA learns what is particular to the token
+        and leaves the rest of what prompts can say as it was."""
+        if not self.preserve_weight or not self._params("unet")[0].requires_grad:
+            return 0.0
+        bb, n = self.run.backbone, micro.noisy.shape[0]
+        start = self.run.state.micro_step * n  # the prompts cycle with the micro-steps: the same on a resume
+        ids = self.run.input_ids([self.preserved[(start + i) % len(self.preserved)] for i in range(n)])
+        noisy = micro.noisy.to(bb.unet.dtype)
+        with torch.no_grad():
+            self._adapters(False)  # the frozen model as it was
+            try:
+                target = bb.predict(noisy, micro.timesteps, ids, micro.batch)
+            finally:
+                self._adapters(True)
+                for p in self.parameters():  # peft's switch also sets requires_grad; the phase decides that
+                    p.requires_grad_(True)
+        pred = bb.predict(noisy, micro.timesteps, ids, micro.batch)
+        return self.preserve_weight * nn.functional.mse_loss(pred.float(), target.float())
+
+    def _adapters(self, enabled: bool) -> None:
+        for layers in self.layers.values():
+            for layer in layers.values():
+                layer.enable_adapters(enabled)
 
     def after_step(self) -> None:
         pass

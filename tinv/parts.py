@@ -7,6 +7,7 @@ Parts are chosen in config: `parts.<name>._target_` (conf/train.yaml holds the d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +16,16 @@ from torch import nn
 
 from .embedding import EmbeddingMeta, save_embedding
 from .errors import ConfigError
+
+
+@dataclass
+class MicroBatch:
+    """What a part's loss term may look at: this micro-batch's noised latents, their timesteps and the batch
+    (SDXL's size conditioning)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    batch: dict
 
 
 class TrainablePart(Protocol):
@@ -27,8 +38,8 @@ class TrainablePart(Protocol):
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups; a group may set its own "lr"."""
 
-    def loss_term(self) -> torch.Tensor | float:
-        """Added to the diffusion loss (a regulariser), or 0.0."""
+    def loss_term(self, micro: MicroBatch) -> torch.Tensor | float:
+        """Added to the diffusion loss of each micro-batch (a regulariser), or 0.0."""
 
     def after_step(self) -> None:
         """After a good optimizer step (e.g. a norm constraint)."""
@@ -149,7 +160,7 @@ class TokenVectors:
     def param_groups(self) -> list[dict]:
         return [{"params": self.parameters()}]
 
-    def loss_term(self) -> torch.Tensor | float:
+    def loss_term(self, micro: MicroBatch) -> torch.Tensor | float:
         term = self.token.regularizer()
         if self.context_weight > 0:
             term = term + self.context_weight * self.context_loss()

@@ -132,6 +132,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
     job = prepare(cfg, run_dir)
     if job is None:
         return None
+    job.tracker.set_summary(settings=settings_digest(cfg))
     result = job.trainer.fit(open_run(job))
     if result.run.is_main:
         s = result.summary
@@ -139,6 +140,45 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | Non
         print(f"tinv-train: job {sweep['job_num']} done, {s['objective_name']} = {number(s['objective'])}, "
               f"{s.get('embedding')}" if sweep else outcome(result, cfg), flush=True)
     return result
+
+
+def settings_digest(cfg: DictConfig) -> str:
+    """What a run trains, as a digest: the resolved config without the keys its parts do not read (lora.* under
+    method=ti), so two sweep jobs that differ only there have the same digest."""
+    import hashlib
+
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if "lora" not in plain.get("parts", {}):
+        plain.pop("lora", None)
+        for key in ("lora_format", "lora_bundle"):
+            plain.get("save", {}).pop(key, None)
+    plain.pop("resume", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def same_as_earlier_job(cfg: DictConfig, job_dir: Path) -> dict | None:
+    """In a sweep: the summary of a finished earlier job whose run this one would repeat exactly, else None."""
+    sweep = sweep_identity()
+    digest = settings_digest(cfg)
+    for summary_file in sorted(Path(sweep["sweep_dir"]).glob("*/summary.json")):
+        if summary_file.parent.resolve() == job_dir.resolve():
+            continue
+        summary = json.loads(summary_file.read_text())
+        if summary.get("ok") and summary.get("settings") == digest:
+            return {**summary, "same_as": summary_file.parent.name}
+    return None
+
+
+def reuse(earlier: dict, job_dir: Path) -> dict:
+    """This job's summary.json: the earlier job's result under this job's number and overrides."""
+    sweep = sweep_identity()
+    summary = {**earlier, "job_num": sweep["job_num"], "overrides": sweep["overrides"]}
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(job_dir / "summary.json", json.dumps(summary, indent=2))
+    print(f"tinv-train: job {sweep['job_num']} would repeat job {earlier['same_as']} exactly (the keys it varies "
+          f"are not read by this run's parts); its result: {earlier['objective_name']} = "
+          f"{number(earlier['objective'])}", flush=True)
+    return summary
 
 
 def outcome(result: TrainResult, cfg: DictConfig) -> str:
@@ -152,22 +192,28 @@ def outcome(result: TrainResult, cfg: DictConfig) -> str:
               if k.startswith("val/") and isinstance(v[-1][1], float)}
     if scores:
         lines.append("  scores     " + ", ".join(f"{k} {number(v)}" for k, v in scores.items()) + f" (step {s['step']})")
-    files = [("embedding", s.get("embedding"))]
-    best = sorted(run.run_dir.glob(f"{run.output_name}-best.*"))
+    files = [("embedding", s.get("embedding")), ("lora", s.get("lora")), ("bundle", s.get("lora_bundle"))]
+    best = sorted(run.run_dir.glob(f"{run.output_name}-best*.*"))
     if best and "best_step" in s:
-        files.append(("best", f"{best[0]} (step {s['best_step']})"))
+        files.append(("best", f"{', '.join(p.name for p in best)} (step {s['best_step']})"))
     files += [("samples", s.get("concept_samples")), ("previews", run.run_dir / "samples"
                                                                   if any(run.run_dir.glob("samples/step-*")) else None),
               ("run folder", f"{run.run_dir} (metrics.jsonl, summary.json, train.log, state/)")]
     lines += [f"  {name:<10} {value}" for name, value in files if value]
     if s.get("embedding"):
         token = run.token.string
-        generate = (f'tinv-generate {shlex.quote(s["embedding"])} "a photo of {token}" --sampler '
+        lora = f" --lora {shlex.quote(s['lora'])}" if s.get("lora") else ""
+        generate = (f'tinv-generate {shlex.quote(s["embedding"])} "a photo of {token}"{lora} --sampler '
                     f"{cfg.sample.sampler} --steps {cfg.sample.steps} --guidance {cfg.sample.guidance_scale}")
         name = Path(s["embedding"]).stem
         steps = [generate, *run.callbacks.collect("next_steps", run),
                  f"A1111/Forge: copy it into embeddings/ and write {name} in a prompt; ComfyUI: models/embeddings/, "
                  f"embedding:{name}; diffusers: load_textual_inversion (README: Using the embedding)"]
+        if s.get("lora"):
+            lora_name = Path(s["lora"]).stem
+            steps.append(f"the LoRA: A1111/Forge models/Lora/ and <lora:{lora_name}:1> in the prompt (or the bundle "
+                         f"alone there: LoRA and embedding in one file); ComfyUI: models/loras/ with a LoraLoader; "
+                         f"diffusers: load_lora_weights")
         lines += ["  next       " + steps[0]] + [f"             {line}" for line in steps[1:]]
     if getattr(run.tracker, "mode", None) == "offline":
         lines.append(f"  wandb      offline; upload with: wandb sync {run.run_dir / 'wandb'}/offline-run-*")
@@ -181,6 +227,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = bool(sweep_identity())
     try:
+        earlier = same_as_earlier_job(cfg, job_dir) if in_sweep and not cfg.resume else None
+        if earlier is not None:  # e.g. sweep=pivotal's method=ti jobs at other LoRA ranks
+            return sweep_value(reuse(earlier, job_dir), cfg.objective.mode)
         result = run(cfg)
         return sweep_value(result.summary, cfg.objective.mode) if result else None
     except (ConfigError, Interrupted, TrainingDiverged) as err:

@@ -25,6 +25,7 @@ import torch
 from .errors import TrainingDiverged, first_line
 from .losses import DiffusionLoss
 from .objective import read_objective
+from .parts import MicroBatch
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -182,10 +183,11 @@ class Trainer:
         noise, timesteps = self.loss.draw(gen, tuple(latents.shape), bb.noise_scheduler.config.num_train_timesteps,
                                           acc.num_processes, acc.process_index)
         predict = bb.predictor(run.input_ids(batch["prompts"]), batch)  # text encoders -> conditioning -> UNet
+        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         with acc.autocast():
-            loss = self.loss(predict, bb.noise_scheduler, bb.prediction_type, latents, noise.to(latents.device),
-                             timesteps.to(latents.device))
-        return loss + sum(part.loss_term() for part in run.parts.values())
+            loss = self.loss(predict, bb.noise_scheduler, bb.prediction_type, latents, noise, timesteps)
+            micro = MicroBatch(bb.noise_scheduler.add_noise(latents, noise, timesteps), timesteps, batch)
+            return loss + sum(part.loss_term(micro) for part in run.parts.values())
 
     def _reduce_and_clip(self, run, loss: torch.Tensor, params: list) -> tuple[torch.Tensor, bool]:
         """Average the trained parameters' gradients over processes, unscale, clip; report whether all is finite."""

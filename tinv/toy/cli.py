@@ -4,6 +4,7 @@
     tinv-toy pretrain OUT_DIR [--seed 0]      # maintainers: about an hour on 2 CPU cores; ships as tinv/toy/weights
     tinv-toy judge OUT_DIR [--seed 0]         # maintainers: the judge alone (minutes), after a new attribute
     tinv-toy targets WORK_DIR                 # measure the quality targets (minutes)
+    tinv-toy pivotal WORK_DIR                 # textual inversion against pivotal tuning, stars included (~30 min)
 """
 
 from __future__ import annotations
@@ -54,12 +55,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="a method as tinv-train overrides, e.g. 'l2=token.norm=l2_to_init token.norm_weight=0.1' "
                         "(default: the built-in list)")
     m.add_argument("--out", help="also write the numbers as JSON here")
+    v = sub.add_parser("pivotal", help="textual inversion against pivotal tuning, on concepts in and outside "
+                       "pretraining")
+    v.add_argument("work_dir", help="folder for rendered concepts and training runs")
+    v.add_argument("--others", type=int, default=3, help="in-world concepts besides the demo one, picked by seed")
+    v.add_argument("--novel", type=int, default=2, help="concepts with a shape outside pretraining (a star)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", help="also write the numbers as JSON here")
     args = parser.parse_args(argv)
     if args.command != "render":  # these load models: no library notices or bars
         from ..console import quiet_command
 
         quiet_command()
-    if args.command in ("targets", "methods"):
+    if args.command in ("targets", "methods", "pivotal"):
         import json
 
         from ..atomic import write_text_atomic
@@ -69,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             result = targets.measure(Path(args.work_dir), args.samples, args.base_per_concept, args.others,
                                      args.seed, args.overrides)
             targets.print_table(result)
+        elif args.command == "pivotal":
+            result = targets.measure_pivotal(Path(args.work_dir), args.others, args.novel, args.seed)
+            targets.print_pivotal(result)
         else:
             bad = [m for m in args.method if "=" not in m]
             if bad:

@@ -161,6 +161,8 @@ class ConceptScoring:
         if not embedding:
             return []
         references = f" --references {quote(self.image_dirs[0])}" if len(self.image_dirs) == 1 else ""
+        lora = run.tracker.summary.get("lora")
+        references += f" --lora {quote(lora)}" if lora else ""
         return [f"tinv-eval {quote(embedding)} --concept {quote(self.concept.text())}{references} --samples 64 "
                 f"--grid {quote(str(run.run_dir / 'samples' / 'eval.png'))}"]
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..commandline import path_override
-from .world import BACKGROUNDS, DEMO_CONCEPT, Concept, all_concepts, render_concept
+from .world import BACKGROUNDS, DEMO_CONCEPT, NOVEL_CONCEPT, Concept, all_concepts, judged_concepts, render_concept
 
 TARGETS = {"base_full_caption": 0.7, "init_word_max": 0.1, "trained": 0.6, "trained_vs_base": 0.8}
 
@@ -136,10 +136,18 @@ METHODS = {
 SCORING = ["callbacks.concept.num_samples=64", "callbacks.concept.edit_samples=32"]
 
 
-def measure_methods(work: Path, methods: dict[str, list[str]], others: int = 3, seed: int = 0) -> dict:
+def novel_concepts(count: int, seed: int = 0) -> list[Concept]:
+    """Concepts with a shape outside pretraining (the star), the first the world's NOVEL_CONCEPT, the rest by seed."""
+    first = Concept(*NOVEL_CONCEPT)
+    rest = [c for c in judged_concepts() if c.novel and c != first]
+    return [first, *random.Random(f"novel:{seed}").sample(rest, count - 1)][:count]
+
+
+def measure_methods(work: Path, methods: dict[str, list[str]], others: int = 3, seed: int = 0,
+                    concepts: list[Concept] | None = None) -> dict:
     from .demo import DEMO_IMAGES
 
-    concepts = [Concept(*DEMO_CONCEPT), *other_concepts(others, seed)]
+    concepts = concepts or [Concept(*DEMO_CONCEPT), *other_concepts(others, seed)]
     rows = []
     for name, overrides in methods.items():
         for concept in concepts:
@@ -168,8 +176,9 @@ def _measure(name: str, overrides: list[str], concept: Concept, image_dir: Path,
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"method": name, "overrides": overrides, "concept": concept.text(),
             "wall_s": round(time.perf_counter() - started, 1),
-            **{k: summary.get(k) for k in ("concept_accuracy", "reconstruction", "editability", "concept_and_edit",
-                                           *(f"edit_{b}" for b in BACKGROUNDS))}}
+            "novel": concept.novel,
+            **{k: summary.get(k) for k in ("concept_accuracy", "shape_accuracy", "reconstruction", "editability",
+                                           "concept_and_edit", *(f"edit_{b}" for b in BACKGROUNDS))}}
 
 
 def print_methods(result: dict) -> None:
@@ -185,3 +194,49 @@ def print_methods(result: dict) -> None:
         print(f"  {name:<24} {mean('concept_accuracy'):9.3f} ({min(r['concept_accuracy'] for r in rows):.2f}) "
               f"{mean('editability'):6.3f} ({min(r['editability'] for r in rows):.2f}) "
               f"{mean('concept_and_edit'):6.3f} {mean('reconstruction'):6.3f} {mean('wall_s'):7.1f}")
+
+
+# `tinv-toy pivotal`: textual inversion against pivotal tuning (the vectors and a LoRA), each with its defaults, on
+# concepts the base model draws (the demo one and others by seed) and on concepts with a shape outside pretraining.
+PIVOTAL_METHODS = {"ti": [], "pivotal": ["method=pivotal"]}
+PIVOTAL_TARGETS = {"novel_accuracy": 0.7, "novel_wall_s": 300}
+
+
+def measure_pivotal(work: Path, others: int = 3, novel: int = 2, seed: int = 0) -> dict:
+    concepts = [Concept(*DEMO_CONCEPT), *other_concepts(others, seed), *novel_concepts(novel, seed)]
+    result = measure_methods(work, PIVOTAL_METHODS, seed=seed, concepts=concepts)
+    result["targets"] = PIVOTAL_TARGETS
+    result["summary"] = {f"{method}/{'novel' if is_novel else 'in_world'}": _means(
+        [r for r in result["rows"] if r["method"] == method and r["novel"] == is_novel])
+        for method in PIVOTAL_METHODS for is_novel in (False, True)}
+    return result
+
+
+def _means(rows: list[dict]) -> dict:
+    keys = ("concept_accuracy", "editability", "concept_and_edit", "wall_s")
+    return {**{k: sum(r[k] for r in rows) / len(rows) for k in keys},
+            "min_concept_accuracy": min(r["concept_accuracy"] for r in rows),
+            "max_wall_s": max(r["wall_s"] for r in rows)} if rows else {}
+
+
+def print_pivotal(result: dict) -> None:
+    t, s = result["targets"], result["summary"]
+    print(f"  {'concepts':<10} {'method':<8} {'concept accuracy':>16} {'editability':>11} {'both':>6} {'wall s':>7}"
+          "   (mean over concepts; min accuracy in brackets)")
+    for key, m in s.items():
+        if m:
+            where, method = key.split("/")[1], key.split("/")[0]
+            print(f"  {where:<10} {method:<8} {m['concept_accuracy']:9.3f} ({m['min_concept_accuracy']:.2f}) "
+                  f"{m['editability']:11.3f} {m['concept_and_edit']:6.3f} {m['wall_s']:7.1f}")
+    for row in result["rows"]:
+        print(f"    {row['method']:<8} {row['concept']:<40} acc {row['concept_accuracy']:.3f} "
+              f"shape {row['shape_accuracy']:.3f} edit {row['editability']:.3f} {row['wall_s']:6.1f} s")
+    novel, world = s.get("pivotal/novel"), (s.get("pivotal/in_world"), s.get("ti/in_world"))
+    if novel:
+        print(f"  target: pivotal on novel concepts >= {t['novel_accuracy']} accuracy (min "
+              f"{novel['min_concept_accuracy']:.3f}) in <= ~{t['novel_wall_s']} s a run "
+              f"(max {novel['max_wall_s']:.0f} s)")
+    if all(world):
+        print(f"  target: in the world, pivotal accuracy {world[0]['concept_accuracy']:.3f} >= ti "
+              f"{world[1]['concept_accuracy']:.3f} and editability {world[0]['editability']:.3f} >= ti "
+              f"{world[1]['editability']:.3f}")
