@@ -164,6 +164,8 @@ def test_phases_switch_each_part_on_and_off(run_dir):
     (["lora.unet_targets=[nope]"], "lora.unet_targets"),
     (["lora.dropout=1.5"], "lora.dropout"),
     (["lora.rank=0"], "lora.rank=0 must be at least 1"),
+    (["model=tiny_sdxl", "token.train_encoders=clip_l", "train.cache_text_encoder_outputs=true",
+      "lora.text_encoder=true"], "turn one of them off"),
 ])
 def test_bad_lora_settings_are_one_line_errors(overrides, message, run_dir):
     with pytest.raises(ConfigError, match=message):
@@ -260,3 +262,17 @@ def test_preservation_measures_the_loras_change_against_the_frozen_model(run_dir
     assert term.item() > 0 and term.requires_grad
     term.backward()
     assert all(w.grad is not None and w.requires_grad for w in ups)
+
+
+def test_pivotal_with_bf16_checkpointing_validation_and_previews(run_dir):
+    result = train(run_dir, ["train.max_steps=4", *PIVOTAL, "train.mixed_precision=bf16",
+                             "train.gradient_checkpointing=true", "val.every_n_steps=2", "sample.every_n_steps=4",
+                             "sample.steps=2", "lora.text_encoder=true"])
+    assert result.step == 4 and math.isfinite(result.final_loss)
+    lora = load_file(str(run_dir / "mychar-lora.safetensors"))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    assert max(v.abs().max() for k, v in lora.items() if "lora_up" in k) > 0
+    assert all(p.dtype == torch.float32 for p in result.run.parts["lora"].parameters())
+    val = [v for _, v in result.run.tracker.history["val/loss"]]
+    assert len(val) == 2 and all(math.isfinite(v) for v in val)
+    assert (run_dir / "samples" / "step-00000004" / "grid.png").is_file()
