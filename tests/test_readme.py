@@ -36,26 +36,28 @@ def test_every_readme_training_command_composes_as_written(args):
     precheck(expand_home(args))  # raises a one-line ConfigError for a key, choice or value that no longer exists
 
 
-@pytest.mark.slow  # a default 500-step run and three scorings of the toy model: about 3 minutes on 2 cores
+@pytest.mark.slow  # a default run, a pivotal run and three scorings of the toy model: about 6 minutes on 2 cores
 def test_the_toy_world_walk_through_runs_as_pasted(tmp_path):
     block = README[README.index("tinv-toy render --concept"):]
     block = block[:block.index("```")].replace("\\\n", " ")
     env = {**os.environ, "HOME": str(tmp_path)}
-    run_dir = None
+    runs = []
     for line in block.splitlines():
         words = shlex.split(line, comments=True)
-        if not words or words[:2] in (["tinv-toy", "targets"], ["tinv-toy", "methods"]):  # long benchmarks
-            continue
+        if not words or words[:2] in (["tinv-toy", "targets"], ["tinv-toy", "methods"], ["tinv-toy", "pivotal"]):
+            continue  # long benchmarks
         if words[0] == "tinv-train":
-            words.append(f"hydra.run.dir={tmp_path / 'run'}")
-            run_dir = tmp_path / "run"
+            runs.append(tmp_path / f"run{len(runs)}")
+            words.append(f"hydra.run.dir={runs[-1]}")
         words = [str(tmp_path) + w[1:] if w.startswith("~/") else w for w in words]  # as the shell expands them
-        words = [w.replace("outputs/<date>/<time>", str(run_dir)) for w in words]
+        words = [w.replace("outputs/<date>/<time>", str(runs[0])) if runs else w for w in words]
         module = {"tinv-toy": "tinv.toy.cli", "tinv-train": "tinv.train", "tinv-eval": "tinv.toy.evaluation"}[words[0]]
         proc = subprocess.run([sys.executable, "-m", module, *words[1:]], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=900)
         assert proc.returncode == 0, (line, proc.stderr[-2000:])
     assert (tmp_path / "data" / "cross" / "000.png").is_file() and (tmp_path / "samples.png").is_file()
-    summary = __import__("json").loads((run_dir / "summary.json").read_text())
-    assert summary["concept_accuracy"] >= 0.5  # the walk-through's concept is learned with the defaults
-    assert Path(summary["embedding"]).is_file()
+    for run_dir in runs:  # the white cross with the defaults, the star with method=pivotal: each learned
+        summary = __import__("json").loads((run_dir / "summary.json").read_text())
+        assert summary["concept_accuracy"] >= 0.5, run_dir
+        assert Path(summary["embedding"]).is_file()
+    assert len(runs) == 2 and Path(summary["lora"]).is_file()
