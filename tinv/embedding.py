@@ -267,7 +267,7 @@ def save_embedding(path: str | Path, vectors: dict[str, torch.Tensor], meta: Emb
 
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta.header(tensors))
-            _sort_metadata(tmp)
+            sort_metadata(tmp)
     elif fmt == "a1111":
         if SD_KEY in tensors:
             data = {"string_to_token": {"*": 265}, "string_to_param": {"*": tensors[SD_KEY]}, "name": meta.token,
@@ -283,7 +283,7 @@ def save_embedding(path: str | Path, vectors: dict[str, torch.Tensor], meta: Emb
     return path
 
 
-def _sort_metadata(path: Path) -> None:
+def sort_metadata(path: Path) -> None:
     """safetensors writes its metadata map in a random order; sorted, the same vectors give the same bytes (and the
     same checksum) every time. The header keeps its length, so only its bytes are rewritten."""
     import json

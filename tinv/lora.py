@@ -248,10 +248,12 @@ class LoraWeights:
     def write(self, run, suffix: str) -> dict[str, Path]:
         stem = f"{run.output_name}{suffix}"
         meta = self.metadata(run)
-        written = {"lora": save_lora(run.run_dir / f"{stem}-lora.safetensors", self.tensors(self.format),
+        kohya = self.tensors("kohya") if self.bundle or self.format == "kohya" else None
+        lora = kohya if self.format == "kohya" else self.tensors(self.format)
+        written = {"lora": save_lora(run.run_dir / f"{stem}-lora.safetensors", lora,
                                      dict(meta, **{"tinv.lora_format": self.format}))}
         if self.bundle:
-            bundled = bundle(self.tensors("kohya"), self.token.string, self.token.vectors())
+            bundled = bundle(kohya, self.token.string, self.token.vectors())
             written["lora_bundle"] = save_lora(run.run_dir / f"{stem}-bundle.safetensors", bundled,
                                                dict(meta, **{"tinv.lora_format": "kohya"}))
         return written
@@ -264,14 +266,14 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     """Write atomically; a NaN or inf is never written."""
     from safetensors.torch import save_file
 
-    from .embedding import _sort_metadata
+    from .embedding import sort_metadata
 
     for key, value in tensors.items():
         if not torch.isfinite(value).all():
             raise RuntimeError(f"refusing to write {path}: {key} holds NaN or inf")
     with atomic_path(Path(path)) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        _sort_metadata(tmp)
+        sort_metadata(tmp)
     return Path(path)
 
 
@@ -359,16 +361,13 @@ def join_bundle(embedding: str | Path, lora_src: str | Path, out: str | Path, to
 def load_into_pipeline(pipe, embedding: str | Path | None, lora: str | Path | None, scale: float = 1.0) -> bool:
     """Load a LoRA into a diffusers pipeline as users do (`load_lora_weights`): the `lora` file, else the LoRA a
     bundled `embedding` carries. Returns whether one was loaded."""
-    if lora is not None:
-        tensors, _ = read_safetensors(lora)
-        if any(k.startswith(BUNDLE_PREFIX) for k in tensors):  # diffusers refuses bundle keys: hand it the LoRA
-            tensors = unbundle(tensors, str(lora))[0]
-    elif embedding is not None and Path(embedding).suffix == ".safetensors" and Path(embedding).is_file():
-        tensors, _ = read_safetensors(embedding)
-        if not any(k.startswith(BUNDLE_PREFIX) for k in tensors):
-            return False
-        tensors = unbundle(tensors, str(embedding))[0]
-    else:
+    source = lora if lora is not None else embedding
+    if source is None or (lora is None and not (Path(source).suffix == ".safetensors" and Path(source).is_file())):
+        return False
+    tensors, _ = read_safetensors(source)
+    if any(k.startswith(BUNDLE_PREFIX) for k in tensors):  # diffusers refuses bundle keys: hand it the LoRA
+        tensors = unbundle(tensors, str(source))[0]
+    elif lora is None:  # a plain embedding brings no LoRA
         return False
     pipe.load_lora_weights(tensors, adapter_name=ADAPTER)
     if scale != 1.0:
