@@ -363,7 +363,7 @@ def test_bad_files_are_skipped_and_odd_formats_converted(tmp_path, caplog):
                      "rotated.jpg"}
     for bad in ("notes.png", "truncated.jpg", "empty.webp"):
         assert f"skipping {root / bad}" in caplog.text
-    assert "skipped 3 of 10 files" in caplog.text
+    assert "skipped 3 of 10 image files" in caplog.text
     assert f"{root / 'good.txt'} is not UTF-8" in caplog.text
     by_name = {s.path.name: i for i, s in enumerate(data.samples)}
     assert data.samples[by_name["good.png"]].caption == "caf\ufffd mychar"

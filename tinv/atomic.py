@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -22,8 +23,11 @@ def atomic_path(target: str | os.PathLike):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain open() would
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        code = re.search(r"os error (\d+)", str(err)) if not isinstance(err, OSError) else None
+        if code:  # safetensors reports a failed write (a full disk) as its own error: make it the OSError it is
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(target)) from err
         raise
 
 

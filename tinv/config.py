@@ -99,6 +99,8 @@ class DataOptions:
     missing_token: MissingToken = "prepend"  # a caption lacks the token (template=caption)
     cache_dir: Optional[str] = None  # disk latent cache (train.cache_latents_to_disk); None = $TINV_CACHE/latents
     vae_batch_size: int = at_least(1, 4)
+    # images with more pixels are skipped with a warning (decompression bombs); None = Pillow's limit (89.5 Mpx)
+    max_image_pixels: Optional[int] = at_least(1, None)
     num_workers: int = 0
     debug: bool = False  # print the first samples' captions, token ids and buckets, then exit
 

@@ -41,10 +41,15 @@ def route_library_logs(to_log_file: bool = True) -> None:
         logging.getLogger("py.warnings").propagate = False
 
 
+FILE_ONLY = {"file_only": True}  # log(..., extra=FILE_ONLY): train.log only, e.g. a traceback the console sums up
+
+
 class ConsoleFilter(logging.Filter):
-    """tinv's and Hydra's records, and anyone's errors."""
+    """tinv's and Hydra's records, and anyone's errors; not those marked for the log file only (FILE_ONLY)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
         return record.name.split(".")[0] in OWN or record.levelno >= logging.ERROR
 
 

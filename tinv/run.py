@@ -18,6 +18,7 @@ from .cache import cache_root
 from .callbacks import Callbacks
 from .config import recorded_config
 from .data import BucketBatchSampler, Latents, TrainingSet, collate
+from .diskspace import check_room, planned_writes
 from .embedding import ConceptToken
 from .errors import ConfigError
 from .resources import ThreadShare, pick_gpu
@@ -119,8 +120,9 @@ class Run:
         self.tracker.log(metrics, self.step)
         self.callbacks.call("on_log", self, metrics)
 
-    def write_files(self, suffix: str) -> dict[str, Path]:
-        """Every part's files for `<output_name><suffix>` (main process only); {summary key: path}."""
+    def write_files(self, suffix: str, notify: bool = True) -> dict[str, Path]:
+        """Every part's files for `<output_name><suffix>` (main process only); {summary key: path}. The callbacks
+        hear of them (on_files) unless `notify` is off."""
         if not self.is_main:
             return {}
         written = {}
@@ -128,7 +130,8 @@ class Run:
             written.update(part.write(self, suffix))
         for path in written.values():
             log.info("saved %s (step %d)", path, self.step)
-        self.callbacks.call("on_files", self, written)
+        if notify:
+            self.callbacks.call("on_files", self, written)
         return written
 
     def save_state(self) -> None:
@@ -160,6 +163,8 @@ def open_run(job: Job) -> Run:
     _scale_lr(optimizer, train.lr_scale, job.dataset, train.gradient_accumulation, accelerator.num_processes)
     run.lr_scheduler = job.make_lr_scheduler(optimizer=optimizer, num_training_steps=train.max_steps)
     run.optimizer = accelerator.prepare(optimizer)
+    if run.is_main:
+        check_room(planned_writes(run, cfg))  # before the latents are encoded and the first step runs
     disk = (cfg.data.cache_dir or str(cache_root() / "latents")) if train.cache_latents_to_disk else None
     run.latents = Latents.prepare(job.dataset, job.backbone, accelerator.device,
                                   train.cache_latents or train.cache_latents_to_disk, disk, cfg.data.vae_batch_size)

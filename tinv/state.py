@@ -8,6 +8,7 @@ counters are all a resumed run needs to continue exactly where it stopped.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 STATE_DIR = "state"
 
@@ -39,7 +40,7 @@ def save_state(run) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".state-", dir=run.run_dir))
     try:
         scaler = run.accelerator.scaler
-        torch.save({"parts": {name: part.state_dict() for name, part in run.parts.items()},
+        _save({"parts": {name: part.state_dict() for name, part in run.parts.items()},
                     "optimizer": run.optimizer.state_dict(),
                     "lr_scheduler": run.lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None},
@@ -59,6 +60,18 @@ def save_state(run) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _save(data: dict, path: Path) -> None:
+    """torch.save, with a failed write (torch says RuntimeError) raised as the OSError it is."""
+    try:
+        torch.save(data, path)
+    except RuntimeError as err:
+        if "write" not in str(err):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(errno.ENOSPC if free < 2**20 else errno.EIO, f"{path} could not be written ({free} bytes "
+                      f"free; {first_line(err)})") from err
 
 
 def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:

@@ -1,7 +1,9 @@
 """Run tracking: `metrics.jsonl` in the run dir always; wandb on top when `logger=wandb`.
 
 metrics.jsonl is the record that tests, reports and offline users read: one JSON object per logged step. wandb
-runs offline (no account, no network) unless an API key is configured or `logger.mode` says otherwise.
+runs offline (no account, no network) unless an API key is configured or `logger.mode` says otherwise. The dashboard
+is never fatal: if wandb fails (its service killed, a timeout, the network gone), training goes on with
+metrics.jsonl, one warning says so, and the summary records the step where wandb stopped.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from pathlib import Path
 
 from .atomic import write_text_atomic
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,30 @@ class WandbTracker(Tracker):
                               "or use logger.mode=offline (and `wandb sync` later)")
         self.run = None
         self.defined: set[str] = set()
+        self.step = 0  # the last step handed to wandb
+
+    def _remote(self, what: str, call) -> None:
+        """call() on wandb; if it fails, wandb is left out for the rest of the run."""
+        if self.run is None:
+            return
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - whatever the dashboard raises, training goes on
+            self._lost(what, err)
+
+    def _lost(self, what: str, err: Exception) -> None:
+        import wandb
+
+        self.run = None
+        self.set_summary(wandb_stopped_at_step=self.step, wandb_error=f"{type(err).__name__}: {first_line(err)}")
+        where = Path(self.run_dir) / "wandb" if self.run_dir else "the run folder"
+        log.warning("wandb failed %s at step %d (%s: %s); training goes on without it (metrics.jsonl keeps every "
+                    "metric; what wandb saved is in %s, for wandb sync)", what, self.step, type(err).__name__,
+                    first_line(err), where)
+        try:  # its exit hook would otherwise print the broken connection's traceback at exit
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - the service is gone; nothing more to close
+            pass
 
     def start(self, run_dir: Path, config: dict, enabled: bool = True, resume_id: str | None = None,
               resume_step: int = 0) -> None:
@@ -141,46 +167,57 @@ class WandbTracker(Tracker):
             config = {**config, "sweep": {k: sweep[k] for k in ("sweep", "sweep_dir", "job_num", "overrides")}}
         token = config.get("token", {}).get("string", "run")  # a single run: "<token>-<date>-<time>" of its folder
         name = self.name or sweep.get("job_name") or f"{token}-{Path(run_dir).parent.name}-{Path(run_dir).name}"
-        self.run = wandb.init(project=self.project, entity=self.entity, name=name,
-                              group=self.group or sweep.get("group"), tags=self.tags, config=config,
-                              dir=str(run_dir), mode=self.mode, id=resume_id, resume="allow" if resume_id else None,
-                              settings=wandb.Settings(silent=True))  # tinv says what matters at the end
+        self.step = resume_step
+        try:
+            self.run = wandb.init(project=self.project, entity=self.entity, name=name,
+                                  group=self.group or sweep.get("group"), tags=self.tags, config=config,
+                                  dir=str(run_dir), mode=self.mode, id=resume_id,
+                                  resume="allow" if resume_id else None,
+                                  settings=wandb.Settings(silent=True))  # tinv says what matters at the end
+        except Exception as err:  # noqa: BLE001 - no dashboard is no reason not to train
+            self._lost("to start", err)
+            return
         self.run_id = self.run.id
         self.set_summary(wandb_id=self.run.id, wandb_name=self.run.name, wandb_group=self.run.group or "")
         log.info("wandb run %s (%s)", self.run.id, self.mode)
 
     def log_images(self, images: dict, step: int) -> None:
-        if self.run is not None:
-            import wandb
+        import wandb
 
-            self.run.log({k: [wandb.Image(im) for im in v] for k, v in images.items()}, step=step)
+        self._remote("logging images", lambda: self.run.log(
+            {k: [wandb.Image(im) for im in v] for k, v in images.items()}, step=step))
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
-        if self.run is not None:
-            import wandb
+        import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+        self._remote("logging a table", lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)},
+                                                             step=step))
 
     def log(self, metrics: dict, step: int) -> None:
         super().log(metrics, step)
-        if self.run is not None:
-            for key in metrics.keys() - self.defined:  # the summary keeps each metric's best value, not its last
-                self.defined.add(key)
-                if summary_direction(key):
-                    self.run.define_metric(key, summary=summary_direction(key))
-            self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
+        self._remote("logging metrics", lambda: self._log_remote(metrics, step))
+
+    def _log_remote(self, metrics: dict, step: int) -> None:
+        self.step = step
+        for key in metrics.keys() - self.defined:  # the summary keeps each metric's best value, not its last
+            self.defined.add(key)
+            if summary_direction(key):
+                self.run.define_metric(key, summary=summary_direction(key))
+        self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
 
     def finish(self, ok: bool = True) -> None:
-        if self.run is not None:
-            self.run.summary.update(self.summary)
-            embedding = self.summary.get("embedding")
-            if ok and self.log_embedding and embedding and Path(embedding).is_file():
-                import wandb
-
-                artifact = wandb.Artifact(f"embedding-{self.run.id}", type="embedding",
-                                          metadata={k: v for k, v in self.summary.items() if k != "embedding"})
-                artifact.add_file(embedding)
-                self.run.log_artifact(artifact)
-            self.run.finish(exit_code=0 if ok else 1)
-            self.run = None
+        self._remote("finishing", lambda: self._finish_remote(ok))
+        self.run = None
         super().finish(ok)
+
+    def _finish_remote(self, ok: bool) -> None:
+        self.run.summary.update(self.summary)
+        embedding = self.summary.get("embedding")
+        if ok and self.log_embedding and embedding and Path(embedding).is_file():
+            import wandb
+
+            artifact = wandb.Artifact(f"embedding-{self.run.id}", type="embedding",
+                                      metadata={k: v for k, v in self.summary.items() if k != "embedding"})
+            artifact.add_file(embedding)
+            self.run.log_artifact(artifact)
+        self.run.finish(exit_code=0 if ok else 1)

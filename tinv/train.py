@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .atomic import write_text_atomic
 from .callbacks import Callbacks
-from .console import quiet_libraries, route_library_logs
+from .console import FILE_ONLY, quiet_libraries, route_library_logs
 from .config import LOADING_KEYS, apply_deprecated, check_values
 from .data import PromptBuilder
 from .embedding import ConceptToken
@@ -35,6 +35,7 @@ from .optim import check_optimization
 from .run import Job, open_run
 from .state import find_state, saved_step
 from .sweeping import sweep_identity
+from .rescue import RunFailed
 from .trainer import Interrupted, Trainer, TrainResult
 
 log = logging.getLogger("tinv")
@@ -224,6 +225,7 @@ def outcome(result: TrainResult, cfg: DictConfig) -> str:
 def hydra_main(cfg: DictConfig) -> float | None:
     """Returns the run's objective to the sweeper (objective.*: the best val/loss by default, lower is better)."""
     route_library_logs()
+    logging.raiseExceptions = False  # a full disk: train.log stops quietly; the run's last line says what happened
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = bool(sweep_identity())
     try:
@@ -232,22 +234,37 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return sweep_value(reuse(earlier, job_dir), cfg.objective.mode)
         result = run(cfg)
         return sweep_value(result.summary, cfg.objective.mode) if result else None
-    except (ConfigError, Interrupted, TrainingDiverged) as err:
-        message = f"tinv-train: {'' if isinstance(err, Interrupted) else 'error: '}{err}"
+    except (ConfigError, Interrupted, TrainingDiverged, RunFailed, OSError) as err:
+        message = f"tinv-train: {'' if isinstance(err, Interrupted) else 'error: '}{one_line(err)}"
+        if isinstance(err, OSError):  # a file that cannot be read or written, outside the loop: name it
+            log.error("the traceback of %s", one_line(err), exc_info=err, extra=FILE_ONLY)
         print(message, file=sys.stderr)
         if in_sweep:  # record the failure in the job's folder and let the sweep go on with the other jobs
-            write_text_atomic(job_dir / "summary.json", json.dumps({"ok": False, "error": str(err)}, indent=2))
+            record_failure(job_dir, one_line(err))
             raise
         if isinstance(err, Interrupted):
             sys.exit(128 + err.signum)
-        if isinstance(err, TrainingDiverged):
+        if isinstance(err, (TrainingDiverged, RunFailed, OSError)):
             sys.exit(1)
         _discard_untouched_run_dir(job_dir)
         sys.exit(2)
     except Exception as err:
         if in_sweep:
-            write_text_atomic(job_dir / "summary.json", json.dumps({"ok": False, "error": repr(err)}, indent=2))
+            record_failure(job_dir, repr(err))
         raise
+
+
+def record_failure(job_dir: Path, error: str) -> None:
+    """A failed sweep job's summary.json: the run's own (what it kept, how to resume) with ok false and the error."""
+    path = job_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    try:
+        write_text_atomic(path, json.dumps({**summary, "ok": False, "error": error}, indent=2))
+    except OSError as err:
+        log.warning("%s could not be written: %s", path, err)
 
 
 def _discard_untouched_run_dir(run_dir: Path) -> None:

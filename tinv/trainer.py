@@ -26,6 +26,7 @@ from .errors import TrainingDiverged, first_line
 from .losses import DiffusionLoss
 from .objective import read_objective
 from .parts import MicroBatch
+from .rescue import LastGood, keep_work
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Trainer:
     def fit(self, run) -> TrainResult:
         from tqdm.auto import tqdm
 
-        ok, last_loss = False, float("nan")
+        ok, last_loss, last_good, bar = False, float("nan"), None, None
         try:
             with stop_signals() as stop:
                 run.callbacks.call("on_start", run)
@@ -95,6 +96,7 @@ class Trainer:
                            disable=not run.is_main, mininterval=0.1 if sys.stderr.isatty() else 30)  # logs: sparse
                 batches, speed = run.batches(), Throughput(run.step)
                 while run.step < run.max_steps:
+                    last_good = LastGood(run)  # what a failure before this step completes leaves (tinv.rescue)
                     out = self.step(run, batches)  # micro-batches -> latents -> encoders -> UNet -> loss -> step
                     run.threads.adjust()  # other runs on these cores started or ended: share them
                     bar.update(run.step - bar.n)
@@ -128,12 +130,21 @@ class Trainer:
         except Interrupted as err:
             run.tracker.set_summary(step=run.step, stopped_by=err.signal, resume=err.resume)
             raise
+        except Exception as err:  # anything else: keep the last complete step, then say so in one line
+            failed = keep_work(run, last_good, err)
+            run.tracker.set_summary(step=run.step, error=str(failed))
+            raise (TrainingDiverged(str(failed)) if isinstance(err, TrainingDiverged) else failed) from err
         except BaseException as err:
             run.tracker.set_summary(step=run.step, error=f"{type(err).__name__}: {first_line(err)}")
             raise
         finally:
+            if bar is not None:
+                bar.close()  # before whatever the CLI prints next
             run.threads.release()
-            run.tracker.finish(ok)
+            try:
+                run.tracker.finish(ok)
+            except OSError as err:  # e.g. the disk is full: the error on its way out says more
+                log.warning("summary.json and metrics.jsonl could not be closed: %s", first_line(err))
 
     @staticmethod
     def save_and_stop(run, signum: int, when: str = "at a step boundary") -> Interrupted:
@@ -221,8 +232,8 @@ class Trainer:
                     run.state.bad_steps)
         if run.state.bad_steps >= self.max_bad_steps:
             raise TrainingDiverged(f"{run.state.bad_steps} steps in a row had a non-finite loss or gradient "
-                                   f"(train.max_bad_steps={self.max_bad_steps}); the last good embedding is in "
-                                   f"{run.run_dir}. Lower optimizer.lr, or use train.mixed_precision=bf16/no")
+                                   f"(train.max_bad_steps={self.max_bad_steps}); lower optimizer.lr, or use "
+                                   "train.mixed_precision=bf16/no")
         return False
 
 

@@ -52,8 +52,10 @@ class TrainingSet(Dataset):
     """Immutable once built: `without()` and `without_pixels()` return new sets that share the scanned samples, so
     sample indices (the latent cache's keys, validation's picks) mean the same image in all of them."""
 
-    def __init__(self, specs: list[DatasetSpec], seed: int = 0, prompts: PromptBuilder | None = None):
+    def __init__(self, specs: list[DatasetSpec], seed: int = 0, prompts: PromptBuilder | None = None,
+                 max_image_pixels: int | None = None):
         self.specs = specs
+        self.max_image_pixels = max_image_pixels  # None: Pillow's limit
         self.subsets: list[SubsetSpec] = [sub for ds in specs for sub in ds.subsets]
         self.processors = [CaptionProcessor(sub) for sub in self.subsets]
         self.seed = seed
@@ -105,7 +107,7 @@ class TrainingSet(Dataset):
         buckets = self._bucket_list(ds)
         samples, skipped = [], 0
         for path in paths:
-            size = probe(path)
+            size = probe(path, self.max_image_pixels)
             if size is None:
                 skipped += 1
                 continue
@@ -118,7 +120,8 @@ class TrainingSet(Dataset):
             samples.append(Sample(path, raw_caption(text, sub), size, self._bucket(size, ds, buckets),
                                   subset_index, dataset_index))
         if skipped:
-            log.warning("%s: skipped %d of %d files that are not readable images", sub.source, skipped, len(paths))
+            log.warning("%s: skipped %d of %d image files that cannot be used (each named above)", sub.source, skipped,
+                        len(paths))
         return samples
 
     @staticmethod
@@ -188,7 +191,7 @@ class TrainingSet(Dataset):
         sub, ds = self.subsets[sample.subset], self.specs[sample.dataset]
         resized, centre = fit_to_bucket(sample.size, sample.bucket)
         top, left = crop or centre
-        img = load_rgb(sample.path)
+        img = load_rgb(sample.path, self.max_image_pixels)
         img = img.resize(resized, _interpolation(sub.resize_interpolation or ds.resize_interpolation))
         img = img.crop((left, top, left + sample.bucket[0], top + sample.bucket[1]))
         if flip:
@@ -268,7 +271,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 def build_training_set(*, family: str, batch_size: int, seed: int = 0, prompts: PromptBuilder | None = None,
-                       image_dir: str | None = None, dataset_config: str | None = None, **keys) -> TrainingSet:
+                       image_dir: str | None = None, dataset_config: str | None = None,
+                       max_image_pixels: int | None = None, **keys) -> TrainingSet:
     """Hydra's entry for `data=folder`: our keys, then the kohya TOML or folder layout on top."""
     dataset_defaults, subset_defaults = defaults_from_config({**keys, "image_dir": image_dir}, batch_size)
     if dataset_config:
@@ -276,4 +280,4 @@ def build_training_set(*, family: str, batch_size: int, seed: int = 0, prompts: 
     else:
         specs = from_folder(dataset_defaults, subset_defaults)
     validate(specs, family)
-    return TrainingSet(specs, seed=seed, prompts=prompts)
+    return TrainingSet(specs, seed=seed, prompts=prompts, max_image_pixels=max_image_pixels)

@@ -1,0 +1,109 @@
+"""Keeping the work when a run fails: whatever goes wrong in the loop or its callbacks (a tracker, a full disk, out of
+memory, a bug), the run ends with the embedding and the resumable state of its last complete step on disk.
+
+A step is complete when its update and all its callbacks are done. `LastGood` copies the trained parts, optimizer,
+schedule, counters and callbacks' state (to the CPU, so a failing GPU cannot take them along) before each step;
+`keep_work` puts that copy back and writes the files and the state, in the run folder or, when that cannot take them,
+in a folder under the system's temp folder. Resuming from it redoes the failed step exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .console import FILE_ONLY
+from .errors import first_line
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(Exception):
+    """The run failed; its last complete step was kept. The CLI prints this as one line and exits with 1."""
+
+    def __init__(self, message: str, resume: str | None):
+        super().__init__(message)
+        self.resume = resume
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
+class LastGood:
+    """Everything a resume needs, as it was after the last complete step."""
+
+    def __init__(self, run):
+        scaler = run.accelerator.scaler
+        self.step = run.step
+        self.parts = {name: _to_cpu(part.state_dict()) for name, part in run.parts.items()}
+        self.optimizer = _to_cpu(run.optimizer.state_dict())
+        self.lr_scheduler = _to_cpu(run.lr_scheduler.state_dict())
+        self.scaler = _to_cpu(scaler.state_dict()) if scaler else None
+        self.state = replace(run.state)
+        self.callbacks = _to_cpu(run.callbacks.state_dict())
+
+    def restore(self, run) -> None:
+        for name, state in self.parts.items():
+            run.parts[name].load_state_dict(state)
+        run.optimizer.load_state_dict(self.optimizer)
+        run.lr_scheduler.load_state_dict(self.lr_scheduler)
+        if self.scaler:
+            run.accelerator.scaler.load_state_dict(self.scaler)
+        run.state = replace(self.state)
+        run.callbacks.load_state_dict(self.callbacks)
+
+
+def keep_work(run, last_good: LastGood | None, err: BaseException) -> RunFailed:
+    """Put the last complete step back, write its files and state (the run folder, else the temp folder); the
+    one-line error to raise. The traceback goes to the log (train.log)."""
+    from .trainer import resume_argument
+
+    cause = f"{type(err).__name__}: {first_line(err)}"
+    log.error("the run failed at step %d: %s", run.step + 1, cause, exc_info=err, extra=FILE_ONLY)
+    if last_good is None or not run.is_main:
+        return RunFailed(f"{cause} (before the first step; nothing trained to keep)", None)
+    try:
+        last_good.restore(run)
+    except Exception as again:  # noqa: BLE001 - e.g. the device is gone: the files on disk are all there is
+        return RunFailed(f"{cause} at step {last_good.step + 1}; the trained values could not be read back "
+                         f"({first_line(again)}), so only files written earlier are in {run.run_dir}", None)
+    folder, note = run.run_dir, ""
+    try:
+        files = _write(run)
+    except Exception as first:  # noqa: BLE001 - whatever stopped the write, the temp folder is the next place
+        folder = Path(tempfile.gettempdir()) / f"tinv-kept-{run.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        note = f" (the run folder could not take them: {getattr(first, 'strerror', None) or first_line(first)})"
+        try:
+            original, run.run_dir = run.run_dir, folder
+            folder.mkdir(parents=True, exist_ok=True)
+            if (original / ".hydra").is_dir():  # the run's overrides, which resume= reads from the folder
+                shutil.copytree(original / ".hydra", folder / ".hydra", dirs_exist_ok=True)
+            files = _write(run)
+        except Exception as second:  # noqa: BLE001
+            return RunFailed(f"{cause} at step {last_good.step + 1}; the embedding of step {last_good.step} could "
+                             f"not be written anywhere ({first_line(first)}; {folder}: {first_line(second)})", None)
+    resume = resume_argument(folder)
+    run.tracker.set_summary(kept_step=last_good.step, resume=resume, **{k: str(p) for k, p in files.items()})
+    names = ", ".join(p.name for p in files.values())
+    return RunFailed(f"{cause} at step {last_good.step + 1}; kept step {last_good.step}: {names} and the state in "
+                     f"{folder}{note} - continue with tinv-train {resume}", resume)
+
+
+def _write(run) -> dict[str, Path]:
+    files = run.write_files("", notify=False)  # no callbacks: one of them may be what failed
+    run.save_state()
+    return files
