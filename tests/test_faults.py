@@ -206,7 +206,6 @@ def test_a_full_disk_mid_run_keeps_the_last_step_in_the_temp_folder(tmp_path, wh
     torch.testing.assert_close(load_file(str(kept / "mychar.safetensors"))["emb_params"], whole, rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_a_real_full_disk_is_one_line_and_the_work_survives(tmp_path):
     """A 8 MB tmpfs as the run folder, filled by a callback at step 3 (root and mount rights needed)."""
     disk = tmp_path / "disk"

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import train
 from test_train_tiny import FAMILIES, _fresh_modules, _pipeline
 from tinv.errors import ConfigError
+from tinv.rescue import RunFailed
 
 PIVOTAL = ["method=pivotal", "token.num_vectors=2", "token.init_word=photo", "optimizer.lr=0.05", "lora.lr=0.02"]
 
@@ -208,9 +209,10 @@ class CrashAt:
 def test_resume_with_a_lora_equals_an_uninterrupted_run(tmp_path):
     common = ["train.max_steps=6", "train.batch_size=2", "save.state_every_n_steps=3", *PIVOTAL]
     train(tmp_path / "whole", common)
-    with pytest.raises(RuntimeError, match="crash"):  # after step 3: the vectors' phase and the LoRA's both go on
+    with pytest.raises(RunFailed, match="crash"):  # after step 3: the vectors' phase and the LoRA's both go on
         train(tmp_path / "part", [*common, "+callbacks.crash._target_=test_pivotal.CrashAt", "+callbacks.crash.step=3"])
-    assert not (tmp_path / "part" / "mychar-lora.safetensors").exists()
+    kept = load_file(str(tmp_path / "part" / "mychar-lora.safetensors"))  # the crash keeps the LoRA of step 2 too
+    assert any("lora_up" in k for k in kept) and (tmp_path / "part" / "mychar-bundle.safetensors").exists()
     assert train(tmp_path / "resumed", [*common, f"resume={tmp_path / 'part'}"]).step == 6
     for name in ("mychar.safetensors", "mychar-lora.safetensors"):
         a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "part" / name))

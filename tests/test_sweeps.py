@@ -92,7 +92,7 @@ def test_optuna_study_interrupted_and_resumed(tmp_path):
 
 def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     sweep = tmp_path / "par"
-    proc = tinv(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,-1,1e-2",
+    proc = tinv(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,1e-2,-1",
                  "train.max_steps=3", "logger=none", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode != 0  # the sweep says a job failed...
     found = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
@@ -101,7 +101,7 @@ def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     assert len(failed) == 1 and "Invalid learning rate" in failed[0]["error"]
     good = sorted((s for s in found.values() if s["ok"]), key=lambda s: s["started_at"])
     assert len(good) == 2 and len(list(sweep.glob("*/mychar.safetensors"))) == 2  # ...and the others finished
-    assert good[1]["started_at"] < good[0]["finished_at"]  # the two ran at the same time
+    assert good[1]["started_at"] < good[0]["finished_at"]  # the two ran at the same time (each in a fresh process)
     assert subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True).returncode == 0
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "failed"]
