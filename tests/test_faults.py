@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -77,6 +78,44 @@ def test_a_callback_failing_at_step_k_keeps_step_k_minus_1_and_resume_equals_uni
     torch.testing.assert_close(load_file(str(run_dir / "mychar.safetensors"))["emb_params"], whole, rtol=0,
                                atol=1e-6)
     assert steps_logged(run_dir) == list(range(1, 9))
+
+
+class FailAtTheEnd:
+    """A callback whose final work fails (as a scorer or an upload might), after every step is done."""
+
+    def on_end(self, run) -> None:
+        raise RuntimeError("the final scoring failed")
+
+
+def test_a_failure_after_the_last_step_keeps_the_last_step(tmp_path, whole):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunFailed, match="the final scoring failed after the last step; kept step 8"):
+        train(run_dir, [*ARGS, "+callbacks.end._target_=test_faults.FailAtTheEnd"])
+    kept = load_file(str(run_dir / "mychar.safetensors"))["emb_params"]
+    torch.testing.assert_close(kept, whole, rtol=0, atol=1e-6)
+    assert step_of(run_dir / "mychar.safetensors") == 8
+    assert json.loads((run_dir / "state" / "state.json").read_text())["step"] == 8
+
+
+def test_the_errors_a_sweep_worker_sends_back_survive_pickling(tmp_path):
+    from tinv.trainer import Interrupted
+
+    failed = pickle.loads(pickle.dumps(RunFailed("OSError: disk full at step 3; kept step 2", "resume=/x")))
+    assert (str(failed), failed.resume) == ("OSError: disk full at step 3; kept step 2", "resume=/x")
+    stopped = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM, tmp_path)))
+    assert str(stopped) == str(Interrupted(signal.SIGTERM, tmp_path)) and stopped.signal == "SIGTERM"
+
+
+def test_a_metrics_line_cut_short_does_not_stop_a_resume(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    common = ["train.max_steps=4", "save.state_every_n_steps=2"]
+    train(run_dir, common)
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "train/lo')  # what a full disk or a kill leaves
+    with caplog.at_level(logging.WARNING, logger="tinv.tracking"):
+        train(run_dir, ["train.max_steps=6", "save.state_every_n_steps=2", f"resume={run_dir}"])
+    assert "cut short" in caplog.text
+    assert steps_logged(run_dir) == list(range(1, 7))
 
 
 def test_the_cli_ends_a_crash_with_one_line_and_the_traceback_in_the_log(tmp_path):
@@ -175,6 +214,13 @@ def test_what_a_run_will_write_counts_files_previews_and_the_latent_cache(tmp_pa
     busy = planned_writes(run, compose(["train.max_steps=100", "save.every_n_steps=10", "sample.every_n_steps=10"]))
     busy = busy[str(tmp_path)]
     assert busy["files"] > 5 * quiet["files"] and busy["previews"] > 10 * 64 * 64 * 3 and quiet["previews"] == 0
+    subset = SimpleNamespace(flip_aug=True, random_crop=False, color_aug=False)
+    run.dataset = SimpleNamespace(subsets=[subset], samples=[SimpleNamespace(bucket=(64, 96))] * 3)
+    run.backbone = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(latent_channels=4)))
+    cached = compose(["train.max_steps=100", "train.cache_latents_to_disk=true", f"data.cache_dir={tmp_path / 'c'}"])
+    assert planned_writes(run, cached)[str(tmp_path / "c")]["latent cache"] == 3 * (2 * 4 * 8 * 12 * 4 + 4096)
+    subset.random_crop = True  # the pixels change every step: nothing is cached
+    assert str(tmp_path / "c") not in planned_writes(run, cached)
 
 
 def test_a_full_disk_mid_run_keeps_the_last_step_in_the_temp_folder(tmp_path, whole, monkeypatch):

@@ -45,11 +45,12 @@ def planned_writes(run, cfg) -> dict[str, dict[str, int]]:
         "metrics": (steps // max(cfg.train.log_every_n_steps, 1) + 1) * 512,
     }
     plan = {str(run.run_dir): run_dir}
-    if cfg.train.cache_latents_to_disk:
+    subsets = run.dataset.subsets if cfg.train.cache_latents_to_disk else []
+    if subsets and not any(s.random_crop or s.color_aug for s in subsets):  # changing pixels are never cached
         from .cache import cache_root
 
         channels = run.backbone.vae.config.latent_channels
-        flips = 2 if any(sub.flip_aug for sub in run.dataset.subsets) else 1
+        flips = 2 if any(sub.flip_aug for sub in subsets) else 1
         latents = sum(flips * channels * (s.bucket[0] // 8) * (s.bucket[1] // 8) * 4 + 4096
                       for s in run.dataset.samples)
         plan.setdefault(cfg.data.cache_dir or str(cache_root() / "latents"), {})["latent cache"] = latents

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_path, write_text_atomic
+from .tracking import read_metrics
 
 COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "objective_mode", "final_loss", "best_step",
            "steps", "wall_s", "embedding", "status"]
@@ -77,8 +78,7 @@ def read_jobs(sweep_dir: Path) -> list[Job]:
         curves: dict[str, list[tuple[int, float]]] = {}
         metrics = folder / "metrics.jsonl"
         if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                record = json.loads(line) if line.strip() else {}
+            for record in read_metrics(metrics)[0]:  # a line cut short by a kill is left out
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                         curves.setdefault(key, []).append((record["step"], value))

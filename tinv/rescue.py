@@ -14,6 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +32,9 @@ class RunFailed(Exception):
     def __init__(self, message: str, resume: str | None):
         super().__init__(message)
         self.resume = resume
+
+    def __reduce__(self):  # a sweep's worker process sends it back pickled
+        return type(self), (str(self), self.resume)
 
 
 def _to_cpu(value):
@@ -74,33 +78,42 @@ def keep_work(run, last_good: LastGood | None, err: BaseException) -> RunFailed:
 
     cause = f"{type(err).__name__}: {first_line(err)}"
     log.error("the run failed at step %d: %s", run.step + 1, cause, exc_info=err, extra=FILE_ONLY)
-    if last_good is None or not run.is_main:
+    if not run.is_main:  # the main process holds the same values and writes them, if it can still run
+        return RunFailed(f"{cause} on process {run.accelerator.process_index} at step {run.step + 1}", None)
+    if last_good is None:
         return RunFailed(f"{cause} (before the first step; nothing trained to keep)", None)
+    where = f"at step {last_good.step + 1}" if last_good.step < run.max_steps else "after the last step"
+    traceback.clear_frames(err.__traceback__)  # out of memory: let the failed step's tensors go first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     try:
         last_good.restore(run)
     except Exception as again:  # noqa: BLE001 - e.g. the device is gone: the files on disk are all there is
-        return RunFailed(f"{cause} at step {last_good.step + 1}; the trained values could not be read back "
-                         f"({first_line(again)}), so only files written earlier are in {run.run_dir}", None)
+        return RunFailed(f"{cause} {where}; the trained values could not be read back ({first_line(again)}), so "
+                         f"only files written earlier are in {run.run_dir}", None)
     folder, note = run.run_dir, ""
     try:
         files = _write(run)
     except Exception as first:  # noqa: BLE001 - whatever stopped the write, the temp folder is the next place
-        folder = Path(tempfile.gettempdir()) / f"tinv-kept-{run.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         note = f" (the run folder could not take them: {getattr(first, 'strerror', None) or first_line(first)})"
         try:
+            folder = Path(tempfile.gettempdir()) / f"tinv-kept-{run.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
             original, run.run_dir = run.run_dir, folder
             folder.mkdir(parents=True, exist_ok=True)
-            if (original / ".hydra").is_dir():  # the run's overrides, which resume= reads from the folder
-                shutil.copytree(original / ".hydra", folder / ".hydra", dirs_exist_ok=True)
+            for name in (".hydra", "metrics.jsonl"):  # the overrides resume= reads; the history the objective reads
+                if (original / name).is_dir():
+                    shutil.copytree(original / name, folder / name, dirs_exist_ok=True)
+                elif (original / name).is_file():
+                    shutil.copy2(original / name, folder / name)
             files = _write(run)
         except Exception as second:  # noqa: BLE001
-            return RunFailed(f"{cause} at step {last_good.step + 1}; the embedding of step {last_good.step} could "
-                             f"not be written anywhere ({first_line(first)}; {folder}: {first_line(second)})", None)
+            return RunFailed(f"{cause} {where}; the embedding of step {last_good.step} could not be written "
+                             f"anywhere ({first_line(first)}; {folder}: {first_line(second)})", None)
     resume = resume_argument(folder)
     run.tracker.set_summary(kept_step=last_good.step, resume=resume, **{k: str(p) for k, p in files.items()})
     names = ", ".join(p.name for p in files.values())
-    return RunFailed(f"{cause} at step {last_good.step + 1}; kept step {last_good.step}: {names} and the state in "
-                     f"{folder}{note} - continue with tinv-train {resume}", resume)
+    return RunFailed(f"{cause} {where}; kept step {last_good.step}: {names} and the state in {folder}{note} - "
+                     f"continue with tinv-train {resume}", resume)
 
 
 def _write(run) -> dict[str, Path]:

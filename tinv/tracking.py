@@ -21,6 +21,20 @@ from .errors import ConfigError, first_line
 log = logging.getLogger(__name__)
 
 
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """metrics.jsonl's records, and how many lines were not whole records (cut short while being written)."""
+    records, cut = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+            cut += 1
+        if isinstance(record, dict):
+            records.append(record)
+    return records, cut
+
+
 def _plain(value):
     """JSON-safe scalar: tensors to floats, non-finite floats to null."""
     if hasattr(value, "item"):
@@ -56,11 +70,12 @@ class Tracker:
         path = self.run_dir / "metrics.jsonl"
         kept = []
         if resume_step and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-        for line in kept:
-            record = json.loads(line)
+            records, cut = read_metrics(path)
+            if cut:
+                log.warning("%s: left out %d line(s) cut short (a full disk or a kill while writing)", path, cut)
+            kept = [r for r in records if r.get("step", 0) <= resume_step]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        for record in kept:
             self._remember(record.pop("step"), record)
         self._file = open(path, "a", encoding="utf-8")
 
@@ -167,7 +182,7 @@ class WandbTracker(Tracker):
             config = {**config, "sweep": {k: sweep[k] for k in ("sweep", "sweep_dir", "job_num", "overrides")}}
         token = config.get("token", {}).get("string", "run")  # a single run: "<token>-<date>-<time>" of its folder
         name = self.name or sweep.get("job_name") or f"{token}-{Path(run_dir).parent.name}-{Path(run_dir).name}"
-        self.step = resume_step
+        self.step, self.run_id = resume_step, resume_id  # wandb failing to start keeps the id for the next resume
         try:
             self.run = wandb.init(project=self.project, entity=self.entity, name=name,
                                   group=self.group or sweep.get("group"), tags=self.tags, config=config,

@@ -57,9 +57,13 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, run_dir: Path, when: str = "at a step boundary"):
         self.signum, self.signal = signum, signal.Signals(signum).name
+        self.run_dir, self.when = run_dir, when
         self.resume = resume_argument(run_dir)
         super().__init__(f"stopped by {self.signal} {when}; embedding and state saved in {run_dir} - continue with "
                          f"tinv-train {self.resume}")
+
+    def __reduce__(self):  # a sweep's worker process sends it back pickled
+        return type(self), (self.signum, self.run_dir, self.when)
 
 
 def resume_argument(run_dir: Path) -> str:
@@ -75,6 +79,9 @@ class StopNow(Exception):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+    def __reduce__(self):
+        return type(self), (self.signum,)
 
 
 class Trainer:
@@ -112,6 +119,7 @@ class Trainer:
                         bar.close()
                         raise self.save_and_stop(run, signum)
                 bar.close()
+                last_good = LastGood(run)  # the last step is complete: a failure in the final work keeps it
                 stop.at_once = True  # from here on a signal stops the final work (scores) at once
                 try:
                     run.callbacks.call("on_end", run)

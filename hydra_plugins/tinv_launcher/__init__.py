@@ -42,10 +42,13 @@ class IsolatedJoblibLauncher(JoblibLauncher or object):
         for idx, overrides in enumerate(job_overrides):
             log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))
         state = Singleton.get_state()
-        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=n_jobs)
+        try:
             futures = [pool.submit(self._one, initial_job_idx + idx, list(overrides), state, threads)
                        for idx, overrides in enumerate(job_overrides)]
             return [future.result() for future in futures]
+        finally:  # Ctrl-C: the running jobs get the signal too (and save); the queued ones never start
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _one(self, idx: int, overrides: list[str], singleton_state, threads: int):
         from hydra.core.utils import JobReturn, JobStatus
