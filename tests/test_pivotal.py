@@ -266,6 +266,34 @@ def test_preservation_measures_the_loras_change_against_the_frozen_model(run_dir
     assert all(w.grad is not None and w.requires_grad for w in ups)
 
 
+def test_edit_preservation_keeps_what_the_other_words_change_not_the_output(run_dir):
+    from tinv.parts import MicroBatch
+
+    result = train(run_dir, ["train.max_steps=2", *PIVOTAL, "lora.start_frac=0", "token.stop_frac=1",
+                             "lora.preserve_weight=2", "lora.preserve_with=edit",
+                             "lora.preserve_prompts=['a {} on the moon']"])
+    part, bb, run = result.run.parts["lora"], result.run.backbone, result.run
+    assert (part.preserved, part.reference) == (["a mychar on the moon"], "a mychar")
+    size = bb.unet.config.sample_size
+    micro = MicroBatch(torch.randn(2, bb.unet.config.in_channels, size, size), torch.tensor([100, 900]), {})
+    with torch.no_grad():
+        for layer in part.layers["unet"].values():
+            layer.lora_B["tinv"].weight.normal_(std=0.1)
+
+    def outputs(prompt):
+        ids = run.input_ids([prompt] * 2)
+        with torch.no_grad():
+            part._adapters(False)
+            without = bb.predict(micro.noisy, micro.timesteps, ids, micro.batch)
+            part._adapters(True)
+            return bb.predict(micro.noisy, micro.timesteps, ids, micro.batch), without
+
+    (moon, moon_0), (alone, alone_0) = outputs("a mychar on the moon"), outputs("a mychar")
+    expected = 2 * torch.nn.functional.mse_loss(moon - alone, moon_0 - alone_0)
+    assert expected > 0 and 2 * torch.nn.functional.mse_loss(moon, moon_0) > expected  # less than "token" asks
+    torch.testing.assert_close(part.loss_term(micro).detach(), expected, rtol=1e-5, atol=1e-8)
+
+
 def test_pivotal_with_bf16_checkpointing_validation_and_previews(run_dir):
     result = train(run_dir, ["train.max_steps=4", *PIVOTAL, "train.mixed_precision=bf16",
                              "train.gradient_checkpointing=true", "val.every_n_steps=2", "sample.every_n_steps=4",

@@ -82,7 +82,8 @@ class LoraConfig:
     preserve_weight: float = 0.0  # > 0: keep the UNet's output for preserve_prompts as the frozen model's
     preserve_prompts: Optional[list[str]] = None  # "{}" = token.init_word; None = token.context_prompts
     preserve_with: PreserveWith = "word"  # word: the init word's prompts, the frozen model as teacher; token: the
-    # token's prompts, the vectors without the LoRA as teacher
+    # token's prompts, the vectors without the LoRA as teacher; edit: what the prompts' other words change against
+    # "a <token>", the vectors without the LoRA as teacher
 
 
 @dataclass

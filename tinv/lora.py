@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
+from .choices import LoraFormat, PreserveWith
 from .embedding import SD_KEY, SDXL_KEYS
 from .errors import ConfigError, first_line
 from .seeds import derive_seed
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 ADAPTER = "tinv"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention block's projections, self and cross
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-LORA_FORMATS = ("kohya", "diffusers")
+LORA_FORMATS, PRESERVE_WITH = LoraFormat.values(), PreserveWith.values()
 BUNDLE_PREFIX = "bundle_emb."
 # module owner -> (kohya prefix, diffusers prefix); SDXL's encoders are numbered in kohya's layout
 KOHYA_PREFIX = {"unet": "lora_unet", SD_KEY: "lora_te", "clip_l": "lora_te1", "clip_g": "lora_te2"}
@@ -93,8 +94,8 @@ class LoraWeights:
         bad = [p for p in preserve_prompts if p.count("{}") != 1]
         if preserve_weight and bad:
             raise ConfigError(f"lora.preserve_prompts entry {bad[0]!r} needs exactly one '{{}}' for the init word")
-        if preserve_with not in ("word", "token"):
-            raise ConfigError(f"lora.preserve_with={preserve_with!r}; use word or token")
+        if preserve_with not in PRESERVE_WITH:
+            raise ConfigError(f"lora.preserve_with={preserve_with!r}; use one of {', '.join(PRESERVE_WITH)}")
         self.preserve_weight, self.preserve_prompts = preserve_weight, list(preserve_prompts or [])
         self.preserve_with = preserve_with
         self.layers: dict[str, dict[str, nn.Module]] = {}  # owner (unet | encoder key) -> {module path: LoRA layer}
@@ -118,6 +119,7 @@ class LoraWeights:
                                   "prompts; set token.init_word too (or lora.preserve_with=token)")
             word = run.token.init_word if self.preserve_with == "word" else run.token.string
             self.preserved = [p.format(word) for p in self.preserve_prompts]
+            self.reference = f"a {word}"  # preserve_with=edit: what the other words of a prompt change is against this
         log.info("LoRA rank %d, alpha %g in %d modules (%s)", self.rank, self.alpha,
                  sum(len(v) for v in self.layers.values()), ", ".join(self.layers))
 
@@ -161,26 +163,36 @@ class LoraWeights:
         return self.start_frac * max_steps <= step < self.stop_frac * max_steps
 
     def loss_term(self, micro) -> torch.Tensor | float:
-        """lora.preserve_weight x the mean squared change the LoRA makes to the UNet's output for prompts about the
-        init word ("a shape on a gray background"), on this micro-batch's noised latents: prior preservation with
-        the frozen model itself as the teacher (no class images), so the LoRA learns what is particular to the token
-        and leaves the rest of what prompts can say as it was."""
+        """lora.preserve_weight x the mean squared change the LoRA makes, on this micro-batch's noised latents, to
+        the UNet's output (`word`, `token`) or to the difference the rest of a prompt makes to it (`edit`: "a <token>
+        on a gray background" minus "a <token>"), against the model without the LoRA as the teacher (no class
+        images): the LoRA learns what is particular to the token and leaves the rest of what prompts can say as it
+        was. `edit` lets the LoRA change how the token draws, only not how the other words act on it."""
         if not self.preserve_weight or not self._params("unet")[0].requires_grad:
             return 0.0
-        bb, n = self.run.backbone, micro.noisy.shape[0]
+        n = micro.noisy.shape[0]
         start = self.run.state.micro_step * n  # the prompts cycle with the micro-steps: the same on a resume
-        ids = self.run.input_ids([self.preserved[(start + i) % len(self.preserved)] for i in range(n)])
-        noisy = micro.noisy.to(bb.unet.dtype)
+        prompts = [self.preserved[(start + i) % len(self.preserved)] for i in range(n)]
+        pred, target = self._with_and_without(micro, prompts)
+        if self.preserve_with == "edit":
+            alone, alone_target = self._with_and_without(micro, [self.reference] * n)
+            pred, target = pred - alone, target - alone_target
+        return self.preserve_weight * nn.functional.mse_loss(pred.float(), target.float())
+
+    def _with_and_without(self, micro, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's output for `prompts` on the micro-batch's noised latents with the LoRA (with gradients) and
+        without it (the teacher)."""
+        bb = self.run.backbone
+        ids, noisy = self.run.input_ids(prompts), micro.noisy.to(bb.unet.dtype)
         with torch.no_grad():
-            self._adapters(False)  # the frozen model as it was
+            self._adapters(False)  # the model as it was
             try:
                 target = bb.predict(noisy, micro.timesteps, ids, micro.batch)
             finally:
                 self._adapters(True)
                 for p in self.parameters():  # peft's switch also sets requires_grad; the phase decides that
                     p.requires_grad_(True)
-        pred = bb.predict(noisy, micro.timesteps, ids, micro.batch)
-        return self.preserve_weight * nn.functional.mse_loss(pred.float(), target.float())
+        return bb.predict(noisy, micro.timesteps, ids, micro.batch), target
 
     def _adapters(self, enabled: bool) -> None:
         for layers in self.layers.values():
