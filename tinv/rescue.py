@@ -22,6 +22,7 @@ import torch
 
 from .console import FILE_ONLY
 from .errors import first_line
+from .state import put_back, trained_values
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +52,13 @@ class LastGood:
     """Everything a resume needs, as it was after the last complete step."""
 
     def __init__(self, run):
-        scaler = run.accelerator.scaler
         self.step = run.step
-        self.parts = {name: _to_cpu(part.state_dict()) for name, part in run.parts.items()}
-        self.optimizer = _to_cpu(run.optimizer.state_dict())
-        self.lr_scheduler = _to_cpu(run.lr_scheduler.state_dict())
-        self.scaler = _to_cpu(scaler.state_dict()) if scaler else None
+        self.values = _to_cpu(trained_values(run))  # what the state file holds, as tinv.state gathers it
         self.state = replace(run.state)
         self.callbacks = _to_cpu(run.callbacks.state_dict())
 
     def restore(self, run) -> None:
-        for name, state in self.parts.items():
-            run.parts[name].load_state_dict(state)
-        run.optimizer.load_state_dict(self.optimizer)
-        run.lr_scheduler.load_state_dict(self.lr_scheduler)
-        if self.scaler:
-            run.accelerator.scaler.load_state_dict(self.scaler)
+        put_back(run, self.values)
         run.state = replace(self.state)
         run.callbacks.load_state_dict(self.callbacks)
 

@@ -39,12 +39,7 @@ def save_state(run) -> Path:
     target = Path(run.run_dir) / STATE_DIR
     staging = Path(tempfile.mkdtemp(prefix=".state-", dir=run.run_dir))
     try:
-        scaler = run.accelerator.scaler
-        _save({"parts": {name: part.state_dict() for name, part in run.parts.items()},
-                    "optimizer": run.optimizer.state_dict(),
-                    "lr_scheduler": run.lr_scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None},
-                   staging / "state.pt")
+        _save(trained_values(run), staging / "state.pt")
         (staging / "state.json").write_text(json.dumps({**asdict(run.state), "elapsed_s": round(run.elapsed_s(), 2),
                                                          "callbacks": run.callbacks.state_dict(),
                                                          "token": run.token.string,
@@ -60,6 +55,24 @@ def save_state(run) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def trained_values(run) -> dict:
+    """What a resume needs besides the counters: the parts, the optimizer, the schedule and the grad scaler."""
+    scaler = run.accelerator.scaler
+    return {"parts": {name: part.state_dict() for name, part in run.parts.items()},
+            "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None}
+
+
+def put_back(run, values: dict) -> None:
+    """trained_values() into `run`."""
+    for name, state in values["parts"].items():
+        run.parts[name].load_state_dict(state)
+    run.optimizer.load_state_dict(values["optimizer"])
+    run.lr_scheduler.load_state_dict(values["lr_scheduler"])
+    if values.get("scaler") and run.accelerator.scaler:
+        run.accelerator.scaler.load_state_dict(values["scaler"])
 
 
 def _save(data: dict, path: Path) -> None:
@@ -115,12 +128,7 @@ def load_state(state_dir: Path, run) -> RunState:
     if set(parts) != set(run.parts):
         raise ConfigError(f"resume: the state in {state_dir} trains {', '.join(sorted(parts))}, this run "
                           f"{', '.join(sorted(run.parts))}; resume with the run's own method and parts")
-    for name, state in parts.items():
-        run.parts[name].load_state_dict(state)
-    run.optimizer.load_state_dict(data["optimizer"])
-    run.lr_scheduler.load_state_dict(data["lr_scheduler"])
-    if data.get("scaler") and run.accelerator.scaler:
-        run.accelerator.scaler.load_state_dict(data["scaler"])
+    put_back(run, {**data, "parts": parts})
     callbacks = meta.get("callbacks")
     if callbacks is None and meta.get("best_step", -1) >= 0:  # the best step, as states before callbacks kept it
         callbacks = {"best": {"best": meta["best_val_loss"], "step": meta["best_step"]}}

@@ -55,13 +55,15 @@ class IsolatedJoblibLauncher(JoblibLauncher or object):
         from hydra_plugins.hydra_joblib_launcher._core import execute_job
         from joblib.externals.loky import ProcessPoolExecutor
 
+        from tinv.errors import first_line
+
         env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
         try:
             with ProcessPoolExecutor(max_workers=1, env=env, initializer=_quiet) as worker:
                 return worker.submit(execute_job, idx, overrides, self.hydra_context, self.config,
                                      self.task_function, singleton_state).result()
         except Exception as err:  # noqa: BLE001 - the worker died (or could not start): this job alone fails
-            error = f"its worker process died ({type(err).__name__}: {_first_line(err)})"
+            error = f"its worker process died ({type(err).__name__}: {first_line(err)})"
             log.error("job %d %s", idx, error)
             _record(Path(str(self.config.hydra.sweep.dir)), idx, error)
             return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=RuntimeError(
@@ -74,11 +76,6 @@ def _quiet() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _record(sweep_dir: Path, idx: int, error: str) -> None:
