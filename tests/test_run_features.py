@@ -187,6 +187,18 @@ def test_a_finished_run_resumes_as_finished_and_extends_without_redoing_work(tmp
                                _vectors(tmp_path / "b" / "mychar.safetensors")["emb_params"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["lion", "prodigy"])
+def test_a_state_resumes_with_every_optimizer(tmp_path, optimizer):
+    """Their list-valued settings (betas) reach the optimizer as plain lists: a state that holds an OmegaConf
+    ListConfig would not load under torch.load(weights_only=True)."""
+    pytest.importorskip({"lion": "lion_pytorch", "prodigy": "prodigyopt"}[optimizer])
+    args = [f"optimizer={optimizer}", "logger=none", f"hydra.run.dir={tmp_path / 'a'}"]
+    assert _cli(args + ["train.max_steps=2"], tmp_path).wait() == 0
+    longer = _cli(args + [f"resume={tmp_path / 'a'}", "train.max_steps=3"], tmp_path)
+    assert longer.wait() == 0, longer.stderr.read()[-2000:]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["resumed_at_step"] == 2
+
+
 def test_resume_errors(tmp_path):
     with pytest.raises(ConfigError, match="no saved state there"):
         train(tmp_path / "r", [f"resume={tmp_path}"])

@@ -82,7 +82,7 @@ def test_optuna_study_interrupted_and_resumed(tmp_path):
     assert 1 <= done < 3
     second = tinv(args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"{done} trials recorded, {3 - done} to run" in second.stdout + second.stderr
+    assert f"{done} trials finished, 0 running elsewhere, {3 - done} to run" in second.stdout + second.stderr
     assert _complete_trials(db) == 3
     results = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in results and (sweep / "multirun.yaml").is_file()

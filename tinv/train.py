@@ -125,7 +125,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
                       max_bad_steps=train.max_bad_steps, objective=dict(cfg.objective))
     return Job(cfg=cfg, run_dir=run_dir, backbone=backbone, token=token, dataset=dataset, parts=parts,
                callbacks=callbacks, tracker=tracker or build(cfg.logger), trainer=trainer,
-               make_optimizer=build(cfg.optimizer), make_lr_scheduler=build(cfg.scheduler))
+               make_optimizer=build(cfg.optimizer, _convert_="all"), make_lr_scheduler=build(cfg.scheduler))
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | None:
@@ -229,6 +229,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = bool(sweep_identity())
     try:
+        if in_sweep and not cfg.resume and has_state(job_dir):
+            return go_on(cfg, job_dir)
         earlier = same_as_earlier_job(cfg, job_dir) if in_sweep and not cfg.resume else None
         if earlier is not None:  # e.g. sweep=pivotal's method=ti jobs at other LoRA ranks
             return sweep_value(reuse(earlier, job_dir), cfg.objective.mode)
@@ -252,6 +254,24 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if in_sweep:
             record_failure(job_dir, repr(err))
         raise
+
+
+def has_state(run_dir: Path) -> bool:
+    try:
+        find_state(str(run_dir), run_dir)
+    except ConfigError:
+        return False
+    return True
+
+
+def go_on(cfg: DictConfig, job_dir: Path) -> float | None:
+    """A sweep job whose folder holds its own saved state: SLURM requeued it (its time limit, a preemption), or the
+    sweep was started again in its folder. It resumes from that state; a finished one gives its result again."""
+    print(f"tinv-train: job {sweep_identity()['job_num']} resumes from its state in {job_dir}", flush=True)
+    cfg.resume = str(job_dir)
+    result = run(cfg)
+    summary = result.summary if result else json.loads((job_dir / "summary.json").read_text())
+    return sweep_value(summary, cfg.objective.mode)
 
 
 def record_failure(job_dir: Path, error: str) -> None:

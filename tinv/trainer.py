@@ -117,14 +117,14 @@ class Trainer:
                     run.callbacks.call("on_step_end", run, out)
                     if (signum := stop.agreed(run.accelerator)) is not None:
                         bar.close()
-                        raise self.save_and_stop(run, signum)
+                        raise self.save_and_stop(run, signum, stop=stop)
                 bar.close()
                 last_good = LastGood(run)  # the last step is complete: a failure in the final work keeps it
                 stop.at_once = True  # from here on a signal stops the final work (scores) at once
                 try:
                     run.callbacks.call("on_end", run)
                 except StopNow as err:
-                    raise self.save_and_stop(run, err.signum, "during the final scoring") from None
+                    raise self.save_and_stop(run, err.signum, "during the final scoring", stop) from None
             run.save_state()  # a finished run resumes as finished
             run.tracker.set_summary(final_loss=last_loss, step=run.step, base_model=run.backbone.source,
                                     family=run.backbone.family, bad_steps=run.state.bad_steps_total,
@@ -143,7 +143,8 @@ class Trainer:
             run.tracker.set_summary(step=run.step, error=str(failed))
             raise (TrainingDiverged(str(failed)) if isinstance(err, TrainingDiverged) else failed) from err
         except BaseException as err:
-            run.tracker.set_summary(step=run.step, error=f"{type(err).__name__}: {first_line(err)}")
+            if not run.tracker.summary.get("requeued"):
+                run.tracker.set_summary(step=run.step, error=f"{type(err).__name__}: {first_line(err)}")
             raise
         finally:
             if bar is not None:
@@ -155,10 +156,14 @@ class Trainer:
                 log.warning("summary.json and metrics.jsonl could not be closed: %s", first_line(err))
 
     @staticmethod
-    def save_and_stop(run, signum: int, when: str = "at a step boundary") -> Interrupted:
-        """Write the files and the state as they are now; the Interrupted error to raise."""
+    def save_and_stop(run, signum: int, when: str = "at a step boundary", stop=None) -> Interrupted:
+        """Write the files and the state as they are now; the Interrupted error to raise. A signal a launcher
+        handles too (SLURM's time limit, through submitit) goes on to it: it requeues the job and exits."""
         run.tracker.set_summary(**{key: str(path) for key, path in run.write_files("").items()})
         run.save_state()
+        if stop is not None and stop.passes_on(signum):
+            run.tracker.set_summary(step=run.step, stopped_by=signal.Signals(signum).name, requeued=True)
+            stop.pass_on(signum)
         return Interrupted(signum, run.run_dir, when)
 
     @staticmethod
@@ -260,11 +265,24 @@ class Throughput:
 
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to stop after the current step; a second signal stops at once. After the last
-    step (`at_once`) the first signal stops at once: the files are written by then."""
+    step (`at_once`) the first signal stops at once: the files are written by then.
+
+    SIGUSR2, where a launcher handles it (submitit: SLURM's time limit or a preemption is near), stops the same way;
+    once the state is saved, the launcher's own handler gets it (`pass_on`) and requeues the job, which resumes."""
 
     def __init__(self):
         self.signum: int | None = None
         self.at_once = False
+        self.then: dict[int, object] = {}  # signal -> the handler it was taken from, to call once saved
+        self.previous: dict[int, object] = {}  # every signal's handler before this one
+
+    def passes_on(self, signum: int) -> bool:
+        return signum in self.then
+
+    def pass_on(self, signum: int) -> None:
+        for sig, handler in self.previous.items():  # the requeue ends this process with SIGTERM: the launcher's way
+            signal.signal(sig, handler)
+        self.then[signum](signum, None)
 
     def __call__(self, signum, frame) -> None:
         if self.at_once:
@@ -284,10 +302,14 @@ class StopRequest:
 
 @contextmanager
 def stop_signals():
-    request, previous = StopRequest(), {}
+    request = StopRequest()
+    previous = request.previous
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, request)
+        preempt = getattr(signal, "SIGUSR2", None)
+        if preempt is not None and callable(signal.getsignal(preempt)):  # a launcher's (submitit's) requeue
+            request.then[preempt] = previous[preempt] = signal.signal(preempt, request)
     try:
         yield request
     finally:

@@ -1,0 +1,199 @@
+"""Sweeps against real servers: a SLURM cluster (through hydra/launcher=slurm_cpu) and an Optuna study in
+PostgreSQL. `.ci/servers start` brings both up on loopback; without them each test skips with the reason.
+Run with `python -m pytest -q -m cluster` (about 5 minutes: every SLURM job is a short tiny-model run)."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import with_test_model
+
+pytestmark = pytest.mark.cluster
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+
+POSTGRES = os.environ.get("TINV_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:55432/optuna")
+START = "start them with `.ci/servers install && .ci/servers start`"
+
+
+@pytest.fixture(scope="module")
+def partition() -> str:
+    """The cluster's default partition; skips when no SLURM controller answers."""
+    if shutil.which("sinfo") is None:
+        pytest.skip(f"no SLURM on this machine (sinfo not found): {START}")
+    proc = subprocess.run(["sinfo", "--noheader", "--format=%P %a"], capture_output=True, text=True, timeout=30)
+    up = [line.split()[0] for line in proc.stdout.splitlines() if line.endswith(" up")]
+    if proc.returncode != 0 or not up:
+        pytest.skip(f"no SLURM controller answers (sinfo: {proc.stderr.strip() or 'no partition up'}): {START}")
+    return next((p for p in up if p.endswith("*")), up[0]).rstrip("*")
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A psycopg2 connection factory for the study database; skips when no PostgreSQL answers."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        psycopg2.connect(POSTGRES, connect_timeout=5).close()
+    except psycopg2.OperationalError as err:
+        pytest.skip(f"no PostgreSQL at {POSTGRES} ({str(err).strip().splitlines()[0]}): {START} or set "
+                    f"TINV_TEST_POSTGRES")
+    return lambda: psycopg2.connect(POSTGRES)
+
+
+def trial_states(connect, study: str) -> list[str]:
+    """The states of the study's trials, in trial order, as PostgreSQL holds them."""
+    with connect() as con, con.cursor() as cur:
+        cur.execute("select t.state from trials t join studies s on s.study_id = t.study_id "
+                    "where s.study_name = %s order by t.number", (study,))
+        return [row[0] for row in cur.fetchall()]
+
+
+def slurm(partition: str, *extra: str) -> list[str]:
+    return ["hydra/launcher=slurm_cpu", f"hydra.launcher.partition={partition}", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=1", "logger=none", *extra]
+
+
+def tinv_args(args) -> list[str]:
+    return [sys.executable, "-m", "tinv.train", *with_test_model(args)]
+
+
+def tinv(args, cwd, timeout=600):
+    return subprocess.run(tinv_args(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def summaries(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))}
+
+
+def wait_for(condition, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before {what}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_ids(name: str) -> list[str]:
+    """SLURM ids of this user's running or pending jobs named `name` (array tasks one per line)."""
+    out = subprocess.run(["squeue", "--noheader", "--array", "--me", f"--name={name}", "--format=%i"],
+                         capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_grid_sweep_on_slurm(partition, tmp_path):
+    sweep = tmp_path / "grid"
+    proc = tinv(["-m", "train.seed=1,2", "train.max_steps=3", *slurm(partition), f"hydra.sweep.dir={sweep}"],
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = summaries(sweep)
+    assert len(found) == 2 and all(s["ok"] and s["step"] == 3 for s in found.values())
+    assert len(list(sweep.glob("*/mychar.safetensors"))) == 2
+    assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # they ran as SLURM jobs
+    for log in sweep.glob("*/train.log"):  # each job's threads: its cpus_per_task
+        assert "1 process, 1 thread," in log.read_text()
+    console = proc.stdout + proc.stderr
+    assert "sacct" not in console.replace("(sacct: ", "") and "Bypassing" not in console  # no accounting noise
+    assert "sweep done, 2 of 2 jobs finished" in proc.stdout
+    report = subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_optuna_sweep_on_slurm_with_a_postgres_study(partition, postgres, tmp_path):
+    study, sweep = f"grid-{uuid.uuid4().hex[:8]}", tmp_path / "study"
+    proc = tinv(["sweep=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", f"hydra.sweeper.storage={POSTGRES}",
+                 f"hydra.sweeper.study_name={study}", "train.max_steps=3", *slurm(partition),
+                 f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert trial_states(postgres, study) == ["COMPLETE"] * 3
+    assert sorted(int(name.split("_")[0]) for name in summaries(sweep)) == [0, 1, 2]  # folders = trial numbers
+    assert all(s["ok"] for s in summaries(sweep).values())
+    assert "best_value" in (sweep / "optimization_results.yaml").read_text()
+    assert "Bypassing" not in proc.stdout + proc.stderr
+
+
+def test_two_sweep_processes_share_one_study(partition, postgres, tmp_path):
+    """As two machines would: the same study, started side by side; together exactly n_trials trials."""
+    study = f"shared-{uuid.uuid4().hex[:8]}"
+    procs = [subprocess.Popen(tinv_args(["sweep=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=1",
+                                         f"hydra.sweeper.storage={POSTGRES}", f"hydra.sweeper.study_name={study}",
+                                         "train.max_steps=3", *slurm(partition),
+                                         f"hydra.sweep.dir={tmp_path / f'machine{n}'}"]),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (1, 2)]
+    outs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    assert trial_states(postgres, study) == ["COMPLETE"] * 4  # none lost, none run twice, none failed
+    numbers = {n: sorted(int(name.split("_")[0]) for name in summaries(tmp_path / f"machine{n}")) for n in (1, 2)}
+    assert sorted(numbers[1] + numbers[2]) == [0, 1, 2, 3]  # each trial ran once, in one of the two
+    assert numbers[1] and numbers[2]  # both took part
+
+
+def test_a_cancelled_job_fails_its_trial_which_runs_again_and_stays_resumable(partition, postgres, tmp_path):
+    study, sweep = f"cancel-{uuid.uuid4().hex[:8]}", tmp_path / "study"
+    name = f"tinv-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(tinv_args(["sweep=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+                                       f"hydra.sweeper.storage={POSTGRES}", f"hydra.sweeper.study_name={study}",
+                                       "train.max_steps=400", *slurm(partition, f"hydra.launcher.name={name}"),
+                                       f"hydra.sweep.dir={sweep}"]),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = lambda: next(iter(sweep.glob("0_*/train.log")), None)  # noqa: E731
+        wait_for(lambda: first() is not None and "training vectors" in first().read_text(), 300,
+                 "job 0 to start training", proc)
+        cancelled = next(j for j in job_ids(name) if j.endswith("_0"))
+        subprocess.run(["scancel", cancelled], check=True)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", f"--name={name}"])
+    assert proc.returncode == 0, err[-3000:]
+    assert trial_states(postgres, study) == ["FAIL", "COMPLETE", "COMPLETE"]  # cancelled, then run again
+    job0 = next(sweep.glob("0_*"))
+    s0 = summaries(sweep)[job0.name]
+    assert not s0["ok"] and s0["stopped_by"] == "SIGTERM" and 0 < s0["step"] < 400
+    assert (job0 / "mychar.safetensors").is_file()
+    resumed = tinv([f"resume={job0}"], cwd=tmp_path)  # the cancelled job's run goes on from its saved state
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = json.loads((job0 / "summary.json").read_text())
+    assert after["step"] == 400 and after["resumed_at_step"] == s0["step"]
+
+
+def test_a_job_at_its_time_limit_is_requeued_and_resumes(partition, tmp_path):
+    """SLURM signals USR2 signal_delay_s before the limit: the job saves, submitit requeues it, it resumes."""
+    sweep, name = tmp_path / "limit", f"tinv-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(tinv_args(["-m", "train.seed=1", "train.max_steps=5000",
+                                       *slurm(partition, f"hydra.launcher.name={name}",
+                                              "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=45"),
+                                       f"hydra.sweep.dir={sweep}"]),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        logs = lambda: "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.out"))  # noqa: E731
+        wait_for(lambda: "resumed " in logs(), 240, "the requeued job to resume", proc)
+    finally:
+        subprocess.run(["scancel", f"--name={name}"])
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    err_log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
+    assert "this job is timed-out" in err_log  # submitit's handler saw the time limit...
+    assert "resumes from its state" in logs()  # ...and the job, started again by SLURM, went on from its state
+    step = int(logs().split("resumed ", 1)[1].split(" at step ", 1)[1].split()[0])
+    assert step > 0
