@@ -90,6 +90,20 @@ def test_optuna_study_interrupted_and_resumed(tmp_path):
     assert len(numbers) == len(set(numbers))  # resumed trials got new job folders
 
 
+def test_a_named_sweeps_job_resumes_as_one_run(tmp_path):
+    """The job's recorded overrides hold sweep=optuna, whose file starts a multirun: resuming it must not."""
+    sweep = tmp_path / "study"
+    first = tinv(["sweep=optuna", "hydra.sweeper.n_trials=1", "train.max_steps=2", "logger=none",
+                  f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job = next(p for p in sweep.iterdir() if p.is_dir())
+    again = tinv([f"resume={job}", "train.max_steps=3"], cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep done" not in again.stdout and [p for p in sweep.iterdir() if p.is_dir()] == [job]
+    summary = json.loads((job / "summary.json").read_text())
+    assert (summary["step"], summary["resumed_at_step"]) == (3, 2)
+
+
 def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     sweep = tmp_path / "par"
     proc = tinv(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,1e-2,-1",

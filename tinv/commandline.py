@@ -69,7 +69,8 @@ def resumed_args(args: list[str]) -> list[str]:
     given = {override_key(a) for a in args if not a.startswith("-")} | {"resume", "hydra.run.dir"}
     return [o for o in original if override_key(o) not in given] + \
         [a for a in args if override_key(a) not in ("resume", "hydra.run.dir")] + \
-        [path_override("resume", run_dir), path_override("hydra.run.dir", run_dir)]
+        [path_override("resume", run_dir), path_override("hydra.run.dir", run_dir),
+         "hydra.mode=RUN"]  # one run, even for a sweep's job: its sweep= choice would start the whole sweep again
 
 
 def _choices(group: Path) -> list[str]:
