@@ -3,6 +3,7 @@ failing jobs."""
 
 import csv
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -104,6 +105,48 @@ def test_a_named_sweeps_job_resumes_as_one_run(tmp_path):
     assert (summary["step"], summary["resumed_at_step"]) == (3, 2)
 
 
+def test_a_grid_sweep_started_again_in_its_folder_resumes_its_jobs(tmp_path):
+    sweep = tmp_path / "grid"
+    args = ["-m", "train.seed=1,2", "train.max_steps=3", "logger=none", f"hydra.sweep.dir={sweep}"]
+    assert tinv(args, cwd=tmp_path).returncode == 0
+    files = sorted(sweep.glob("*/mychar.safetensors"))
+    before = [p.stat().st_mtime_ns for p in files]
+    again = tinv(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("resumes from its state") == 2 and "sweep done, 2 of 2 jobs finished" in again.stdout
+    assert [p.stat().st_mtime_ns for p in files] == before  # finished: nothing trained or written again
+
+
+def test_a_trial_whose_sweep_process_is_gone_is_failed_others_are_left_alone(tmp_path):
+    """Another host's trial: failed once its heartbeat is older than the grace period, not before; a trial of a
+    dead process on this host: failed at once."""
+    import socket
+
+    import optuna
+    from hydra_plugins.tinv_sweeper import GRACE_S, OWNER, ResumableOptunaSweeper
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    db = tmp_path / "optuna.db"
+    storage = ResumableOptunaSweeper._storage(f"sqlite:///{db}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owners = {"far-fresh": "elsewhere:1", "far-stale": "elsewhere:2",
+              "here-dead": f"{socket.gethostname()}:{dead.stdout.strip()}",
+              "here-alive": f"{socket.gethostname()}:{os.getpid()}"}
+    trials = {}
+    for name, owner in owners.items():
+        trial = study.ask()
+        trial.set_system_attr(OWNER, owner)
+        storage.record_heartbeat(trial._trial_id)
+        trials[name] = trial.number
+    with sqlite3.connect(db) as con:  # the far-stale trial's machine went silent a while ago
+        con.execute(f"update trial_heartbeats set heartbeat = datetime(heartbeat, '-{GRACE_S + 30} seconds') "
+                    "where trial_id = (select trial_id from trials where number = ?)", (trials["far-stale"],))
+    ResumableOptunaSweeper._fail_dead_trials(study, "me:0")
+    states = {name: study.trials[number].state.name for name, number in trials.items()}
+    assert states == {"far-fresh": "RUNNING", "far-stale": "FAIL", "here-dead": "FAIL", "here-alive": "RUNNING"}
+
+
 def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     sweep = tmp_path / "par"
     proc = tinv(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,1e-2,-1",
@@ -140,9 +183,13 @@ def test_named_sweeps_compose(name, jobs, tmp_path):
 
 def test_shipped_slurm_launcher_config(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    proc = tinv(["hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+    gpu = tinv(["hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"], cwd=tmp_path, timeout=120)
+    assert gpu.returncode == 0, gpu.stderr
+    assert "TinvSlurmLauncher" in gpu.stdout and "gpus_per_node: 1" in gpu.stdout
+    assert "max_num_timeout: 3" in gpu.stdout  # requeued at the time limit
+    cpu = tinv(["hydra/launcher=slurm_cpu", "--cfg", "hydra", "-p", "hydra.launcher"], cwd=tmp_path, timeout=120)
+    assert cpu.returncode == 0, cpu.stderr
+    assert "gpus_per_node: null" in cpu.stdout and "cpus_per_task: 2" in cpu.stdout and "mem_gb: 4" in cpu.stdout
 
 
 def test_named_sweep_runs_from_any_directory(tmp_path):
