@@ -20,6 +20,7 @@ def quiet_libraries() -> None:
         os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.captureWarnings(True)  # Python warnings become log records (py.warnings), filtered like the rest
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's database setup: "setup plugin ..." x7
 
 
 def route_library_logs(to_log_file: bool = True) -> None:
