@@ -146,6 +146,32 @@ def test_two_sweep_processes_share_one_study(partition, postgres, tmp_path):
     numbers = {n: sorted(int(name.split("_")[0]) for name in summaries(tmp_path / f"machine{n}")) for n in (1, 2)}
     assert sorted(numbers[1] + numbers[2]) == [0, 1, 2, 3]  # each trial ran once, in one of the two
     assert numbers[1] and numbers[2]  # both took part
+    tried = [tuple(s["overrides"]) for n in (1, 2) for s in summaries(tmp_path / f"machine{n}").values()]
+    assert len(set(tried)) == 4  # with the same train.seed, yet each process drew values of its own
+
+
+def test_a_stopped_sweep_cancels_its_jobs_and_resumes_them_when_started_again(partition, tmp_path):
+    sweep, name = tmp_path / "grid", f"tinv-{uuid.uuid4().hex[:6]}"
+    args = ["-m", "train.seed=1,2", "train.max_steps=300", *slurm(partition, f"hydra.launcher.name={name}"),
+            f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(tinv_args(args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        logs = lambda: [p.read_text() for p in sweep.glob("*/train.log")]  # noqa: E731
+        wait_for(lambda: sum("training vectors" in text for text in logs()) == 2, 300, "both jobs to train", proc)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C on the login node
+        out, err = proc.communicate(timeout=120)
+        wait_for(lambda: not job_ids(name), 60, "the jobs to leave the queue")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["scancel", f"--name={name}"])
+    assert "cancelled its SLURM jobs" in out + err and "Traceback" not in err and proc.returncode == 130
+    stopped = summaries(sweep)
+    assert len(stopped) == 2 and all(s["stopped_by"] == "SIGTERM" and s["step"] < 300 for s in stopped.values())
+    again = tinv(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for job, summary in summaries(sweep).items():
+        assert summary["ok"] and summary["step"] == 300 and summary["resumed_at_step"] == stopped[job]["step"]
 
 
 def test_a_cancelled_job_fails_its_trial_which_runs_again_and_stays_resumable(partition, postgres, tmp_path):

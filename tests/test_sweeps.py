@@ -123,7 +123,7 @@ def test_a_trial_whose_sweep_process_is_gone_is_failed_others_are_left_alone(tmp
     import socket
 
     import optuna
-    from hydra_plugins.tinv_sweeper import GRACE_S, OWNER, ResumableOptunaSweeper
+    from hydra_plugins.tinv_sweeper import GRACE_S, OWNER, Heartbeat, ResumableOptunaSweeper
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = tmp_path / "optuna.db"
@@ -145,6 +145,11 @@ def test_a_trial_whose_sweep_process_is_gone_is_failed_others_are_left_alone(tmp
     ResumableOptunaSweeper._fail_dead_trials(study, "me:0")
     states = {name: study.trials[number].state.name for name, number in trials.items()}
     assert states == {"far-fresh": "RUNNING", "far-stale": "FAIL", "here-dead": "FAIL", "here-alive": "RUNNING"}
+
+    fresh = study.ask()  # a new trial beats at once: one without a heartbeat row is never taken for dead
+    Heartbeat(storage).add(t._trial_id for t in [fresh])
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*) from trial_heartbeats where trial_id = ?", (fresh._trial_id,)).fetchone()[0]
 
 
 def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):

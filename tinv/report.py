@@ -58,7 +58,7 @@ class Job:
     @property
     def params(self) -> dict[str, str]:
         pairs = (o.lstrip("+~").split("=", 1) for o in self.summary.get("overrides", []) if "=" in o)
-        return {k: v for k, v in pairs}
+        return {k: v for k, v in pairs if k != "resume" and not k.startswith("hydra.")}  # how it ran, not what
 
 
 def read_jobs(sweep_dir: Path) -> list[Job]:

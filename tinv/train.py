@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -306,7 +307,11 @@ def main() -> None:
         sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='tinv-rank-')}", "hydra.output_subdir=null"]
     import_from_cwd()
     sys.argv[1:] = command_line("tinv-train", sys.argv[1:])
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # a sweep stopped while it waits for its jobs (a single run saves and says so itself)
+        print("tinv-train: stopped", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def command_line(prog: str, args: list[str]) -> list[str]:

@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -38,11 +41,15 @@ def accounting_error() -> str | None:
     return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit status {proc.returncode}")
 
 
+class QueueWatcherMark:
+    """What the squeue watcher is (submitit's watcher class is built lazily, inside queue_watcher)."""
+
+
 def queue_watcher(delay_s: int = 60):
     """A submitit state watcher that asks `squeue` (the controller's memory) instead of `sacct`."""
     from submitit.slurm.slurm import SlurmInfoWatcher
 
-    class QueueWatcher(SlurmInfoWatcher):
+    class QueueWatcher(SlurmInfoWatcher, QueueWatcherMark):
         def _make_command(self):
             if not self._registered - self._finished:
                 return None
@@ -68,18 +75,15 @@ class TinvSlurmLauncher(SlurmLauncher or object):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         import submitit
         from hydra.core.singleton import Singleton
-        from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+        from hydra.core.utils import filter_overrides
         from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
         from omegaconf import OmegaConf
 
-        from tinv.errors import first_line
-
-        from . import _record
-
-        why = accounting_error()
-        if why is not None:
-            log.info("SLURM accounting is off on this cluster (sacct: %s): job states come from squeue", why)
-            submitit.SlurmJob.watcher = queue_watcher()
+        if not isinstance(submitit.SlurmJob.watcher, QueueWatcherMark):  # once per sweep process
+            why = accounting_error()
+            if why is not None:
+                log.info("SLURM accounting is off on this cluster (sacct: %s): job states come from squeue", why)
+                submitit.SlurmJob.watcher = queue_watcher()
         params = dict(self.params)
         executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
                                          slurm_max_num_timeout=params.pop("max_num_timeout"))
@@ -88,13 +92,25 @@ class TinvSlurmLauncher(SlurmLauncher or object):
                                       for key, value in params.items()})
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("submitting %d jobs to SLURM; their folders are in %s", len(job_overrides), sweep_dir)
+        log.info("submitting %d job%s to SLURM; their folders are in %s", len(job_overrides),
+                 "s"[:len(job_overrides) > 1], sweep_dir)
         numbers = [initial_job_idx + idx for idx in range(len(job_overrides))]
         for num, overrides in zip(numbers, job_overrides):
             log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
         state = Singleton.get_state()
         jobs = executor.map_array(self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(numbers),
                                   numbers, [f"job_id_for_{num}" for num in numbers], [state] * len(numbers))
+        with cancel_on_stop(jobs):
+            return self._gather(jobs, numbers, job_overrides, sweep_dir)
+
+    @staticmethod
+    def _gather(jobs, numbers, job_overrides, sweep_dir: Path):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        from tinv.errors import first_line
+
+        from . import _record
+
         returns = []
         for num, overrides, job in zip(numbers, job_overrides, jobs):
             try:
@@ -106,3 +122,27 @@ class TinvSlurmLauncher(SlurmLauncher or object):
                 returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED,
                                          _return_value=RuntimeError(f"job {num}: {error}")))
         return returns
+
+
+@contextlib.contextmanager
+def cancel_on_stop(jobs):
+    """Ctrl-C or SIGTERM to the sweep process cancels its jobs still queued or running (scancel: each running job
+    saves its files and state, and resumes when the sweep is started again in its folder); jobs left behind would
+    go on writing into folders a new sweep resumes."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except BaseException:
+        going = [job for job in jobs if not job.done()]
+        for job in going:
+            job.cancel(check=False)
+        if going:
+            log.warning("the sweep was stopped: cancelled its SLURM jobs %s (each saves its state; start the sweep "
+                        "again in its folder to resume them)", " ".join(job.job_id for job in going))
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

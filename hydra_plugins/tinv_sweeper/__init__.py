@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -112,8 +113,9 @@ class Heartbeat:
         self.stopped.set()
 
     def add(self, trial_ids) -> None:
-        self.trial_ids |= set(trial_ids)
-        self._record(trial_ids)
+        trial_ids = set(trial_ids)
+        self.trial_ids |= trial_ids
+        self._record(trial_ids)  # at once: Optuna takes a trial with no heartbeat yet for alive
 
     def discard(self, trial_ids) -> None:
         self.trial_ids -= set(trial_ids)
@@ -151,13 +153,15 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
         space = {**(impl.search_space_distributions or {}), **space}
         for name in fixed:
             space.pop(name, None)
+        optuna.logging.disable_default_handler()  # its records go through Hydra's log format, uncoloured
+        optuna.logging.enable_propagation()
         storage = self._storage(impl.storage)
         study = optuna.create_study(study_name=impl.study_name, storage=storage, sampler=impl.sampler,
                                     directions=impl._get_directions(), load_if_exists=True)
         me, failures = f"{socket.gethostname()}:{os.getpid()}", []
         states = optuna.trial.TrialState
         with Heartbeat(storage) as heartbeat:
-            announced = False
+            announced, first_ask = False, True
             while True:
                 with study_lock(storage):
                     self._fail_dead_trials(study, me)
@@ -172,6 +176,10 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
                         announced = True
                     if done >= impl.n_trials:
                         break
+                    if first_ask and trials:  # others asked before (or an earlier run): draw other values
+                        seed = OmegaConf.select(impl.config, "hydra.sweeper.sampler.seed")
+                        reseed(study.sampler, None if seed is None else int(seed) + len(trials))
+                    first_ask = False
                     batch = [study.ask() for _ in range(min(room, impl.n_jobs))]
                     for trial in batch:
                         trial.set_system_attr(OWNER, me)
@@ -184,19 +192,21 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
                 for trial, ret in zip(batch, returns):
                     try:
                         value = float(ret.return_value)
+                        if not math.isfinite(value):
+                            raise ValueError(f"its objective is {value}")
                     except Exception as err:  # noqa: BLE001 - the job failed or returned no number
-                        study.tell(trial, state=states.FAIL)
-                        log.warning("trial %d failed: %s", trial.number, err)
-                        failures.append(ret)
+                        log.warning("trial %d failed (a new trial runs in its place): %s", trial.number, err)
+                        failures.append(err)
+                        _tell(study, trial, state=states.FAIL)
                     else:
-                        study.tell(trial, value)
+                        _tell(study, trial, value)
                 heartbeat.discard(t._trial_id for t in batch)
                 if len(failures) > impl.max_failure_rate * impl.n_trials:
-                    log.error("%d trials of this sweep process failed (max_failure_rate=%s of n_trials=%d): "
-                              "stopping", len(failures), impl.max_failure_rate, impl.n_trials)
-                    failures[-1].return_value  # raises the job's own error
+                    raise RuntimeError(f"{len(failures)} trials of this sweep process failed (more than "
+                                       f"max_failure_rate={impl.max_failure_rate} x n_trials={impl.n_trials}); "
+                                       f"the last: {failures[-1]}") from failures[-1]
         best = study.best_trial
-        log.info("best trial %d: %s = %s", best.number, best.params, best.value)
+        log.info("the study's best trial (of every process): %d, %s = %s", best.number, best.params, best.value)
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),
                        sweep_dir / "optimization_results.yaml")
 
@@ -234,6 +244,25 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
                 study._storage.set_trial_state(trial._trial_id, optuna.trial.TrialState.FAIL)
                 log.info("trial %d: its sweep process (%s) is gone; marked failed, it runs again", trial.number,
                          owner or "unknown")
+
+
+def _tell(study, trial, value=None, state=None) -> None:
+    """Record a trial's end, unless another process already did (it took this process for dead)."""
+    try:
+        study.tell(trial, value, state=state) if state is not None else study.tell(trial, value)
+    except RuntimeError as err:  # "Trial#N has already finished"
+        log.warning("trial %d: %s; its result is not recorded", trial.number, err)
+
+
+def reseed(sampler, seed: int | None) -> None:
+    """Give `sampler` a stream of its own (None: from the OS). Every process sharing a study seeds its sampler from
+    the same train.seed and would suggest the same values. Optuna 2.x keeps the stream in `_rng` (and TPE its
+    start-up sampler's in `_random_sampler._rng`)."""
+    import numpy as np
+
+    for target in (sampler, getattr(sampler, "_random_sampler", None)):
+        if target is not None and hasattr(target, "_rng"):
+            target._rng = np.random.RandomState(seed)
 
 
 def _shown(storage) -> str:
