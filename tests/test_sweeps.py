@@ -152,26 +152,6 @@ def test_a_trial_whose_sweep_process_is_gone_is_failed_others_are_left_alone(tmp
         assert con.execute("select count(*) from trial_heartbeats where trial_id = ?", (fresh._trial_id,)).fetchone()[0]
 
 
-def test_the_squeue_watcher_waits_out_a_requeue_and_knows_finished_jobs():
-    """Without accounting, job states come from squeue: a job requeued at its time limit shows FAILED for a moment
-    before PENDING, so an end state counts only once it lasts; a job gone from squeue has ended."""
-    pytest.importorskip("submitit")
-    from hydra_plugins.tinv_launcher import slurm
-
-    watcher = slurm.queue_watcher()
-    for job in ("7", "8_0", "9"):
-        watcher.register_job(job)
-    first = watcher.read_info("7|FAILED|vm\n8_0|REQUEUE_HOLD|\n")
-    assert (first["7"]["State"], first["8_0"]["State"]) == ("COMPLETING", "PENDING")  # both still going
-    assert first["9"]["State"] == "COMPLETING"  # not listed: ended, once that lasts too
-    watcher.ended_since = {job: t - slurm.SETTLE_S - 1 for job, t in watcher.ended_since.items()}
-    later = watcher.read_info("7|FAILED|vm\n8_0|RUNNING|vm\n")
-    assert (later["7"]["State"], later["8_0"]["State"], later["9"]["State"]) == ("FAILED", "RUNNING", "COMPLETED")
-    assert watcher.is_done("7", mode="cache") is False  # read_info alone does not update the cache...
-    watcher._info_dict.update(later)
-    assert watcher.is_done("7", mode="cache") and not watcher.is_done("8_0", mode="cache")  # ...update() does
-
-
 def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     sweep = tmp_path / "par"
     proc = tinv(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,1e-2,-1",

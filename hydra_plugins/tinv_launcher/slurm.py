@@ -16,7 +16,6 @@ import logging
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,11 +29,6 @@ except ImportError:  # pragma: no cover
 # squeue's states of a job that will still give a result, beyond those submitit knows (PENDING, RUNNING, ...)
 _STILL_GOING = {"CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT",
                 "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
-
-
-# what submitit itself counts as not finished
-_GOING = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED"}
-SETTLE_S = 30  # an end state counts once squeue has shown it this long: the time-limit requeue passes through FAILED
 
 
 def accounting_error() -> str | None:
@@ -56,10 +50,6 @@ def queue_watcher(delay_s: int = 60):
     from submitit.slurm.slurm import SlurmInfoWatcher
 
     class QueueWatcher(SlurmInfoWatcher, QueueWatcherMark):
-        def __init__(self, delay_s: int):
-            super().__init__(delay_s=delay_s)
-            self.ended_since: dict[str, float] = {}  # job -> when squeue first showed it ended
-
         def _make_command(self):
             if not self._registered - self._finished:
                 return None
@@ -71,14 +61,9 @@ def queue_watcher(delay_s: int = 60):
             info = super().read_info("JobID|State|NodeList\n" + text)
             for job_id in self._registered - set(info):  # gone from the controller's memory: it has ended
                 info[job_id] = {"JobID": job_id, "State": "COMPLETED", "NodeList": ""}
-            now, ended = time.time(), self.ended_since
-            for job_id, stats in info.items():
+            for stats in info.values():
                 if stats["State"] in _STILL_GOING:  # submitit would take these for finished
                     stats["State"] = "PENDING"
-                if stats["State"] in _GOING:
-                    ended.pop(job_id, None)
-                elif now - ended.setdefault(job_id, now) < SETTLE_S:  # a requeued job shows FAILED for a moment
-                    stats["State"] = "COMPLETING"
             return info
 
     return QueueWatcher(delay_s=delay_s)
@@ -131,8 +116,7 @@ class TinvSlurmLauncher(SlurmLauncher or object):
             try:
                 returns.append(job.results()[0])
             except Exception as err:  # noqa: BLE001 - the job ended without a result: it alone fails
-                error = (f"SLURM job {job.job_id} ended without a result (state {job.watcher.get_state(job.job_id, 'cache')}"
-                         f"; {type(err).__name__}: {first_line(err)})")
+                error = f"SLURM job {job.job_id} ended without a result ({type(err).__name__}: {first_line(err)})"
                 log.error("job %d: %s", num, error)
                 _record(sweep_dir, num, error)
                 returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED,
