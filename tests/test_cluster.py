@@ -97,6 +97,20 @@ def job_ids(name: str) -> list[str]:
     return out.split()
 
 
+def job_pid(sweep: Path, task: int) -> int:
+    """The pid of the Python process running array task `task` of the sweep's SLURM jobs (on this machine)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = dict(line.split(b"=", 1) for line in (proc / "environ").read_bytes().split(b"\0") if b"=" in line)
+        except OSError:
+            continue
+        if (b"submitit.core._submit" in command and str(sweep).encode() in b" ".join(command)
+                and environ.get(b"SLURM_ARRAY_TASK_ID") == str(task).encode()):
+            return int(proc.name)
+    raise AssertionError(f"no process of task {task} of {sweep}")
+
+
 def test_grid_sweep_on_slurm(partition, tmp_path):
     sweep = tmp_path / "grid"
     proc = tinv(["-m", "train.seed=1,2", "train.max_steps=3", *slurm(partition), f"hydra.sweep.dir={sweep}"],
@@ -205,17 +219,44 @@ def test_a_cancelled_job_fails_its_trial_which_runs_again_and_stays_resumable(pa
     assert after["step"] == 250 and after["resumed_at_step"] == s0["step"]
 
 
+def test_a_job_killed_without_a_result_fails_alone(partition, tmp_path):
+    """SIGKILL leaves no result: that job fails (its summary says so), the other finishes, the sweep says one
+    failed."""
+    sweep, name = tmp_path / "grid", f"tinv-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(tinv_args(["-m", "train.seed=1,2", "train.max_steps=250",
+                                       *slurm(partition, f"hydra.launcher.name={name}"), f"hydra.sweep.dir={sweep}"]),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = lambda: next(iter(sweep.glob("0_*/train.log")), None)  # noqa: E731
+        wait_for(lambda: first() is not None and "training vectors" in first().read_text(), 300,
+                 "job 0 to start training", proc)
+        os.kill(job_pid(sweep, task=0), signal.SIGKILL)  # as the OOM killer would: SLURM's scancel sends SIGTERM first
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["scancel", f"--name={name}"])
+    assert proc.returncode == 1, err[-3000:]
+    found = summaries(sweep)
+    killed, other = (found[next(k for k in found if k.startswith(f"{n}_"))] for n in (0, 1))
+    assert not killed["ok"] and "ended without a result" in killed["error"]
+    assert other["ok"] and other["step"] == 250
+
+
 def test_a_job_at_its_time_limit_is_requeued_and_resumes(partition, tmp_path):
-    """SLURM signals USR2 signal_delay_s before the limit: the job saves, submitit requeues it, it resumes."""
+    """SLURM signals USR2 signal_delay_s before the limit: the job saves, submitit requeues it, it resumes.
+    SLURM checks the limits about once a minute, so the signal can come up to 60 s early: the limit must leave
+    more than a minute before it, or a requeued attempt may be signalled before it has started (it then dies of
+    the USR2 with exit status 140)."""
     sweep, name = tmp_path / "limit", f"tinv-{uuid.uuid4().hex[:6]}"
     proc = subprocess.Popen(tinv_args(["-m", "train.seed=1", "train.max_steps=5000",
                                        *slurm(partition, f"hydra.launcher.name={name}",
-                                              "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=45"),
+                                              "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=90"),
                                        f"hydra.sweep.dir={sweep}"]),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         logs = lambda: "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.out"))  # noqa: E731
-        wait_for(lambda: "resumed " in logs(), 240, "the requeued job to resume", proc)
+        wait_for(lambda: "resumed " in logs(), 300, "the requeued job to resume", proc)
     finally:
         subprocess.run(["scancel", f"--name={name}"])
         proc.send_signal(signal.SIGINT)

@@ -116,7 +116,8 @@ class TinvSlurmLauncher(SlurmLauncher or object):
             try:
                 returns.append(job.results()[0])
             except Exception as err:  # noqa: BLE001 - the job ended without a result: it alone fails
-                error = f"SLURM job {job.job_id} ended without a result ({type(err).__name__}: {first_line(err)})"
+                error = (f"SLURM job {job.job_id} ended without a result (state {job.watcher.get_state(job.job_id, 'cache')}"
+                         f"; {type(err).__name__}: {first_line(err)})")
                 log.error("job %d: %s", num, error)
                 _record(sweep_dir, num, error)
                 returns.append(JobReturn(overrides=list(overrides), status=JobStatus.FAILED,
