@@ -2,6 +2,7 @@
 PostgreSQL. `.ci/servers start` brings both up on loopback; without them each test skips with the reason.
 Run with `python -m pytest -q -m cluster` (about 5 minutes: every SLURM job is a short tiny-model run)."""
 
+import contextlib
 import csv
 import json
 import os
@@ -97,6 +98,26 @@ def job_ids(name: str) -> list[str]:
     return out.split()
 
 
+@contextlib.contextmanager
+def sweep_running(args, cwd: Path, name: str):
+    """A sweep started in the background; however the test ends, the sweep and its SLURM jobs (named `name`)
+    are gone after it."""
+    proc = subprocess.Popen(tinv_args(args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        subprocess.run(["scancel", f"--name={name}"])
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def wait_until_training(sweep: Path, job: int, proc) -> None:
+    log = lambda: next(iter(sweep.glob(f"{job}_*/train.log")), None)  # noqa: E731
+    wait_for(lambda: log() is not None and "training vectors" in log().read_text(), 300,
+             f"job {job} to start training", proc)
+
+
 def job_pid(sweep: Path, task: int) -> int:
     """The pid of the Python process running array task `task` of the sweep's SLURM jobs (on this machine)."""
     for proc in Path("/proc").glob("[0-9]*"):
@@ -168,17 +189,12 @@ def test_a_stopped_sweep_cancels_its_jobs_and_resumes_them_when_started_again(pa
     sweep, name = tmp_path / "grid", f"tinv-{uuid.uuid4().hex[:6]}"
     args = ["-m", "train.seed=1,2", "train.max_steps=300", *slurm(partition, f"hydra.launcher.name={name}"),
             f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(tinv_args(args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with sweep_running(args, tmp_path, name) as proc:
         logs = lambda: [p.read_text() for p in sweep.glob("*/train.log")]  # noqa: E731
         wait_for(lambda: sum("training vectors" in text for text in logs()) == 2, 300, "both jobs to train", proc)
         proc.send_signal(signal.SIGINT)  # Ctrl-C on the login node
         out, err = proc.communicate(timeout=120)
         wait_for(lambda: not job_ids(name), 60, "the jobs to leave the queue")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["scancel", f"--name={name}"])
     assert "cancelled its SLURM jobs" in out + err and "Traceback" not in err and proc.returncode == 130
     stopped = summaries(sweep)
     assert len(stopped) == 2 and all(s["stopped_by"] == "SIGTERM" and s["step"] < 300 for s in stopped.values())
@@ -191,22 +207,14 @@ def test_a_stopped_sweep_cancels_its_jobs_and_resumes_them_when_started_again(pa
 def test_a_cancelled_job_fails_its_trial_which_runs_again_and_stays_resumable(partition, postgres, tmp_path):
     study, sweep = f"cancel-{uuid.uuid4().hex[:8]}", tmp_path / "study"
     name = f"tinv-{uuid.uuid4().hex[:6]}"
-    proc = subprocess.Popen(tinv_args(["sweep=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-                                       f"hydra.sweeper.storage={POSTGRES}", f"hydra.sweeper.study_name={study}",
-                                       "train.max_steps=250", *slurm(partition, f"hydra.launcher.name={name}"),
-                                       f"hydra.sweep.dir={sweep}"]),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = lambda: next(iter(sweep.glob("0_*/train.log")), None)  # noqa: E731
-        wait_for(lambda: first() is not None and "training vectors" in first().read_text(), 300,
-                 "job 0 to start training", proc)
+    with sweep_running(["sweep=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+                        f"hydra.sweeper.storage={POSTGRES}", f"hydra.sweeper.study_name={study}",
+                        "train.max_steps=250", *slurm(partition, f"hydra.launcher.name={name}"),
+                        f"hydra.sweep.dir={sweep}"], tmp_path, name) as proc:
+        wait_until_training(sweep, 0, proc)
         cancelled = next(j for j in job_ids(name) if j.endswith("_0"))
         subprocess.run(["scancel", cancelled], check=True)
         out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            subprocess.run(["scancel", f"--name={name}"])
     assert proc.returncode == 0, err[-3000:]
     assert trial_states(postgres, study) == ["FAIL", "COMPLETE", "COMPLETE"]  # cancelled, then run again
     job0 = next(sweep.glob("0_*"))
@@ -223,19 +231,12 @@ def test_a_job_killed_without_a_result_fails_alone(partition, tmp_path):
     """SIGKILL leaves no result: that job fails (its summary says so), the other finishes, the sweep says one
     failed."""
     sweep, name = tmp_path / "grid", f"tinv-{uuid.uuid4().hex[:6]}"
-    proc = subprocess.Popen(tinv_args(["-m", "train.seed=1,2", "train.max_steps=250",
-                                       *slurm(partition, f"hydra.launcher.name={name}"), f"hydra.sweep.dir={sweep}"]),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = lambda: next(iter(sweep.glob("0_*/train.log")), None)  # noqa: E731
-        wait_for(lambda: first() is not None and "training vectors" in first().read_text(), 300,
-                 "job 0 to start training", proc)
+    with sweep_running(["-m", "train.seed=1,2", "train.max_steps=250",
+                        *slurm(partition, f"hydra.launcher.name={name}"), f"hydra.sweep.dir={sweep}"],
+                       tmp_path, name) as proc:
+        wait_until_training(sweep, 0, proc)
         os.kill(job_pid(sweep, task=0), signal.SIGKILL)  # as the OOM killer would: SLURM's scancel sends SIGTERM first
         out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["scancel", f"--name={name}"])
     assert proc.returncode == 1, err[-3000:]
     found = summaries(sweep)
     killed, other = (found[next(k for k in found if k.startswith(f"{n}_"))] for n in (0, 1))
@@ -249,21 +250,12 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(partition, tmp_path):
     more than a minute before it, or a requeued attempt may be signalled before it has started (it then dies of
     the USR2 with exit status 140)."""
     sweep, name = tmp_path / "limit", f"tinv-{uuid.uuid4().hex[:6]}"
-    proc = subprocess.Popen(tinv_args(["-m", "train.seed=1", "train.max_steps=5000",
-                                       *slurm(partition, f"hydra.launcher.name={name}",
-                                              "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=90"),
-                                       f"hydra.sweep.dir={sweep}"]),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with sweep_running(["-m", "train.seed=1", "train.max_steps=5000",
+                        *slurm(partition, f"hydra.launcher.name={name}", "hydra.launcher.timeout_min=3",
+                               "hydra.launcher.signal_delay_s=90"), f"hydra.sweep.dir={sweep}"],
+                       tmp_path, name) as proc:
         logs = lambda: "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.out"))  # noqa: E731
         wait_for(lambda: "resumed " in logs(), 300, "the requeued job to resume", proc)
-    finally:
-        subprocess.run(["scancel", f"--name={name}"])
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     err_log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
     assert "this job is timed-out" in err_log  # submitit's handler saw the time limit...
     assert "resumes from its state" in logs()  # ...and the job, started again by SLURM, went on from its state

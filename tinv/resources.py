@@ -34,7 +34,7 @@ def my_cores() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,9 +71,9 @@ class ThreadShare:
                 other = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if other["pid"] == os.getpid() or (_alive(other["pid"]) and self.cores & set(other["cores"])):
+            if other["pid"] == os.getpid() or (pid_alive(other["pid"]) and self.cores & set(other["cores"])):
                 count += 1
-            elif not _alive(other["pid"]):
+            elif not pid_alive(other["pid"]):
                 path.unlink(missing_ok=True)  # a run that died without cleaning up
         return max(count, 1)
 

@@ -41,16 +41,6 @@ POLL_S = 2.0  # how often a process with nothing to start looks at the study aga
 OWNER = "tinv_sweeper"  # system attribute: "<host>:<pid>" of the sweep process running the trial
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def study_lock(storage):
     """One sweep process at a time may count the study's trials and add to them (a context manager)."""
     from sqlalchemy import text
@@ -161,7 +151,7 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
         me, failures = f"{socket.gethostname()}:{os.getpid()}", []
         states = optuna.trial.TrialState
         with Heartbeat(storage) as heartbeat:
-            announced, first_ask = False, True
+            first = True
             while True:
                 with study_lock(storage):
                     self._fail_dead_trials(study, me)
@@ -169,17 +159,16 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
                     done = sum(t.state in (states.COMPLETE, states.PRUNED) for t in trials)
                     running = sum(t.state in (states.RUNNING, states.WAITING) for t in trials)
                     room = impl.n_trials - done - running
-                    if not announced:
+                    if first:
                         log.info("study %r in %s: %d trials finished, %d running elsewhere, %d to run (n_trials=%d "
                                  "in all)", impl.study_name, _shown(impl.storage), done, running, max(room, 0),
                                  impl.n_trials)
-                        announced = True
                     if done >= impl.n_trials:
                         break
-                    if first_ask and trials:  # others asked before (or an earlier run): draw other values
+                    if first and trials:  # others asked before (or an earlier run): draw other values
                         seed = OmegaConf.select(impl.config, "hydra.sweeper.sampler.seed")
                         reseed(study.sampler, None if seed is None else int(seed) + len(trials))
-                    first_ask = False
+                    first = False
                     batch = [study.ask() for _ in range(min(room, impl.n_jobs))]
                     for trial in batch:
                         trial.set_system_attr(OWNER, me)
@@ -197,9 +186,9 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
                     except Exception as err:  # noqa: BLE001 - the job failed or returned no number
                         log.warning("trial %d failed (a new trial runs in its place): %s", trial.number, err)
                         failures.append(err)
-                        _tell(study, trial, state=states.FAIL)
+                        _tell(study, trial, None, states.FAIL)
                     else:
-                        _tell(study, trial, value)
+                        _tell(study, trial, value, states.COMPLETE)
                 heartbeat.discard(t._trial_id for t in batch)
                 if len(failures) > impl.max_failure_rate * impl.n_trials:
                     raise RuntimeError(f"{len(failures)} trials of this sweep process failed (more than "
@@ -230,6 +219,8 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
         """Mark failed the running trials whose sweep process is gone; they will run again."""
         import optuna
 
+        from tinv.resources import pid_alive
+
         host = socket.gethostname()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -238,7 +229,7 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
             owner = trial.system_attrs.get(OWNER, "")
             owner_host, _, pid = owner.rpartition(":")
             started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-            dead = (owner_host == host and owner != me and pid.isdigit() and not _pid_alive(int(pid))) or (
+            dead = (owner_host == host and owner != me and pid.isdigit() and not pid_alive(int(pid))) or (
                 not owner and time.time() - started > GRACE_S)  # an older sweeper's trial, never beating
             if dead:
                 study._storage.set_trial_state(trial._trial_id, optuna.trial.TrialState.FAIL)
@@ -246,10 +237,10 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
                          owner or "unknown")
 
 
-def _tell(study, trial, value=None, state=None) -> None:
+def _tell(study, trial, value, state) -> None:
     """Record a trial's end, unless another process already did (it took this process for dead)."""
     try:
-        study.tell(trial, value, state=state) if state is not None else study.tell(trial, value)
+        study.tell(trial, value, state=state)
     except RuntimeError as err:  # "Trial#N has already finished"
         log.warning("trial %d: %s; its result is not recorded", trial.number, err)
 
