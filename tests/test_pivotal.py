@@ -165,6 +165,8 @@ def test_phases_switch_each_part_on_and_off(run_dir):
     (["lora.unet_targets=[nope]"], "lora.unet_targets"),
     (["lora.dropout=1.5"], "lora.dropout"),
     (["lora.rank=0"], "lora.rank=0 must be at least 1"),
+    (["lora.preserve_with=context", "lora.preserve_weight=1", "lora.unet_targets=[attn1.to_q]"],
+     r"has none: add attn2.to_k and attn2.to_v"),
     (["model=tiny_sdxl", "token.train_encoders=clip_l", "train.cache_text_encoder_outputs=true",
       "lora.text_encoder=true"], "turn one of them off"),
 ])
@@ -292,6 +294,33 @@ def test_edit_preservation_keeps_what_the_other_words_change_not_the_output(run_
     expected = 2 * torch.nn.functional.mse_loss(moon - alone, moon_0 - alone_0)
     assert expected > 0 and 2 * torch.nn.functional.mse_loss(moon, moon_0) > expected  # less than "token" asks
     torch.testing.assert_close(part.loss_term(micro).detach(), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_context_preservation_keeps_the_other_positions_keys_and_values(tmp_path):
+    """lora.preserve_with=context: the LoRA's change to the cross-attention keys and values of every position but
+    the token's shrinks against the same run without it, while the token's own keys and values still change."""
+    prompts = "lora.preserve_prompts=['a {} on the moon','a photo of {} in a box']"
+    common = ["train.max_steps=30", *PIVOTAL, "lora.start_frac=0", "token.stop_frac=1", prompts,
+              "lora.unet_targets=[attn2.to_k,attn2.to_v]", "lora.preserve_with=context"]
+
+    def changes(weight):
+        result = train(tmp_path / str(weight), [*common, f"lora.preserve_weight={weight}"])
+        part, run = result.run.parts["lora"], result.run
+        ids = run.input_ids(["a mychar on the moon", "a photo of mychar in a box"])
+        first = run.token.first_ids[run.backbone.encoders[0].key]
+        token = (ids[0] >= first) & (ids[0] < first + run.token.num_vectors)
+        with torch.no_grad():
+            states = run.backbone.cross_attention_states(ids)
+            rel = []
+            for layer in part.layers["unet"].values():
+                change = layer.lora_B["tinv"](layer.lora_A["tinv"](states)) * layer.scaling["tinv"]
+                size = layer.base_layer(states).pow(2).mean()
+                rel.append([float(change[mask].pow(2).mean() / size) for mask in (~token, token)])
+        return torch.tensor(rel).mean(dim=0)
+
+    free, kept = changes(0), changes(300)
+    assert free[0] > 0 and kept[0] < 0.2 * free[0]  # the other positions: kept
+    assert kept[1] > 5 * kept[0]  # the token's own keys and values: still changed
 
 
 def test_pivotal_with_bf16_checkpointing_validation_and_previews(run_dir):

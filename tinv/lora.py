@@ -120,8 +120,44 @@ class LoraWeights:
             word = run.token.init_word if self.preserve_with == "word" else run.token.string
             self.preserved = [p.format(word) for p in self.preserve_prompts]
             self.reference = f"a {word}"  # preserve_with=edit: what the other words of a prompt change is against this
+            if self.preserve_with == "context":
+                self._context_setup(run)
         log.info("LoRA rank %d, alpha %g in %d modules (%s)", self.rank, self.alpha,
                  sum(len(v) for v in self.layers.values()), ", ".join(self.layers))
+
+    def _context_setup(self, run) -> None:
+        """preserve_with=context: the cross-attention key/value layers with a LoRA, and which positions of the
+        preserved prompts are not the token (BOS, the other words, EOS and padding)."""
+        unet = run.backbone.unet
+        self.cross = [layer for path, layer in self.layers["unet"].items() if path.endswith((".to_k", ".to_v"))
+                      and getattr(unet.get_submodule(path.rsplit(".", 1)[0]), "is_cross_attention", False)]
+        if not self.cross:
+            raise ConfigError(f"lora.preserve_with=context keeps the keys and values cross-attention reads; "
+                              f"lora.unet_targets={self.unet_targets} has none: add attn2.to_k and attn2.to_v")
+        others = [path for path, layer in self.layers["unet"].items() if layer not in self.cross]
+        if others:
+            log.warning("lora.preserve_with=context keeps only cross-attention keys and values; %d other LoRA "
+                        "modules (e.g. %s) change every prompt unchecked", len(others), others[0])
+        self.context_ids = run.input_ids(self.preserved)
+        first = run.token.first_ids[run.backbone.encoders[0].key]
+        ids = self.context_ids[0]
+        self.others = ~((ids >= first) & (ids < first + run.token.num_vectors))
+
+    def _context_change(self) -> torch.Tensor:
+        """The mean squared change the LoRA makes to the keys and values of every position but the token's, relative
+        to their size, on the preserved prompts: the LoRA may change what the token says, not what the rest does."""
+        bb = self.run.backbone
+        with torch.no_grad():
+            states = bb.cross_attention_states(self.context_ids)
+            states = states[self.others.to(states.device)]
+        terms = []
+        for layer in self.cross:
+            x = states.to(layer.lora_A[ADAPTER].weight.dtype)
+            change = layer.lora_B[ADAPTER](layer.lora_A[ADAPTER](x)) * layer.scaling[ADAPTER]
+            with torch.no_grad():
+                size = layer.base_layer(states.to(layer.base_layer.weight.dtype)).float().pow(2).mean()
+            terms.append(change.float().pow(2).mean() / size)
+        return torch.stack(terms).mean()
 
     def _inject(self, model: nn.Module, targets: list[str], key: str) -> dict[str, nn.Module]:
         from peft import LoraConfig, inject_adapter_in_model
@@ -170,6 +206,8 @@ class LoraWeights:
         was. `edit` lets the LoRA change how the token draws, only not how the other words act on it."""
         if not self.preserve_weight or not self._params("unet")[0].requires_grad:
             return 0.0
+        if self.preserve_with == "context":
+            return self.preserve_weight * self._context_change()
         n = micro.noisy.shape[0]
         start = self.run.state.micro_step * n  # the prompts cycle with the micro-steps: the same on a resume
         prompts = [self.preserved[(start + i) % len(self.preserved)] for i in range(n)]

@@ -226,6 +226,10 @@ class Backbone:
         SDXL: each encoder's penultimate layer)."""
         raise NotImplementedError
 
+    def cross_attention_states(self, input_ids: list[torch.Tensor]) -> torch.Tensor:
+        """What the UNet's cross-attention keys and values read: the encoders' hidden_states side by side."""
+        return torch.cat(self.hidden_states(input_ids), dim=-1)
+
     def pipeline(self, scheduler):
         """A diffusers pipeline around the modules as they are now (trained vectors spliced in), for sampling."""
         modules = {}
