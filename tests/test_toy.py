@@ -200,3 +200,12 @@ def test_editability_is_deterministic_and_falls_when_the_background_is_baked_in(
 
     first = score()
     assert first == score() and set(edits) <= set(first) and 0 <= first["editability"] <= 1
+
+
+def test_benchmark_concepts_are_the_demo_then_in_world_then_stars():
+    from tinv.toy.targets import benchmark_concepts
+
+    six = benchmark_concepts(3, 2)
+    assert six[0] == Concept(*world.DEMO_CONCEPT) and six[4] == Concept(*world.NOVEL_CONCEPT)
+    assert [c.novel for c in six] == [False] * 4 + [True] * 2 and len(set(six)) == 6
+    assert benchmark_concepts(3, 0) == six[:4]  # tinv-toy methods without --novel: as before

@@ -83,7 +83,8 @@ class LoraConfig:
     preserve_prompts: Optional[list[str]] = None  # "{}" = token.init_word; None = token.context_prompts
     preserve_with: PreserveWith = "word"  # word: the init word's prompts, the frozen model as teacher; token: the
     # token's prompts, the vectors without the LoRA as teacher; edit: what the prompts' other words change against
-    # "a <token>", the vectors without the LoRA as teacher
+    # "a <token>", the vectors without the LoRA as teacher; context: no UNet pass, the cross-attention keys and values
+    # of every position but the token's in the prompts ("{}" = the token), relative (needs attn2.to_k/to_v targets)
 
 
 @dataclass

@@ -203,7 +203,8 @@ class LoraWeights:
         the UNet's output (`word`, `token`) or to the difference the rest of a prompt makes to it (`edit`: "a <token>
         on a gray background" minus "a <token>"), against the model without the LoRA as the teacher (no class
         images): the LoRA learns what is particular to the token and leaves the rest of what prompts can say as it
-        was. `edit` lets the LoRA change how the token draws, only not how the other words act on it."""
+        was. `edit` lets the LoRA change how the token draws, only not how the other words act on it. `context` needs
+        no UNet pass: see _context_change."""
         if not self.preserve_weight or not self._params("unet")[0].requires_grad:
             return 0.0
         if self.preserve_with == "context":

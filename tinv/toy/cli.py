@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("methods", help="measure reconstruction and editability of training methods")
     m.add_argument("work_dir", help="folder for rendered concepts and training runs")
     m.add_argument("--others", type=int, default=3, help="concepts besides the demo one, picked by seed")
+    m.add_argument("--novel", type=int, default=0, help="also concepts with a shape outside pretraining (a star)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--method", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="a method as tinv-train overrides, e.g. 'l2=token.norm=l2_to_init token.norm_weight=0.1' "
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--method {bad[0]!r}: give NAME=OVERRIDES, e.g. 'lr2=optimizer.lr=2e-3 "
                              "train.max_steps=800'")
             methods = {name: overrides.split() for name, overrides in (m.split("=", 1) for m in args.method)}
-            result = targets.measure_methods(Path(args.work_dir), methods or targets.METHODS, args.others, args.seed)
+            result = targets.measure_methods(Path(args.work_dir), methods or targets.METHODS, args.others, args.seed,
+                                             targets.benchmark_concepts(args.others, args.novel, args.seed))
             targets.print_methods(result)
         if args.out:
             write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")

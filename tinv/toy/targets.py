@@ -138,6 +138,8 @@ SCORING = ["callbacks.concept.num_samples=64", "callbacks.concept.edit_samples=3
 
 def novel_concepts(count: int, seed: int = 0) -> list[Concept]:
     """Concepts with a shape outside pretraining (the star), the first the world's NOVEL_CONCEPT, the rest by seed."""
+    if count < 1:
+        return []
     first = Concept(*NOVEL_CONCEPT)
     rest = [c for c in judged_concepts() if c.novel and c != first]
     return [first, *random.Random(f"novel:{seed}").sample(rest, count - 1)][:count]
@@ -202,8 +204,13 @@ PIVOTAL_METHODS = {"ti": [], "pivotal": ["method=pivotal"]}
 PIVOTAL_TARGETS = {"novel_accuracy": 0.7, "novel_wall_s": 300}
 
 
+def benchmark_concepts(others: int, novel: int, seed: int = 0) -> list[Concept]:
+    """The demo concept, `others` in-world concepts and `novel` star concepts, picked by seed."""
+    return [Concept(*DEMO_CONCEPT), *other_concepts(others, seed), *novel_concepts(novel, seed)]
+
+
 def measure_pivotal(work: Path, others: int = 3, novel: int = 2, seed: int = 0) -> dict:
-    concepts = [Concept(*DEMO_CONCEPT), *other_concepts(others, seed), *novel_concepts(novel, seed)]
+    concepts = benchmark_concepts(others, novel, seed)
     result = measure_methods(work, PIVOTAL_METHODS, seed=seed, concepts=concepts)
     result["targets"] = PIVOTAL_TARGETS
     result["summary"] = {f"{method}/{'novel' if is_novel else 'in_world'}": _means(
