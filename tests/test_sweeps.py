@@ -83,7 +83,11 @@ def test_optuna_study_interrupted_and_resumed(tmp_path):
     assert 1 <= done < 3
     second = tinv(args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"{done} trials finished, 0 running elsewhere, {3 - done} to run" in second.stdout + second.stderr
+    # A SIGKILL between a trial's ask and the record of its owner leaves a running trial with no owner: the second
+    # process counts it as running elsewhere and runs it again once its heartbeat is stale (seen once in CI).
+    said = second.stdout + second.stderr
+    assert (f"{done} trials finished, 0 running elsewhere, {3 - done} to run" in said
+            or f"{done} trials finished, 1 running elsewhere, {2 - done} to run" in said), said[-2000:]
     assert _complete_trials(db) == 3
     results = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in results and (sweep / "multirun.yaml").is_file()
