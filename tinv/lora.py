@@ -139,9 +139,7 @@ class LoraWeights:
             log.warning("lora.preserve_with=context keeps only cross-attention keys and values; %d other LoRA "
                         "modules (e.g. %s) change every prompt unchecked", len(others), others[0])
         self.context_ids = run.input_ids(self.preserved)
-        first = run.token.first_ids[run.backbone.encoders[0].key]
-        ids = self.context_ids[0]
-        self.others = ~((ids >= first) & (ids < first + run.token.num_vectors))
+        self.others = self.context_ids[0] < run.token.first_ids[run.backbone.encoders[0].key]  # new ids come last
 
     def _context_change(self) -> torch.Tensor:
         """The mean squared change the LoRA makes to the keys and values of every position but the token's, relative

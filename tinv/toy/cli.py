@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--method {bad[0]!r}: give NAME=OVERRIDES, e.g. 'lr2=optimizer.lr=2e-3 "
                              "train.max_steps=800'")
             methods = {name: overrides.split() for name, overrides in (m.split("=", 1) for m in args.method)}
-            result = targets.measure_methods(Path(args.work_dir), methods or targets.METHODS, args.others, args.seed,
-                                             targets.benchmark_concepts(args.others, args.novel, args.seed))
+            result = targets.measure_methods(Path(args.work_dir), methods or targets.METHODS, seed=args.seed,
+                                             concepts=targets.benchmark_concepts(args.others, args.novel, args.seed))
             targets.print_methods(result)
         if args.out:
             write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
