@@ -164,6 +164,8 @@ def test_phases_switch_each_part_on_and_off(run_dir):
     (["token.stop_frac=0.3", "lora.stop_frac=0.6"], "nothing would train for the last steps"),
     (["lora.unet_targets=[nope]"], "lora.unet_targets"),
     (["lora.dropout=1.5"], "lora.dropout"),
+    (["lora.unet_levels=[7]"], r"lora.unet_levels=\[7\]: .* at levels \[0, 1, 2, 3\]"),
+    (["lora.unet_levels=[-1]"], "must name levels >= 0"),
     (["lora.rank=0"], "lora.rank=0 must be at least 1"),
     (["lora.preserve_with=context", "lora.preserve_weight=1", "lora.unet_targets=[attn1.to_q]"],
      r"has none: add attn2.to_k and attn2.to_v"),
@@ -173,6 +175,19 @@ def test_phases_switch_each_part_on_and_off(run_dir):
 def test_bad_lora_settings_are_one_line_errors(overrides, message, run_dir):
     with pytest.raises(ConfigError, match=message):
         train(run_dir, ["train.max_steps=2", *PIVOTAL, *overrides])
+
+
+@pytest.mark.parametrize("model, levels, blocks", [
+    ("tiny_sd15", [3], ["mid_block"]),  # four levels; the middle block works at the deepest
+    ("tiny_sd15", [0], ["down_blocks_0", "up_blocks_3"]),  # the up blocks mirror the down blocks
+    ("tiny_sdxl", [1], ["down_blocks_1", "up_blocks_1"]),  # three levels, no attention at the first
+])
+def test_unet_levels_pick_the_blocks_at_those_resolutions(model, levels, blocks, run_dir):
+    """lora.unet_levels: the LoRA file names modules of exactly the blocks that work at those latent sizes."""
+    train(run_dir, ["train.max_steps=2", *PIVOTAL, f"model={model}", f"lora.unet_levels={levels}"])
+    keys = [k for k in load_file(str(run_dir / "mychar-lora.safetensors")) if k.startswith("lora_unet_")]
+    found = {next((b for b in blocks if k.startswith(f"lora_unet_{b}_")), None) for k in keys}
+    assert found == set(blocks)  # every expected block has a LoRA, and nothing else has one
 
 
 def test_resume_needs_the_same_method(tmp_path):

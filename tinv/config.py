@@ -76,6 +76,7 @@ class LoraConfig:
     text_encoder: bool = False  # also LoRA in the text encoders' attention
     text_encoder_lr: Optional[float] = None  # None = lora.lr
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    unet_levels: Optional[list[int]] = None  # only these resolution levels (0 = the latent's size, 1 = halved once..)
     text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     start_frac: float = 0.0  # the LoRA trains from this fraction of train.max_steps ...
     stop_frac: float = 1.0  # ... to this one

@@ -39,6 +39,17 @@ DIFFUSERS_PREFIX = {"unet": "unet", SD_KEY: "text_encoder", "clip_l": "text_enco
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya's ss_base_model_version
 
 
+def unet_level(unet: nn.Module, path: str) -> int | None:
+    """How many times a UNet has halved the latent where the module at `path` works (diffusers' UNet2DConditionModel
+    of every family: down block i at i, the middle at the deepest, up blocks mirrored); None outside the blocks."""
+    block, _, rest = path.partition(".")
+    if block == "down_blocks":
+        return int(rest.split(".")[0])
+    if block == "up_blocks":
+        return len(unet.up_blocks) - 1 - int(rest.split(".")[0])
+    return len(unet.down_blocks) - 1 if block == "mid_block" else None
+
+
 class GradOnlyDropout(nn.Module):
     """LoRA dropout that acts only while gradients are computed: training steps drop, validation, previews and
     scoring (all under no_grad) see the whole LoRA, whatever mode the frozen modules are in."""
@@ -69,7 +80,8 @@ class LoraWeights:
                  unet_targets: list[str] | None = None, text_encoder_targets: list[str] | None = None,
                  start_frac: float = 0.0, stop_frac: float = 1.0, format: str = "kohya", bundle: bool = True,
                  preserve_weight: float = 0.0, preserve_prompts: list[str] | None = None,
-                 context_prompts: list[str] | None = None, preserve_with: str = "word"):
+                 context_prompts: list[str] | None = None, preserve_with: str = "word",
+                 unet_levels: list[int] | None = None):
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"lora.dropout={dropout} must be in [0, 1)")
         if not 0.0 <= start_frac < stop_frac <= 1.0:
@@ -83,6 +95,10 @@ class LoraWeights:
         self.rank, self.alpha, self.dropout = rank, float(alpha if alpha is not None else rank), dropout
         self.lr, self.text_encoder, self.text_encoder_lr = lr, text_encoder, text_encoder_lr or lr
         self.unet_targets = list(unet_targets or UNET_TARGETS)
+        if unet_levels is not None and (not unet_levels or any(level < 0 for level in unet_levels)):
+            raise ConfigError(f"lora.unet_levels={list(unet_levels)} must name levels >= 0 (0 = the latent's own "
+                              "size, 1 = halved once, ...), or be null for every level")
+        self.unet_levels = None if unet_levels is None else sorted(set(unet_levels))
         self.text_encoder_targets = list(text_encoder_targets or TEXT_ENCODER_TARGETS)
         self.start_frac, self.stop_frac = start_frac, stop_frac
         self.format, self.bundle = format, bundle
@@ -103,7 +119,8 @@ class LoraWeights:
     # ---- setup ------------------------------------------------------------------------------------------------------
 
     def setup(self, run) -> None:
-        owners = {"unet": (run.backbone.unet, self.unet_targets, "lora.unet_targets")}
+        unet = run.backbone.unet
+        owners = {"unet": (unet, self._unet_modules(unet), "lora.unet_targets")}
         if self.text_encoder:
             owners.update({enc.key: (enc.model, self.text_encoder_targets, "lora.text_encoder_targets")
                            for enc in run.backbone.encoders})
@@ -124,6 +141,20 @@ class LoraWeights:
                 self._context_setup(run)
         log.info("LoRA rank %d, alpha %g in %d modules (%s)", self.rank, self.alpha,
                  sum(len(v) for v in self.layers.values()), ", ".join(self.layers))
+
+    def _unet_modules(self, unet: nn.Module) -> list[str]:
+        """peft's target_modules for the UNet: the target endings, or, with lora.unet_levels, the full paths of the
+        modules they name at those resolution levels."""
+        if self.unet_levels is None:
+            return self.unet_targets
+        ends = tuple(f".{t}" for t in self.unet_targets)
+        named = [path for path, _ in unet.named_modules() if path.endswith(ends)]
+        chosen = [path for path in named if unet_level(unet, path) in self.unet_levels]
+        if not chosen:
+            have = sorted({unet_level(unet, path) for path in named} - {None})
+            raise ConfigError(f"lora.unet_levels={self.unet_levels}: no {self.unet_targets} module at those levels; "
+                              f"this UNet has them at levels {have} (0 = the latent's own size)")
+        return chosen
 
     def _context_setup(self, run) -> None:
         """preserve_with=context: the cross-attention key/value layers with a LoRA, and which positions of the
