@@ -166,6 +166,7 @@ def test_phases_switch_each_part_on_and_off(run_dir):
     (["lora.dropout=1.5"], "lora.dropout"),
     (["lora.unet_levels=[7]"], r"lora.unet_levels=\[7\]: .* at levels \[0, 1, 2, 3\]"),
     (["lora.unet_levels=[-1]"], "must name levels >= 0"),
+    (["lora.unet_levels=[1]", "lora.unet_targets=[nope]"], "lora.unet_targets"),
     (["lora.rank=0"], "lora.rank=0 must be at least 1"),
     (["lora.preserve_with=context", "lora.preserve_weight=1", "lora.unet_targets=[attn1.to_q]"],
      r"has none: add attn2.to_k and attn2.to_v"),
