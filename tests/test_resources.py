@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -13,12 +15,14 @@ def test_runs_on_the_same_cores_split_them_and_dead_ones_are_forgotten(tmp_path,
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     before = torch.get_num_threads()
     cores = sorted(my_cores())
+    # a live process of our own: the parent may be init itself (pid 1, the "elsewhere" entry) under nohup
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         share = ThreadShare(registry=tmp_path, every_s=0)
         assert share.claim() == len(cores)  # alone: every core
         host = share.entry.name.rsplit("-", 1)[0]
-        other = tmp_path / f"{host}-{os.getppid()}.json"  # a live process on the same cores
-        other.write_text(json.dumps({"pid": os.getppid(), "cores": cores}))
+        other = tmp_path / f"{host}-{live.pid}.json"  # a live process on the same cores
+        other.write_text(json.dumps({"pid": live.pid, "cores": cores}))
         (tmp_path / f"{host}-999999999.json").write_text(json.dumps({"pid": 999999999, "cores": cores}))  # dead
         elsewhere = tmp_path / f"{host}-1.json"
         elsewhere.write_text(json.dumps({"pid": 1, "cores": [max(cores) + 1]}))  # alive, on other cores
@@ -32,4 +36,6 @@ def test_runs_on_the_same_cores_split_them_and_dead_ones_are_forgotten(tmp_path,
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a launcher's share (joblib's workers) is kept
         assert ThreadShare(registry=tmp_path).claim() == 1
     finally:
+        live.kill()
+        live.wait()
         torch.set_num_threads(before)
