@@ -149,9 +149,9 @@ class LoraWeights:
             return self.unet_targets
         ends = tuple(f".{t}" for t in self.unet_targets)
         named = [path for path, _ in unet.named_modules() if path.endswith(ends)]
-        chosen = [path for path in named if unet_level(unet, path) in self.unet_levels]
         if not named:  # no such module at any level: peft's own error names the targets
             return self.unet_targets
+        chosen = [path for path in named if unet_level(unet, path) in self.unet_levels]
         if not chosen:
             have = sorted({unet_level(unet, path) for path in named} - {None})
             raise ConfigError(f"lora.unet_levels={self.unet_levels}: no {self.unet_targets} module at those levels; "

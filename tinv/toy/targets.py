@@ -149,7 +149,7 @@ def measure_methods(work: Path, methods: dict[str, list[str]], others: int = 3, 
                     concepts: list[Concept] | None = None) -> dict:
     from .demo import DEMO_IMAGES
 
-    concepts = concepts or [Concept(*DEMO_CONCEPT), *other_concepts(others, seed)]
+    concepts = concepts or benchmark_concepts(others, 0, seed)
     rows = []
     for name, overrides in methods.items():
         for concept in concepts:
