@@ -119,14 +119,17 @@ def wait_until_training(sweep: Path, job: int, proc) -> None:
 
 
 def job_pid(sweep: Path, task: int) -> int:
-    """The pid of the Python process running array task `task` of the sweep's SLURM jobs (on this machine)."""
+    """The pid of the Python process running array task `task` of the sweep's SLURM jobs (on this machine). The
+    batch script's `srun` (and srun's helper) carry the same command line and task id: killing one of those makes
+    SLURM end the job with SIGTERM, which the run survives by saving, so only the python itself counts."""
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             command = (proc / "cmdline").read_bytes().split(b"\0")
             environ = dict(line.split(b"=", 1) for line in (proc / "environ").read_bytes().split(b"\0") if b"=" in line)
         except OSError:
             continue
-        if (b"submitit.core._submit" in command and str(sweep).encode() in b" ".join(command)
+        if (Path(command[0].decode()).name.startswith("python") and b"submitit.core._submit" in command
+                and str(sweep).encode() in b" ".join(command)
                 and environ.get(b"SLURM_ARRAY_TASK_ID") == str(task).encode()):
             return int(proc.name)
     raise AssertionError(f"no process of task {task} of {sweep}")
