@@ -20,7 +20,8 @@ def _script(name):
 def test_default_run_logs_to_wandb_offline_and_metrics(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(_script("tinv-train") + ["train.max_steps=4", "train.log_every_n_steps=1",
-                                                   f"hydra.run.dir={run}", "logger.name=cli-test"],
+                                                   f"hydra.run.dir={run}", "logger.name=cli-test",
+                                                   "callbacks.concept.num_samples=4", "callbacks.concept.edit_samples=2"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "mychar.safetensors").is_file()
