@@ -9,6 +9,7 @@ import pytest
 from conftest import TEST_MODEL
 
 
+@pytest.mark.slow  # the benchmark's own runs (about 25 s)
 def test_bench_reports_the_promised_numbers(tmp_path):
     run = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "tinv.bench", TEST_MODEL, "bench.steps=3", "bench.warmup=1",

@@ -335,6 +335,7 @@ def test_fifos_sockets_and_link_loops_are_skipped_with_a_warning_and_never_hang(
 
 # ---- a killed sweep worker fails alone ----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a parallel sweep with a worker killed (about 20 s); test_sweeps runs joblib sweeps by default
 def test_a_killed_joblib_worker_fails_its_job_alone(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     user_module(tmp_path, """

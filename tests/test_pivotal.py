@@ -238,6 +238,7 @@ def test_resume_with_a_lora_equals_an_uninterrupted_run(tmp_path):
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # two runs, one on two processes (about 20 s); by default test_run_features does it without a LoRA
 def test_two_cpu_processes_match_one_with_a_lora(tmp_path):
     # SGD: Adam's first steps divide tiny gradients by their own size, which blows float rounding up to the lr
     common = ["train.max_steps=4", "logger=none", "data.flip_aug=true", *PIVOTAL, "optimizer=sgd", "optimizer.lr=1",

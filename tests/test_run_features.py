@@ -162,6 +162,7 @@ def test_sigint_saves_embedding_and_state_then_resumes(tmp_path):
     assert f"resumed {run} at step {stopped}" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow  # four runs as subprocesses (about 35 s); the SIGINT test above covers resume by default
 def test_a_finished_run_resumes_as_finished_and_extends_without_redoing_work(tmp_path):
     args = ["train.max_steps=4", "logger=none", "token.num_vectors=2", "save.every_n_steps=2"]
     first = _cli(args + [f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
@@ -187,6 +188,7 @@ def test_a_finished_run_resumes_as_finished_and_extends_without_redoing_work(tmp
                                _vectors(tmp_path / "b" / "mychar.safetensors")["emb_params"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # four runs as subprocesses (about 35 s); the default suite resumes AdamW's state
 @pytest.mark.parametrize("optimizer", ["lion", "prodigy"])
 def test_a_state_resumes_with_every_optimizer(tmp_path, optimizer):
     """Their list-valued settings (betas) reach the optimizer as plain lists: a state that holds an OmegaConf
@@ -352,6 +354,7 @@ def test_previews_reach_wandb_keyed_by_prompt(tmp_path):
     assert len(images) == 1 and images[0].name.startswith("00 a photo of mychar")
 
 
+@pytest.mark.slow  # a sweep and two resumes as subprocesses (about 25 s)
 def test_a_sweep_jobs_folder_resumes_as_typed_or_as_pasted_from_the_stop_message(tmp_path):
     import shlex
 

@@ -66,6 +66,7 @@ def _complete_trials(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # a study, interrupted and run again (about 25 s)
 def test_optuna_study_interrupted_and_resumed(tmp_path):
     sweep = tmp_path / "study"
     args = ["sweep=optuna", "hydra.sweeper.n_trials=3", "train.max_steps=3", "logger=none",
@@ -95,6 +96,7 @@ def test_optuna_study_interrupted_and_resumed(tmp_path):
     assert len(numbers) == len(set(numbers))  # resumed trials got new job folders
 
 
+@pytest.mark.slow  # a sweep and its resume as subprocesses (about 20 s)
 def test_a_named_sweeps_job_resumes_as_one_run(tmp_path):
     """The job's recorded overrides hold sweep=optuna, whose file starts a multirun: resuming it must not."""
     sweep = tmp_path / "study"
