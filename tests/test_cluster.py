@@ -128,7 +128,7 @@ def job_pid(sweep: Path, task: int) -> int:
             environ = dict(line.split(b"=", 1) for line in (proc / "environ").read_bytes().split(b"\0") if b"=" in line)
         except OSError:
             continue
-        if (Path(command[0].decode()).name.startswith("python") and b"submitit.core._submit" in command
+        if (command[0].rsplit(b"/", 1)[-1].startswith(b"python") and b"submitit.core._submit" in command
                 and str(sweep).encode() in b" ".join(command)
                 and environ.get(b"SLURM_ARRAY_TASK_ID") == str(task).encode()):
             return int(proc.name)
