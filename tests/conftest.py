@@ -59,3 +59,26 @@ def cli(args, cwd, timeout=300):
 @pytest.fixture
 def run_dir(tmp_path):
     return tmp_path / "run"
+
+
+# Folder names with every character that has broken paths, overrides or shells: a separator, `=`, `,`, spaces and
+# both quotes. A sweep over them must still give each job one flat folder.
+ODD_NAMES = ("my data/it's \"blue\", v=2", "my data/set=b, 'red'")
+
+
+def odd_image_folders(root: Path) -> list[Path]:
+    """Copies of the demo images in folders named ODD_NAMES under `root`."""
+    import shutil
+
+    from tinv.toy.demo import demo_images_dir
+
+    folders = [root / name for name in ODD_NAMES]
+    for folder in folders:
+        shutil.copytree(demo_images_dir(), folder)
+    return folders
+
+
+def hydra_quoted(value) -> str:
+    """A string as one quoted value of a Hydra override (a sweep's list takes several, comma-separated)."""
+    assert "\\" not in str(value), "Hydra reads a backslash before a quote as an escape: not needed here"
+    return "'" + str(value).replace("'", "\\'") + "'"

@@ -4,6 +4,7 @@ failing jobs."""
 import csv
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_MODEL, with_test_model
+from conftest import TEST_MODEL, hydra_quoted, odd_image_folders, with_test_model
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
@@ -111,16 +112,61 @@ def test_a_named_sweeps_job_resumes_as_one_run(tmp_path):
     assert (summary["step"], summary["resumed_at_step"]) == (3, 2)
 
 
-def test_a_grid_sweep_started_again_in_its_folder_resumes_its_jobs(tmp_path):
-    sweep = tmp_path / "grid"
-    args = ["-m", "train.seed=1,2", "train.max_steps=3", "logger=none", f"hydra.sweep.dir={sweep}"]
-    assert tinv(args, cwd=tmp_path).returncode == 0
+@pytest.mark.parametrize("value", ["/data/imgs", "a=b", "a,b", "my images", "it's", 'say "hi"', "back\\slash",
+                                   "new\nline", "..", "x" * 400, "ünï/cödé " * 40])
+def test_a_job_folder_name_is_one_flat_name_whatever_the_value(value, tmp_path):
+    from tinv.sweeping import NAME_BYTES, job_folder_name
+
+    overrides = f"data.image_dir={value},optimizer.lr=0.01"
+    name = job_folder_name(7, overrides)
+    assert name.startswith("7_") and "/" not in name and len(name.encode()) <= NAME_BYTES
+    assert name == job_folder_name(7, overrides) != job_folder_name(8, overrides)  # the same job finds it again
+    assert not set(name) & set("'\"\\ \n")  # pastes into a shell as it is
+    (tmp_path / name).mkdir()  # a name the file system takes
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    """The sweep's job folders; each must be flat: its summary and embedding right inside it."""
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))  # not .submitit
+    for job in jobs:
+        assert (job / "summary.json").is_file() and (job / "mychar.safetensors").is_file(), list(job.rglob("*"))
+    return jobs
+
+
+def test_a_sweep_over_odd_paths_reports_and_resumes_its_flat_job_folders(tmp_path):
+    """Values holding `/`, `=`, `,`, spaces and quotes: one flat folder per job, the end line names the best job,
+    the report reads them, a job resumes alone, and the sweep started again in its folder resumes every job."""
+    folders = odd_image_folders(tmp_path)
+    sweep = tmp_path / "my sweeps" / "grid"
+    args = ["-m", f"data.image_dir={','.join(map(hydra_quoted, folders))}", "train.max_steps=3", "logger=none",
+            f"hydra.sweep.dir={sweep}"]
+    first = tinv(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    jobs = job_folders(sweep)
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
+    assert "sweep done, 2 of 2 jobs finished" in first.stdout and "  best " in first.stdout
+    best = first.stdout.split("  embedding  ")[1].splitlines()[0]
+    assert Path(best).parent in jobs
+    pasted = first.stdout.split("  report     ")[1].splitlines()[0]  # a command that pastes into a shell
+    report = subprocess.run([sys.executable, "-m", "tinv.report", *shlex.split(pasted)[1:]], capture_output=True,
+                            text=True)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert sorted(r["data.image_dir"] for r in rows) == sorted(map(str, folders))  # the values as given
+    assert all(r["status"] == "ok" for r in rows)
+
     files = sorted(sweep.glob("*/mychar.safetensors"))
     before = [p.stat().st_mtime_ns for p in files]
     again = tinv(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("resumes from its state") == 2 and "sweep done, 2 of 2 jobs finished" in again.stdout
     assert [p.stat().st_mtime_ns for p in files] == before  # finished: nothing trained or written again
+
+    one = tinv([f"resume={jobs[1]}", "train.max_steps=4"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    summary = json.loads((jobs[1] / "summary.json").read_text())
+    assert (summary["step"], summary["resumed_at_step"]) == (4, 3) and job_folders(sweep) == jobs
 
 
 def test_a_trial_whose_sweep_process_is_gone_is_failed_others_are_left_alone(tmp_path):
@@ -160,11 +206,13 @@ def test_a_trial_whose_sweep_process_is_gone_is_failed_others_are_left_alone(tmp
 
 def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     sweep = tmp_path / "par"
-    proc = tinv(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,1e-2,-1",
-                 "train.max_steps=3", "logger=none", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    folder = odd_image_folders(tmp_path)[0]  # a value with `/`, `=`, `,`, spaces and quotes: still flat folders
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,1e-2,-1", "train.max_steps=3",
+            "logger=none", f"data.image_dir={hydra_quoted(folder)}", f"hydra.sweep.dir={sweep}"]
+    proc = tinv(args, cwd=tmp_path)
     assert proc.returncode != 0  # the sweep says a job failed...
     found = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
-    assert len(found) == 3
+    assert len(found) == 3 and len([p for p in sweep.iterdir() if p.is_dir()]) == 3
     failed = [s for s in found.values() if not s["ok"]]
     assert len(failed) == 1 and "Invalid learning rate" in failed[0]["error"]
     good = sorted((s for s in found.values() if s["ok"]), key=lambda s: s["started_at"])
@@ -173,15 +221,22 @@ def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     assert subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True).returncode == 0
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "failed"]
+    again = tinv(args, cwd=tmp_path)  # started again in its folder: the finished jobs give their results again
+    assert again.stdout.count("resumes from its state") == 2, again.stdout + again.stderr[-2000:]
 
 
 def test_submitit_local_launcher(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sub"
-    proc = tinv(["-m", "hydra/launcher=submitit_local", "optimizer.lr=5e-3,1e-2", "train.max_steps=2",
-                 "logger=none", f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10"], cwd=tmp_path)
+    folder = odd_image_folders(tmp_path)[1]  # a value with `/`, `=`, `,`, spaces and quotes: still flat folders
+    args = ["-m", "hydra/launcher=submitit_local", "optimizer.lr=5e-3,1e-2", "train.max_steps=2", "logger=none",
+            f"data.image_dir={hydra_quoted(folder)}", f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10"]
+    proc = tinv(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list(sweep.glob("*/mychar.safetensors"))) == 2
+    assert len(job_folders(sweep)) == 2 and "sweep done, 2 of 2 jobs finished" in proc.stdout
+    again = tinv(args, cwd=tmp_path)  # started again in its folder: each job resumes from its own state
+    assert again.returncode == 0 and "sweep done, 2 of 2 jobs finished" in again.stdout, again.stderr[-3000:]
+    assert sum("resumes from its state" in p.read_text() for p in sweep.glob(".submitit/*/*_log.out")) == 2
 
 
 @pytest.mark.parametrize("name,jobs", [("templates", 3), ("optimizers", 3)])

@@ -31,13 +31,16 @@ def override_key(override: str) -> str:
 
 
 def override_value(override: str) -> str:
-    """The value of a `key=value` argument as Hydra reads it (quotes around it removed)."""
+    """The value of a `key=value` argument as Hydra reads it when it is a string (quotes and escapes removed);
+    any other value (a number, a list, null) as written."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    written = override.split("=", 1)[1]
     try:
-        return str(OverridesParser.create().parse_override(override).value())
+        value = OverridesParser.create().parse_override(override).value()
     except Exception:  # noqa: BLE001 - not parseable as written (a path with `=` or `,`): take it as it is
-        return override.split("=", 1)[1]
+        return written
+    return value if isinstance(value, str) else written
 
 
 def path_override(key: str, path) -> str:

@@ -21,6 +21,7 @@ from .choices import (Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode,
                       PreserveWith, Reduce, SaveFormat, Sampler, TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
 from .errors import ConfigError
+from .sweeping import job_folder_name
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +364,8 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("direction"):
         # `${direction:${objective.mode}}` = Optuna's name for it (minimize | maximize)
         OmegaConf.register_new_resolver("direction", lambda mode: f"{mode}imize")
+    if not OmegaConf.has_resolver("job_folder"):  # hydra.sweep.subdir: one flat folder per sweep job
+        OmegaConf.register_new_resolver("job_folder", job_folder_name)
 
 
 register_configs()

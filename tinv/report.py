@@ -17,8 +17,10 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from .atomic import atomic_path, write_text_atomic
+from .commandline import override_key, override_value
 from .tracking import read_metrics
 
 COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "objective_mode", "final_loss", "best_step",
@@ -57,7 +59,7 @@ class Job:
 
     @property
     def params(self) -> dict[str, str]:
-        pairs = (o.lstrip("+~").split("=", 1) for o in self.summary.get("overrides", []) if "=" in o)
+        pairs = ((override_key(o), override_value(o)) for o in self.summary.get("overrides", []) if "=" in o)
         return {k: v for k, v in pairs if k != "resume" and not k.startswith("hydra.")}  # how it ran, not what
 
 
@@ -97,10 +99,11 @@ def _swept(jobs: list[Job]) -> list[str]:
 
 
 def _columns(jobs: list[Job]) -> list[str]:
+    """COLUMNS, with a column for each parameter the sweep varied (after the overrides) and each score."""
     scores = sorted({k for j in jobs for k, v in j.summary.items() if isinstance(v, (int, float))
                      and not isinstance(v, bool) and k not in BOOKKEEPING})
-    at = COLUMNS.index("final_loss")
-    return COLUMNS[:at] + scores + COLUMNS[at:]
+    params, at = COLUMNS.index("overrides") + 1, COLUMNS.index("final_loss")
+    return COLUMNS[:params] + _swept(jobs) + COLUMNS[params:at] + scores + COLUMNS[at:]
 
 
 def _rows(jobs: list[Job], columns: list[str]) -> list[dict]:
@@ -118,12 +121,12 @@ def _rows(jobs: list[Job], columns: list[str]) -> list[dict]:
 
 
 def _link(path: str | None, sweep_dir: Path, text: str) -> str:
-    """A markdown link relative to the report (spaces escaped), or nothing."""
+    """A markdown link relative to the report (spaces, quotes and brackets escaped), or nothing."""
     if not path:
         return ""
-    target = Path(path)
+    target, sweep_dir = Path(path).resolve(), sweep_dir.resolve()
     relative = target.relative_to(sweep_dir) if target.is_relative_to(sweep_dir) else target
-    return f"[{text}]({str(relative).replace(' ', '%20')})"
+    return f"[{text}]({quote(str(relative), safe='/=,+~@:')})"
 
 
 def _markdown_table(jobs: list[Job], rows: list[dict], columns: list[str], sweep_dir: Path) -> list[str]:

@@ -3,8 +3,28 @@ hydra_plugins/tinv_sweeper)."""
 
 from __future__ import annotations
 
+import hashlib
+import re
+import shlex
 from pathlib import Path
 
+# A job folder's name keeps what reads safely everywhere (a path, a shell, a URL, another OS): letters, digits and
+# . , = + ~ @ -. Quotes and escapes go; anything else (`/` above all, which would nest the folder) becomes `_`.
+_QUOTING = re.compile(r"['\"\\]")
+_UNSAFE_IN_NAME = re.compile(r"[^\w.,=+~@-]+")
+NAME_BYTES = 200  # file systems allow 255 bytes a name; room left for Hydra's and wandb's own suffixes
+
+
+def job_folder_name(num, overrides: str) -> str:
+    """A sweep job's folder: `<job number>_<its overrides>`, always one flat name whatever the values hold (a path,
+    `=`, `,`, spaces, quotes). Deterministic, so a sweep started again finds its jobs' folders; a name too long is
+    cut and ends in a digest of the whole. The number alone keeps names unique within a sweep."""
+    readable = _UNSAFE_IN_NAME.sub("_", _QUOTING.sub("", str(overrides))).strip("_")
+    name = f"{num}_{readable}"
+    if len(name.encode()) > NAME_BYTES:
+        digest = hashlib.sha256(str(overrides).encode()).hexdigest()[:10]
+        name = name.encode()[:NAME_BYTES - len(digest) - 1].decode(errors="ignore").rstrip("_") + f"-{digest}"
+    return name
 
 
 def sweep_identity() -> dict:
@@ -45,6 +65,6 @@ class AnnounceBestJob(_HydraCallback):
             best, s = finished[0], finished[0].summary
             print(f"  best       {s.get('objective_name', 'objective')} = {best.objective:.4g} "
                   f"({'higher' if s.get('objective_mode') == 'max' else 'lower'} is better)")
-            print(f"  overrides  {' '.join(s.get('overrides', [])) or '(none)'}")
+            print(f"  overrides  {' '.join(map(shlex.quote, s.get('overrides', []))) or '(none)'}")
             print(f"  embedding  {s.get('embedding', '(none)')}")
-        print(f"  report     tinv-report {sweep_dir}")
+        print(f"  report     tinv-report {shlex.quote(str(sweep_dir))}")
