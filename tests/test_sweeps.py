@@ -280,7 +280,9 @@ def test_report_ranks_by_each_objectives_own_direction(tmp_path):
 
     for n, (accuracy, ok) in enumerate([(0.5, True), (0.9, True), (None, False), (0.7, True)]):
         job = tmp_path / f"{n}_job"
-        job.mkdir()
+        if n == 3:  # a sweep from before job folders were flat: a `/` in a value nested the folder
+            job = tmp_path / "3_data.image_dir=" / "data" / "3_job"
+        job.mkdir(parents=True)
         summary = {"ok": ok, "overrides": [f"optimizer.lr={n}"]}
         if ok:
             summary.update(objective=accuracy, objective_name="last val/concept_accuracy", objective_mode="max")

@@ -63,12 +63,23 @@ class Job:
         return {k: v for k, v in pairs if k != "resume" and not k.startswith("hydra.")}  # how it ran, not what
 
 
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The folders under `sweep_dir` that hold a job (its summary.json or Hydra's .hydra/). Jobs sit right inside it;
+    a sweep made before job folders were always flat may have nested some (a value with `/` in its name)."""
+    found, todo = [], [sweep_dir]
+    while todo:
+        for folder in sorted(p for p in todo.pop().iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if (folder / "summary.json").is_file() or (folder / ".hydra").is_dir():
+                found.append(folder)
+            else:
+                todo.append(folder)
+    return sorted(found)
+
+
 def read_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
-    for folder in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in job_dirs(sweep_dir):
         summary_file = folder / "summary.json"
-        if not summary_file.is_file() and not (folder / ".hydra").is_dir():
-            continue
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else \
             {"ok": False, "error": "no summary.json: the job did not finish"}
         if "overrides" not in summary:
