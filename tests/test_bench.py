@@ -48,3 +48,19 @@ def test_shape_unets_have_the_real_parameter_counts(kind, params):
         unet = shape_unet(kind)
     count = sum(p.numel() for p in unet.parameters())
     assert params[0] <= count <= params[1]
+
+
+def test_bench_help_is_tinvs_own_and_names_real_keys():
+    import re
+    from dataclasses import fields
+
+    from tinv.config import BenchConfig
+
+    proc = subprocess.run([sys.executable, "-m", "tinv.bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("tinv-bench:"), proc.stdout[:300]
+    assert "Hydra" not in proc.stdout and "threads WORK_DIR" in proc.stdout and "sharing WORK_DIR" in proc.stdout
+    named = set(re.findall(r"\bbench\.(\w+)", proc.stdout)) - {"json"}  # bench.json is its output file
+    assert named and named <= {f.name for f in fields(BenchConfig)}  # every key it names exists
+    sub = subprocess.run([sys.executable, "-m", "tinv.bench", "threads", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert sub.returncode == 0 and "--steps" in sub.stdout and "busy" in sub.stdout

@@ -1,7 +1,6 @@
 """tinv-generate: images of an embedding's token on its base model, for every family and file format."""
 
-import subprocess
-import sys
+import re
 
 import numpy as np
 import pytest
@@ -21,7 +20,13 @@ def test_generate_from_a_runs_embedding_on_its_own_base_model(model, tmp_path, c
     images = sorted(out.glob("*.png"))
     assert len(images) == 2 * 2 * 2 + 1  # prompts x seeds x with/without, and the grid
     assert Image.open(out / "00-a_photo_of_mychar-seed0.png").size == (64, 64)  # the model's native size
-    assert Image.open(out / "grid.png").size == (2 * 256, 4 * 256)  # 2 seeds x (2 prompts x 2), enlarged to 256
+    grid = np.asarray(Image.open(out / "grid.png").convert("L"))
+    label, top = 240, 24  # a column of row labels (the prompts), a line of column labels (the seeds)
+    assert grid.shape == (top + 4 * 256, label + 2 * 256)  # 2 seeds x (2 prompts x 2), enlarged to 256
+    for row in range(4):  # each row's prompt, with and without the token, written beside it
+        assert (grid[top + row * 256:top + row * 256 + 20, :label] < 128).sum() > 20, row
+    for col in range(2):  # "seed 0", "seed 1" above the columns
+        assert (grid[:top, label + col * 256:label + col * 256 + 80] < 128).sum() > 20, col
     with_token = np.asarray(Image.open(out / "00-a_photo_of_mychar-seed1.png"), dtype=float)
     without = np.asarray(Image.open(out / "00-a_photo_of_mychar-seed1-without.png"), dtype=float)
     assert np.abs(with_token - without).mean() > 0.5  # the token changes the image at the same seed
@@ -29,23 +34,55 @@ def test_generate_from_a_runs_embedding_on_its_own_base_model(model, tmp_path, c
     assert str(out / "grid.png") in printed and result.run.backbone.path in printed
 
 
-def test_generate_reads_other_formats_with_the_model_given(tmp_path):
-    result = train(tmp_path / "run", ["train.max_steps=1"])
-    pt = tmp_path / "zorbit.pt"
-    assert subprocess.run([sys.executable, "-m", "tinv.convert", str(result.embedding), str(pt), "--token",
-                           "zorbit"], capture_output=True).returncode == 0
+def test_files_travel_with_their_name_and_base_model(tmp_path, capsys):
+    """A .pt made by tinv-convert, alone on another machine, still names its base model and its word; a recorded
+    folder that is not there gives way to the recorded model= choice; --model takes a choice; a format with no room
+    for more says so; an image is named for what it is."""
+    import torch
+
+    from tinv.convert import main as convert
+    from tinv.embedding import EmbeddingMeta, read_embedding, save_embedding
+
+    result = train(tmp_path / "run", ["train.max_steps=1", "output_name=zorbit"])
+    assert result.embedding.name == "zorbit.safetensors" and read_embedding(result.embedding).name == "zorbit"
     bare = tmp_path / "elsewhere" / "zorbit.pt"
     bare.parent.mkdir()
-    bare.write_bytes(pt.read_bytes())  # no summary.json beside it, no header: the model must be given
-    proc = subprocess.run([sys.executable, "-m", "tinv.generate", str(bare), "a photo of zorbit", "--n", "1",
-                           "--steps", "1", "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "give one with --model" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, "-m", "tinv.generate", str(bare), "a photo of zorbit", "--n", "1",
-                           "--steps", "1", "--model", result.run.backbone.path, "--family", "sd1", "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "o" / "00-a_photo_of_zorbit-seed0.png").is_file()
+    assert convert([str(result.embedding), str(bare)]) == 0  # no summary.json beside it: the file says it all
+    pt = read_embedding(bare)
+    assert (pt.name, pt.header["tinv.step"], pt.header["tinv.model"]) == ("zorbit", "1", "tiny_sd15")
+    assert torch.load(bare, weights_only=True)["name"] == "zorbit"  # what A1111 reads
+
+    def generate(embedding, *args):
+        return main([str(embedding), "a photo of zorbit", "--n", "1", "--steps", "1", "--out", str(tmp_path / "o"),
+                     *args])
+
+    assert generate(bare) == 0 and "on " + result.run.backbone.path in capsys.readouterr().out
+    moved = tmp_path / "moved.safetensors"  # trained on a folder this machine does not have
+    vectors = read_embedding(bare).vectors
+    save_embedding(moved, vectors, EmbeddingMeta("zorbit", "sd1", "/gone/tiny", 1, "tiny_sd15"), "kohya")
+    assert generate(moved) == 0
+    captured = capsys.readouterr()
+    assert "/gone/tiny, which is not on this machine; using model=tiny_sd15" in captured.err
+    assert "on tiny_sd15 (sd1)" in captured.out
+    plain = tmp_path / "plain.pt"  # an A1111 .pt from elsewhere: the vectors and a name, no base model
+    torch.save({"string_to_param": {"*": vectors["emb_params"]}, "name": "zorbit"}, plain)
+    assert generate(plain) == 2 and "give one with --model" in capsys.readouterr().err
+    assert generate(plain, "--model", "tiny_sd15") == 0  # any model= choice of tinv-train
+    assert generate(plain, "--model", "tiny_sd16") == 2
+    assert "--model tiny_sd16: not a model= choice (sd15, " in capsys.readouterr().err
+
+    sdxl = tmp_path / "sdxl.safetensors"  # an SDXL .pt has room for the vectors alone (A1111 reads each as a tensor)
+    save_embedding(sdxl, {"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 32)},
+                   EmbeddingMeta("zorbit", "sdxl", "/models/sdxl", 5, "sdxl"), "kohya")
+    assert convert([str(sdxl), str(tmp_path / "sdxl.pt")]) == 0
+    assert "holds the vectors alone" in capsys.readouterr().err and read_embedding(tmp_path / "sdxl.pt").header == {}
+    assert generate(tmp_path / "sdxl.pt") == 2
+    err = capsys.readouterr().err
+    assert "holds the vectors alone" in err and len(err.strip().splitlines()) == 1
+
+    assert generate(tmp_path / "o" / "grid.png") == 2  # an image is not an embedding (or PyTorch's paragraph)
+    err = capsys.readouterr().err
+    assert "not an embedding file (it is an image, PNG)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_generate_with_the_lora_of_a_pivotal_run(tmp_path, capsys):
@@ -70,3 +107,30 @@ def test_generate_with_the_lora_of_a_pivotal_run(tmp_path, capsys):
     assert np.array_equal(draw("off", "mychar.safetensors", "--lora", str(run / "mychar-lora.safetensors"),
                                "--lora-scale", "0"), alone)
     assert main([str(run / "mychar.safetensors"), "a photo of mychar", "--lora-scale", "0.5"]) == 2
+
+
+def test_a_runs_name_is_the_one_word_everywhere(tmp_path, capsys, caplog):
+    """output_name names the files, is the word A1111 users write, is in the file's header, and is what the printed
+    tinv-generate line prompts with: pasted, that line draws the token."""
+    import shlex
+
+    from tinv.embedding import read_embedding
+
+    result = train(tmp_path / "run", ["train.max_steps=1", "output_name=bluetri", "token.string=mychar"])
+    printed = capsys.readouterr().out
+    assert result.embedding.name == "bluetri.safetensors" and read_embedding(result.embedding).name == "bluetri"
+    assert "write bluetri in a prompt" in printed and "embedding:bluetri" in printed
+    pasted = shlex.split(printed.split("  next       ")[1].splitlines()[0])
+    assert pasted[0] == "tinv-generate" and pasted[2] == "a photo of bluetri"
+    assert main(pasted[1:] + ["--n", "1", "--steps", "1", "--out", str(tmp_path / "o")]) == 0
+    assert "does nothing there" not in caplog.text and "images of 'bluetri'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override,key", [("output_name=../x", "output_name"), ("output_name=a b", "output_name"),
+                                          ("token.string='`id>x`'", "token.string")])
+def test_a_name_that_is_no_word_is_refused_before_anything_loads(override, key, tmp_path):
+    from tinv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.*one word"):
+        train(tmp_path / "run", [override])
+    assert not (tmp_path / "run").exists()

@@ -319,6 +319,23 @@ def test_report_helpers_smooth_and_pick_log_axes():
             summary_direction("train/lr")) == ("min", "max", None)
 
 
+@pytest.mark.parametrize("count", [3, 20])
+def test_the_loss_plot_gives_each_job_a_panel_best_first(count, tmp_path):
+    """Overlaid, jobs' losses (mostly timestep noise) cannot be told apart: one labelled panel per job, shared axes."""
+    from tinv.report import LOSS_PANELS, Job, _loss_panels, ranked
+
+    jobs = [Job(tmp_path / f"{n}_job", {"ok": True, "objective": n / 100, "overrides": [f"optimizer.lr={n}"]},
+                {"train/loss": [(step, 0.1 + 0.01 * (step % 2) + n / 1000) for step in range(1, 41)]})
+            for n in range(count)]
+    fig = _loss_panels(ranked(jobs), lambda job: job.folder.name)
+    drawn = [ax for ax in fig.axes if ax.axison]
+    assert len(drawn) == min(count, LOSS_PANELS)
+    assert [ax.get_title().split()[0] for ax in drawn[:3]] == ["#1", "#2", "#3"]
+    assert drawn[0].get_title() == "#1 0_job" and len({ax.get_ylim() for ax in drawn}) == 1  # best first, shared
+    assert all(len(ax.get_lines()) == 2 for ax in drawn)  # each step, and smoothed
+    assert (f"best {LOSS_PANELS} of {count}" in fig._suptitle.get_text()) == (count > LOSS_PANELS)
+
+
 def test_pivotal_sweep_runs_each_distinct_job_once(tmp_path):
     """sweep=pivotal's grid crosses method with LoRA keys that method=ti does not read: those ti jobs reuse the
     first one's result instead of training again."""

@@ -101,9 +101,10 @@ def test_the_star_is_outside_pretraining_yet_rendered_and_judged(tmp_path):
 def test_tinv_eval_is_deterministic(tmp_path):
     def run(name):
         out = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, "-m", "tinv.toy.evaluation", "--text", "red circle on a gray background",
+        proc = subprocess.run([sys.executable, "-m", "tinv.toy.evaluation", "--text", "red circle",
                                "--concept", "red circle on a gray background", "--samples", "8", "--edit-samples", "2",
-                               "--seed", "3", "--out", str(out), "--grid", str(tmp_path / f"{name}.png")],
+                               "--seed", "3", "--out", str(out), "--grid", str(tmp_path / f"{name}.png"),
+                               "--threads", "1"],  # bit-identical repeats need one thread count
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert not any(noise in proc.stderr for noise in ("Loading", "torchvision", "%|"))  # quiet
@@ -113,6 +114,17 @@ def test_tinv_eval_is_deterministic(tmp_path):
     assert a == b and grid_a == grid_b  # same scores, same pixels
     assert set(a) >= {"concept_accuracy", "shape_accuracy", "colour_accuracy", "background_accuracy", "seed",
                       "edit_black", "editability"} and (a["samples"], a["edit_samples"]) == (8, 2)
+
+
+def test_tinv_eval_says_editability_does_not_apply_to_a_text_that_names_its_background(tmp_path, capsys):
+    from tinv.toy.evaluation import main
+
+    out = tmp_path / "scores.json"
+    assert main(["--text", "red circle on a gray background", "--concept", "red circle on a gray background",
+                 "--samples", "2", "--edit-samples", "2", "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["editability"] is None and scores["edit_samples"] == 0 and "edit_black" not in scores
+    assert "editability does not apply" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

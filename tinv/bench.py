@@ -188,11 +188,35 @@ def bench_main(cfg: DictConfig) -> float:
     return result["step_s"]
 
 
+HELP = """tinv-bench: time real training steps, and how tinv shares a machine.
+
+  tinv-bench model=sd15_shape data.resolution=256 train.batch_size=1 bench.steps=6 bench.warmup=2
+  tinv-bench -m model=tiny_sd15 data.resolution=64,128,256 bench.steps=8    # a scaling table, one job each
+  tinv-bench threads WORK_DIR      # default threads against fixed counts, on an idle and a busy machine
+  tinv-bench sharing WORK_DIR      # toy runs one after another, side by side, and as a joblib sweep
+
+Timing steps takes every tinv-train override (`tinv-train --help` lists the groups and keys) and:
+  bench.steps            timed optimizer steps (default 10)
+  bench.warmup           untimed steps first (default 3)
+  bench.cache_images     > 0: train on this many generated images and time the latent cache
+It prints a table (step, floor = one micro-batch's loss forward and backward, overhead = step / floor, memory,
+optimizer state, VAE calls per step, data wait) and writes bench.json in the run folder.
+`tinv-bench threads --help` and `tinv-bench sharing --help` list their options. README.md: Performance."""
+
+
 def main() -> None:
     from .train import command_line, import_from_cwd
 
+    args = sys.argv[1:]
+    if args and args[0] in ("threads", "sharing"):
+        from .machine_bench import main as machine_main
+
+        sys.exit(machine_main(args))
+    if "--help" in args or "-h" in args:
+        print(HELP)
+        sys.exit(0)
     import_from_cwd()
-    sys.argv[1:] = command_line("tinv-bench", sys.argv[1:])
+    sys.argv[1:] = command_line("tinv-bench", args)
     bench_main()
 
 

@@ -80,6 +80,24 @@ def _choices(group: Path) -> list[str]:
     return sorted(p.stem for p in group.glob("*.yaml"))
 
 
+def model_choices() -> list[str]:
+    return _choices(CONF / "model")
+
+
+def model_choice(name: str) -> dict | None:
+    """The `model=<name>` config group's keys, resolved (a generated model's folder is written on first use), as the
+    commands other than tinv-train take `--model <name>`; None when `name` is no model= choice."""
+    from omegaconf import OmegaConf
+
+    from .config import ModelConfig
+
+    file = CONF / "model" / f"{name}.yaml"
+    if not re.fullmatch(r"\w+", name) or not file.is_file():
+        return None
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(file))
+    return OmegaConf.to_container(merged, resolve=True, enum_to_str=True)
+
+
 def _launchers() -> list[str]:
     from importlib.util import find_spec
 

@@ -10,6 +10,7 @@ callable's own arguments), checked against the callable when the run is built, b
 
 # No postponed annotations here: the dataclass field types must be real types (OmegaConf and check_values read them).
 import logging
+import re
 from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, Dict, Optional, get_type_hints
@@ -25,6 +26,8 @@ from .sweeping import job_folder_name
 
 log = logging.getLogger(__name__)
 
+NAME_WORD = re.compile(r"[^\W][\w.+-]*")  # output_name: a file name and the word written in prompts
+
 
 def at_least(minimum: int, default: Any) -> Any:
     """A field whose value (when set) must be >= minimum; `check_values` says so naming the key."""
@@ -39,6 +42,7 @@ def moved_to(new_key: str) -> Any:
 @dataclass
 class ModelConfig:
     _target_: str = "tinv.backbone.Backbone.from_pretrained"
+    name: Optional[str] = None  # the model= choice (each conf/model file sets it); embedding files record it
     family: Family = MISSING
     path: str = MISSING  # hub id, local diffusers folder, or single .safetensors/.ckpt file (original layout)
     config_dir: Optional[str] = None  # single files: local diffusers folder of the same family (configs, tokenizers)
@@ -250,7 +254,7 @@ class RunConfig:
     scheduler: Any = MISSING
     parts: Dict[str, Any] = field(default_factory=dict)  # what trains: name -> _target_ node (tinv.parts)
     callbacks: Dict[str, Any] = field(default_factory=dict)  # name -> _target_ node (tinv.callbacks)
-    output_name: Optional[str] = None  # file stem of the embedding; None = token.string
+    output_name: Optional[str] = None  # the files' stem and the word written in prompts; None = token.string
     resume: Optional[str] = None  # a run dir or its state dir, or "latest" (the newest state under outputs/)
 
 
@@ -344,6 +348,12 @@ def check_values(cfg) -> None:
         if cfg.lora.text_encoder and cfg.train.cache_text_encoder_outputs:
             raise ConfigError("train.cache_text_encoder_outputs caches a frozen encoder, and lora.text_encoder=true "
                               "trains every encoder; turn one of them off")
+    name = cfg.output_name
+    if not isinstance(name, str) or not NAME_WORD.fullmatch(name):
+        key = "token.string" if name == cfg.token.string else "output_name"
+        raise ConfigError(f"{key}={name!r}: the run's files are named after it and it is the word to write in prompts "
+                          "(A1111 and ComfyUI take the file's name); use one word of letters, digits and _ - . + "
+                          f"(not starting with . - or +), e.g. {key}=mychar")
     if cfg.token.train_encoders != "both" and cfg.model.family != "sdxl":
         raise ConfigError(f"token.train_encoders={cfg.token.train_encoders} applies to SDXL only; "
                           f"{cfg.model.family} has one text encoder")

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .embedding import FORMATS, EmbeddingMeta, read_embedding, save_embedding
+from .embedding import FORMATS, EmbeddingMeta, keeps_metadata, read_embedding, save_embedding
 from .errors import ConfigError
 
 
@@ -31,22 +31,28 @@ def _format_for(out: Path, explicit: str | None) -> str:
 
 
 def convert(src: str | Path, out: str | Path, fmt: str | None = None, token: str | None = None) -> Path:
+    """SRC in another format, its metadata (name, base model, family, step) kept wherever the format has room."""
     src = Path(src).expanduser()
     loaded = read_embedding(src)
-    return convert_vectors(loaded.vectors, token or loaded.name or src.stem, out, fmt)
+    meta = EmbeddingMeta.from_header(loaded.header, token or loaded.name or src.stem)
+    return convert_vectors(loaded.vectors, meta, out, fmt)
 
 
-def convert_vectors(vectors: dict, name: str, out: str | Path, fmt: str | None = None) -> Path:
-    """Write vectors (by encoder key) as an embedding in `fmt`, or the format OUT's name implies."""
+def convert_vectors(vectors: dict, meta: EmbeddingMeta, out: str | Path, fmt: str | None = None) -> Path:
+    """Write vectors (by encoder key) as an embedding in `fmt`, or the format OUT's name implies; says so on stderr
+    when that format has no room for the base model the metadata names."""
     out = Path(out).expanduser()
     fmt = _format_for(out, fmt)
+    if meta.base_model and not keeps_metadata(out, fmt, vectors):
+        print(f"note: {out} holds the vectors alone (the format has no room for more): tinv-generate will need "
+              f"--model {meta.model or meta.base_model}", file=sys.stderr)
     if fmt == "diffusers" and len(vectors) == 1 and out.suffix not in (".safetensors", ".bin"):
         out.mkdir(parents=True, exist_ok=True)
     if fmt == "diffusers" and len(vectors) == 2:
         if out.suffix:
             raise ConfigError(f"{out}: an SDXL embedding in diffusers format is two files; give a folder path")
         out.mkdir(parents=True, exist_ok=True)
-    return save_embedding(out, vectors, EmbeddingMeta(name), fmt)
+    return save_embedding(out, vectors, meta, fmt)
 
 
 def bundle_main(argv: list[str]) -> int:

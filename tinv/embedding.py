@@ -236,19 +236,39 @@ class ConceptToken:
 
 FORMATS = ("kohya", "a1111", "diffusers")
 DIFFUSERS_FILES = ("learned_embeds", "learned_embeds_2")
+PT_HEADER = "tinv"  # an A1111 .pt's entry holding tinv's header keys
 
 
 @dataclass
 class EmbeddingMeta:
-    token: str
+    """What an embedding file says of itself besides its vectors, in every format that has room for it."""
+
+    token: str  # the word to write in prompts: the file's name (A1111 and ComfyUI take the file name)
     family: str = ""
-    base_model: str = ""
+    base_model: str = ""  # what it was trained on: hub id, folder or file
     step: int = 0
+    model: str = ""  # the model= choice of that run (toy, sd15, ...): finds the base model on another machine
 
     def header(self, vectors: dict[str, torch.Tensor]) -> dict[str, str]:
         n = next(iter(vectors.values())).shape[0]
         return {"tinv.token": self.token, "tinv.num_vectors": str(n), "tinv.family": self.family,
-                "tinv.base_model": self.base_model, "tinv.step": str(self.step)}
+                "tinv.base_model": self.base_model, "tinv.step": str(self.step), "tinv.model": self.model}
+
+    @classmethod
+    def from_header(cls, header: dict, token: str) -> "EmbeddingMeta":
+        """The metadata a file carried (tinv's header keys), under the name `token`."""
+        step = str(header.get("tinv.step", ""))
+        return cls(token, header.get("tinv.family", ""), header.get("tinv.base_model", ""),
+                   int(step) if step.isdigit() else 0, header.get("tinv.model", ""))
+
+
+def keeps_metadata(path: Path, fmt: str, vectors: dict) -> bool:
+    """Whether a file of this format has room for EmbeddingMeta: not A1111's SDXL .pt (A1111 reads every entry as a
+    tensor) nor a diffusers .bin (diffusers takes its one entry as the token)."""
+    fmt = {"safetensors": "kohya", "pt": "a1111"}.get(fmt, fmt)
+    if fmt == "a1111":
+        return SD_KEY in vectors
+    return not (fmt == "diffusers" and Path(path).suffix == ".bin")
 
 
 def save_embedding(path: str | Path, vectors: dict[str, torch.Tensor], meta: EmbeddingMeta, fmt: str) -> Path:
@@ -269,10 +289,11 @@ def save_embedding(path: str | Path, vectors: dict[str, torch.Tensor], meta: Emb
             save_file(tensors, str(tmp), metadata=meta.header(tensors))
             sort_metadata(tmp)
     elif fmt == "a1111":
-        if SD_KEY in tensors:
+        if SD_KEY in tensors:  # A1111 reads name and step and ignores entries it does not know, such as ours
             data = {"string_to_token": {"*": 265}, "string_to_param": {"*": tensors[SD_KEY]}, "name": meta.token,
-                    "step": meta.step, "sd_checkpoint": None, "sd_checkpoint_name": meta.base_model}
-        else:  # A1111 reads SDXL .pt files as a plain clip_l / clip_g dict
+                    "step": meta.step, "sd_checkpoint": None, "sd_checkpoint_name": meta.base_model,
+                    PT_HEADER: meta.header(tensors)}
+        else:  # A1111 reads SDXL .pt files as a plain clip_l / clip_g dict, every entry a tensor
             data = dict(tensors)
         with atomic_path(path) as tmp:
             torch.save(data, str(tmp))
@@ -306,7 +327,8 @@ def _save_diffusers(path: Path, tensors: dict[str, torch.Tensor], meta: Embeddin
             if target.suffix == ".bin":
                 torch.save({meta.token: tensor}, str(tmp))
             else:
-                save_file({meta.token: tensor}, str(tmp))
+                save_file({meta.token: tensor}, str(tmp), metadata=meta.header(tensors))
+                sort_metadata(tmp)
 
     if SD_KEY in tensors:
         if path.suffix not in (".safetensors", ".bin"):
@@ -324,18 +346,68 @@ class LoadedEmbedding:
     header: dict = field(default_factory=dict)  # safetensors metadata (tinv writes tinv.family, tinv.base_model, ...)
 
 
+IMAGE_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP"}
+A1111_IMAGE_CHUNK = "sd-ti-embedding"  # A1111 can save an embedding as an image: JSON in this PNG text chunk
+
+
+def _what_else(path: Path) -> str | None:
+    """What a file that should hold an embedding holds instead, in words (None: it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "it is empty"
+    kind = next((name for magic, name in IMAGE_MAGIC.items() if head.startswith(magic)), None)
+    if kind or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return f"it is an image, {kind or 'WEBP'}"
+    if b"\0" not in head:
+        try:
+            head.decode("utf-8")
+            return "it is a text file"
+        except UnicodeDecodeError:
+            pass
+    return None
+
+
+def _a1111_image(path: Path) -> dict | None:
+    """The embedding A1111 hid in a PNG's text chunk (JSON, tensors as nested lists: nothing to unpickle)."""
+    import base64
+    import json
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get(A1111_IMAGE_CHUNK)
+    if not text:
+        return None
+    return json.loads(base64.b64decode(text), object_hook=lambda d: torch.tensor(d["TORCHTENSOR"])
+                      if set(d) == {"TORCHTENSOR"} else d)
+
+
 def _read_tensors(path: Path) -> tuple[object, dict]:
-    """The file's content and its header metadata (safetensors only)."""
+    """The file's content and its header metadata (safetensors' own; an A1111 .pt's tinv entry)."""
+    other = _what_else(path)
+    if other == "it is an image, PNG":
+        data = _a1111_image(path)
+        if data is not None:
+            return data, {}
+    if other:
+        raise ConfigError(f"{path}: not an embedding file ({other}); give the .safetensors or .pt file a run wrote "
+                          "(or a diffusers learned_embeds file or folder)")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, say so in one line
+            raise ConfigError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True), {}
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means we will not trust the file
-        raise ConfigError(f"{path}: refused - not a plain tensor file ({first_line(err)}); only weights are loaded, never "
-                          "pickled code. Convert it to .safetensors") from None
+        raise ConfigError(f"{path}: refused - not a plain tensor file ({first_line(err)}); only weights are loaded, "
+                          "never pickled code. Convert it to .safetensors") from None
+    header = data.pop(PT_HEADER, None) if isinstance(data, dict) else None
+    return data, {str(k): str(v) for k, v in header.items()} if isinstance(header, dict) else {}
 
 
 def read_embedding(path: str | Path) -> LoadedEmbedding:

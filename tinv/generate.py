@@ -2,14 +2,17 @@
 
     tinv-generate outputs/2026-12-02/10-00-00/mychar.safetensors "a photo of mychar on a beach" "mychar in the snow"
     tinv-generate mychar.pt "a photo of mychar" --model /models/sd15 --n 8 --compare
+    tinv-generate mychar.safetensors "a photo of mychar" --model toy       # any model= choice of tinv-train
     tinv-generate mychar.safetensors "a photo of mychar" --lora mychar-lora.safetensors   # method=pivotal
 
-Any embedding file tinv reads (kohya/A1111/ComfyUI safetensors, A1111 .pt, diffusers files and folders, an A1111
-bundle, whose LoRA comes along); `--lora` adds method=pivotal's LoRA file (either layout). The base
-model comes from the file's own header (tinv writes it), else from the run's summary.json beside the file, else
-from --model (any source tinv loads: hub id, diffusers folder, single file with --config-dir). Writes each image,
-and a grid with a row per prompt (and, with --compare, the same seeds without the token beneath it), and prints
-their paths.
+Any embedding file tinv reads (kohya/A1111/ComfyUI safetensors, A1111 .pt and PNG, diffusers files and folders, an
+A1111 bundle, whose LoRA comes along); `--lora` adds method=pivotal's LoRA file (either layout). The base model
+comes from --model (a model= choice such as toy or sd15, a hub id, a diffusers folder, or a single file with
+--config-dir), else from the file itself (tinv writes what it was trained on, and its model= choice, which finds a
+built-in model on another machine), else from the run's summary.json beside it. The word in the prompts is the
+one the file answers to: its name (the file name, as in A1111 and ComfyUI). Writes each image, and a grid with a
+row per prompt (with --compare, the same seeds without the token beneath it) and a column per seed, labelled, and
+prints their paths.
 """
 
 from __future__ import annotations
@@ -24,20 +27,52 @@ from pathlib import Path
 
 from .choices import Family, Sampler
 from .errors import ConfigError
+from .resources import add_threads_option
 
 log = logging.getLogger("tinv.generate")
 
 WIDTHS = {768: "sd1", 1024: "sd2"}  # the real single-encoder widths, for files that do not say their family
 
 
-def base_model(embedding: Path, loaded, model: str | None, family: str | None) -> tuple[str, str]:
-    """(model path, family) from the arguments, the file's header, or the run's summary.json beside it."""
+def _model_keys(choice: dict) -> dict:
+    """Backbone.from_pretrained's keys from a model= choice's config."""
+    return {k: v for k, v in choice.items() if k != "_target_"}
+
+
+def base_model(embedding: Path, loaded, model: str | None, family: str | None,
+               config_dir: str | None = None) -> dict:
+    """Backbone.from_pretrained's keys: --model (a model= choice, a folder, a file or a hub id), else what the file
+    (or the run's summary.json beside it) records. A recorded path that is not on this machine gives way to the
+    model= choice recorded beside it (a built-in model, written anew on first use)."""
+    from .backbone.source import is_hub_id
+    from .commandline import model_choice, model_choices
+
+    if model and not Path(model).expanduser().exists():
+        choice = model_choice(model)
+        if choice is not None:
+            if family and family != choice["family"]:
+                raise ConfigError(f"--family {family} but --model {model} is {choice['family']}; leave --family out")
+            return _model_keys(choice)
+        if not is_hub_id(model):
+            raise ConfigError(f"--model {model}: not a model= choice ({', '.join(model_choices())}), an existing "
+                              "folder or file, or a hub id like 'org/name'")
     summary_file = (embedding if embedding.is_dir() else embedding.parent) / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    model = model or loaded.header.get("tinv.base_model") or summary.get("base_model")
+    recorded = loaded.header.get("tinv.base_model") or summary.get("base_model")
+    recorded_choice = loaded.header.get("tinv.model") or summary.get("model")
+    if not model and recorded and not Path(recorded).expanduser().exists() and not is_hub_id(recorded):
+        choice = model_choice(recorded_choice) if recorded_choice else None
+        if choice is not None:
+            print(f"tinv-generate: {embedding} was trained on {recorded}, which is not on this machine; using "
+                  f"model={recorded_choice}, the choice it was trained with", file=sys.stderr)
+            return _model_keys(choice)
+    model = model or recorded
     if not model:
-        raise ConfigError(f"{embedding}: it does not name its base model; give one with --model (a hub id, a diffusers "
-                          "folder or a single checkpoint file)")
+        room = " (an SDXL .pt or a diffusers .bin holds the vectors alone)" if embedding.suffix in (".pt", ".bin") \
+            else ""
+        raise ConfigError(f"{embedding}: it does not name its base model{room}; give one with --model (a model= "
+                          f"choice such as {', '.join(model_choices()[:3])}, a hub id, a diffusers folder or a single "
+                          "checkpoint file)")
     family = family or loaded.header.get("tinv.family") or summary.get("family")
     if not family:
         if "clip_g" in loaded.vectors:
@@ -47,7 +82,22 @@ def base_model(embedding: Path, loaded, model: str | None, family: str | None) -
     if family not in Family.values():
         raise ConfigError(f"{embedding}: cannot tell the model family of these vectors; give --family "
                           f"({', '.join(Family.values())})")
-    return model, family
+    return {"family": family, "path": model, "config_dir": config_dir}
+
+
+def trigger_word(embedding: Path, loaded, prompts: list[str], given: str | None) -> str:
+    """The word that stands for the vectors in the prompts: --token, else the file's own name or its file name,
+    whichever the prompts use (A1111 and ComfyUI users write the file name)."""
+    if given:
+        return given
+    names = list(dict.fromkeys(n for n in (loaded.name, None if embedding.is_dir() else embedding.stem) if n))
+    if not names:
+        raise ConfigError(f"{embedding}: the files do not name their token; give it with --token")
+    for name in names:
+        pattern = re.compile(rf"(?<!\w){re.escape(name)}(?!\w)", re.IGNORECASE)
+        if any(pattern.search(p) for p in prompts):
+            return name
+    return names[0]
 
 
 def without_token(prompt: str, token: str) -> str:
@@ -56,30 +106,30 @@ def without_token(prompt: str, token: str) -> str:
 
 def generate(args) -> dict:
     import torch
-    from PIL import Image
 
     from .backbone import Backbone
     from .embedding import ConceptToken, read_embedding
     from .lora import load_into_pipeline
-    from .sampling import grid, sampling_mode, scheduler_for, slug
+    from .resources import ThreadShare, follow_load_in_pipeline
+    from .sampling import labelled_grid, sampling_mode, scheduler_for, slug
 
+    threads = ThreadShare(args.threads)  # its first look at the cores' load lasts while the model loads
     embedding = Path(args.embedding).expanduser()
     loaded = read_embedding(embedding)
-    token_string = args.token or loaded.name or (embedding.stem if not embedding.is_dir() else None)
-    if not token_string:
-        raise ConfigError(f"{embedding}: the files do not name their token; give it with --token")
-    model, family = base_model(embedding, loaded, args.model, args.family)
-    backbone = Backbone.from_pretrained(family, model, config_dir=args.config_dir)
+    token_string = trigger_word(embedding, loaded, args.prompts, args.token)
+    keys = base_model(embedding, loaded, args.model, args.family, args.config_dir)
+    backbone = Backbone.from_pretrained(**keys)
     token = ConceptToken(token_string, num_vectors=None, weights=str(embedding))
     try:
         token.add_to_tokenizers(backbone.encoders)
     except ConfigError:
-        raise ConfigError(f"the trigger word {token.string!r} is already a word of {model}, so the vectors cannot take "
-                          "its place; pick a new one with --token (and write it in the prompts)") from None
+        raise ConfigError(f"the trigger word {token.string!r} is already a word of {keys['path']}, so the vectors "
+                          "cannot take its place; pick a new one with --token (and write it in the prompts)") from None
     token.check_start(backbone.encoders)
     missing = [p for p in args.prompts if not token.contains_token(p)]
     if missing:
-        log.warning("these prompts do not contain the token %r, so it does nothing there: %s", token.string, missing)
+        log.warning("these prompts do not contain %r, the word this embedding answers to, so it does nothing there: "
+                    "%s", token.string, missing)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     backbone.load_models(device, dtype, torch.float32 if backbone.keeps_vae_fp32 else dtype)
@@ -94,29 +144,35 @@ def generate(args) -> dict:
     with_lora = load_into_pipeline(pipe, embedding, args.lora, args.lora_scale)
     if args.lora_scale != 1.0 and not with_lora:
         raise ConfigError("--lora-scale needs a LoRA: give --lora FILE or a bundle as the embedding")
-    rows, written = [], []
-    with sampling_mode(backbone, device):
-        for p, prompt in enumerate(args.prompts):
-            variants = [(prompt, "")] + ([(without_token(prompt, token.string), "-without")] if args.compare else [])
-            for text, suffix in variants:
-                row = []
-                for n in range(args.n):
-                    gen = torch.Generator(device="cpu").manual_seed(args.seed + n)
-                    image = pipe(token.expand(text), negative_prompt=token.expand(args.negative) or None,
-                                 width=width, height=height, num_inference_steps=args.steps,
-                                 guidance_scale=args.guidance, generator=gen, **backbone.sampling_kwargs()).images[0]
-                    path = out / f"{p:02d}-{slug(prompt)}-seed{args.seed + n}{suffix}.png"
-                    image.save(path)
-                    row.append(image)
-                    written.append(path)
-                rows.append(row)
-    sheet = grid([image for row in rows for image in row], cols=args.n)
-    scale = max(1, 256 // max(width, height))  # small models' images are enlarged so the grid can be seen
-    if scale > 1:
-        sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST)
-    sheet.save(out / "grid.png")
-    return {"images": written, "grid": out / "grid.png", "model": model, "family": family, "token": token.string,
-            "lora": with_lora}
+    threads.claim()
+    rows, labels, written = [], [], []
+    try:
+        with sampling_mode(backbone, device):
+            for p, prompt in enumerate(args.prompts):
+                variants = [(prompt, "", prompt)]
+                if args.compare:
+                    text = without_token(prompt, token.string)
+                    variants.append((text, "-without", f"without {token.string}: {text}"))
+                for text, suffix, label in variants:
+                    row = []
+                    for n in range(args.n):
+                        gen = torch.Generator(device="cpu").manual_seed(args.seed + n)
+                        image = pipe(token.expand(text), negative_prompt=token.expand(args.negative) or None,
+                                     width=width, height=height, num_inference_steps=args.steps,
+                                     guidance_scale=args.guidance, generator=gen,
+                                     callback_on_step_end=follow_load_in_pipeline,
+                                     **backbone.sampling_kwargs()).images[0]
+                        path = out / f"{p:02d}-{slug(prompt)}-seed{args.seed + n}{suffix}.png"
+                        image.save(path)
+                        row.append(image)
+                        written.append(path)
+                    rows.append(row)
+                    labels.append(label)
+    finally:
+        threads.release()
+    labelled_grid(rows, labels, [f"seed {args.seed + n}" for n in range(args.n)]).save(out / "grid.png")
+    return {"images": written, "grid": out / "grid.png", "model": keys.get("name") or keys["path"],
+            "family": keys["family"], "token": token.string, "lora": with_lora, "threads": threads.describe()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", help="a LoRA to load with it (method=pivotal's -lora file; a bundle given as the "
                         "embedding brings its own)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's strength (default 1)")
-    parser.add_argument("--model", help="base model (default: the one the embedding was trained on)")
+    parser.add_argument("--model", help="base model: a model= choice (toy, sd15, sdxl, ...), a hub id, a diffusers "
+                        "folder or a single file (default: the one the embedding was trained on)")
     parser.add_argument("--family", choices=Family.values(), help="model family (default: from the embedding)")
     parser.add_argument("--config-dir", help="single-file models: a local diffusers folder of the same family")
-    parser.add_argument("--token", help="the trigger word (default: the name the file carries, else its file name)")
+    parser.add_argument("--token", help="the trigger word (default: the name the file carries or its file name, "
+                        "whichever the prompts use)")
     parser.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     parser.add_argument("--steps", type=int, default=30)
@@ -142,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true", help="also the same seeds without the token")
     parser.add_argument("--out", help="output folder (default: generated/<time> beside the embedding)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         parser.error("--n and --steps must be at least 1")

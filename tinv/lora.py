@@ -324,8 +324,9 @@ class LoraWeights:
     def metadata(self, run) -> dict[str, str]:
         return {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
                 "ss_network_alpha": str(self.alpha), "ss_base_model_version": BASE_MODEL_VERSION[self.family],
-                "ss_output_name": run.output_name, "ss_steps": str(run.step), "tinv.token": self.token.string,
-                "tinv.family": self.family, "tinv.base_model": run.backbone.source, "tinv.step": str(run.step)}
+                "ss_output_name": run.output_name, "ss_steps": str(run.step), "tinv.token": run.output_name,
+                "tinv.family": self.family, "tinv.base_model": run.backbone.source, "tinv.step": str(run.step),
+                "tinv.model": run.backbone.name}
 
     def write(self, run, suffix: str) -> dict[str, Path]:
         stem = f"{run.output_name}{suffix}"
@@ -335,7 +336,7 @@ class LoraWeights:
         written = {"lora": save_lora(run.run_dir / f"{stem}-lora.safetensors", lora,
                                      dict(meta, **{"tinv.lora_format": self.format}))}
         if self.bundle:
-            bundled = bundle(kohya, self.token.string, self.token.vectors())
+            bundled = bundle(kohya, run.output_name, self.token.vectors())  # A1111's word for it: the run's name
             written["lora_bundle"] = save_lora(run.run_dir / f"{stem}-bundle.safetensors", bundled,
                                                dict(meta, **{"tinv.lora_format": "kohya"}))
         return written
@@ -416,13 +417,15 @@ def split_bundle(src: str | Path, embedding_out: str | Path, lora_out: str | Pat
                  embedding_format: str | None = None) -> tuple[Path, Path]:
     """A bundle -> its embedding (in any embedding format) and its plain kohya-layout LoRA."""
     from .convert import convert_vectors
+    from .embedding import EmbeddingMeta
 
     tensors, metadata = read_safetensors(src)
     lora, token, vectors = unbundle(tensors, str(src))
     if not lora:
         raise ConfigError(f"{src}: holds a bundled embedding but no LoRA weights")
     lora_path = save_lora(Path(lora_out).expanduser(), lora, metadata)
-    return convert_vectors(vectors, token, embedding_out, embedding_format), lora_path
+    meta = EmbeddingMeta.from_header(metadata, token)
+    return convert_vectors(vectors, meta, embedding_out, embedding_format), lora_path
 
 
 def join_bundle(embedding: str | Path, lora_src: str | Path, out: str | Path, token: str | None = None) -> Path:

@@ -182,6 +182,6 @@ class TokenVectors:
     def write(self, run, suffix: str) -> dict[str, Path]:
         ext = "safetensors" if run.save_format == "safetensors" else "pt"
         path = run.run_dir / f"{run.output_name}{suffix}.{ext}"
-        meta = EmbeddingMeta(self.token.string, run.backbone.family, run.backbone.source, run.step)
+        meta = EmbeddingMeta(run.output_name, run.backbone.family, run.backbone.source, run.step, run.backbone.name)
         save_embedding(path, self.token.vectors(), meta, run.save_format)
         return {"embedding": path}

@@ -2,9 +2,9 @@
 
 Reads each job's summary.json and metrics.jsonl (no wandb needed) and writes, into the sweep folder:
 report.md and report.csv (best objective first, failed jobs last; columns nobody filled left out), loss_curves.png
-(every job's smoothed train/loss), objective_curves.png (the objective's metric over the steps where it was
-measured, when it was measured more than once) and objective_vs_<param>.png for each parameter the sweep varied.
-report.md links the plots.
+(each job's train/loss in a panel of its own, best first), objective_curves.png (the objective's metric over the
+steps where it was measured, when it was measured more than once) and objective_vs_<param>.png for each parameter
+the sweep varied. report.md links the plots.
 """
 
 from __future__ import annotations
@@ -238,16 +238,8 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
     def name(job: Job) -> str:  # a job in a legend: the values the sweep varied
         return ", ".join(f"{k}={job.params.get(k)}" for k in swept) or job.folder.name[:60]
 
-    curves = [(job, job.curves["train/loss"]) for job in jobs if job.curves.get("train/loss")]
-    if curves:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for job, points in curves:
-            steps, losses = zip(*points)
-            ax.plot(steps, smooth(list(losses), max(5, len(losses) // 20)), label=name(job), linewidth=1)
-        ax.set(xlabel="step", ylabel="train/loss (smoothed)", title="training loss per job")
-        if len(curves) <= 12:
-            ax.legend(fontsize=6)
-        written["loss_curves"] = _save(fig, sweep_dir / "loss_curves.png")
+    if any(job.curves.get("train/loss") for job in jobs):
+        written["loss_curves"] = _save(_loss_panels(ranked(jobs), name), sweep_dir / "loss_curves.png")
     measured = [(job, job.curves[job.metric]) for job in jobs
                 if job.metric and len(job.curves.get(job.metric, [])) > 1]
     if measured:
@@ -278,6 +270,44 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
         safe = key.replace("/", "_")
         written[f"objective_vs_{safe}"] = _save(fig, sweep_dir / f"objective_vs_{safe}.png")
     return written
+
+
+LOSS_PANELS = 16  # the loss plot shows the best jobs' curves, one panel each
+
+
+def _loss_panels(jobs: list[Job], name):
+    """train/loss of each job in a panel of its own, best job first, on shared axes (a diffusion loss is mostly
+    timestep noise: overlaid, the jobs' curves cannot be told apart). Each step's loss in grey, smoothed in blue;
+    the y range leaves out the noisiest 1% so one spike does not flatten the rest."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves = [(rank, job, job.curves["train/loss"]) for rank, job in enumerate(jobs, 1) if job.curves.get("train/loss")]
+    shown = curves[:LOSS_PANELS]
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.6), sharex=True, sharey=True,
+                             squeeze=False)
+    values = np.array([value for _, _, points in shown for _, value in points], dtype=float)
+    values = values[np.isfinite(values)]
+    for ax, (rank, job, points) in zip(axes.flat, shown):
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, color="0.8", linewidth=0.5)
+        ax.plot(steps, smooth(list(losses), max(5, len(losses) // 20)), color="C0", linewidth=1.2)
+        title = f"#{rank} {name(job)}" if job.ok else f"(failed) {name(job)}"
+        ax.set_title(title if len(title) <= 48 else title[:47] + "…", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=7)
+    if len(values):
+        low, high = np.percentile(values, [0.5, 99.5])
+        pad = (high - low) * 0.05 or abs(high) * 0.05 or 0.01
+        axes.flat[0].set_ylim(low - pad, high + pad)
+    more = f"; the best {len(shown)} of {len(curves)} jobs" if len(curves) > len(shown) else ""
+    fig.suptitle(f"train/loss per job, best first (grey: each step; blue: smoothed{more})", fontsize=9)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:

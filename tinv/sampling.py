@@ -106,6 +106,43 @@ def grid(images: list, cols: int = 4) -> "object":
     return sheet
 
 
+def labelled_grid(rows: list[list], row_labels: list[str], col_labels: list[str], min_side: int = 256,
+                  label_width: int = 240):
+    """Images in rows and columns, each row labelled on its left (its prompt) and each column on top (its seed).
+    Images smaller than `min_side` are enlarged (nearest neighbour, whole times) so a small model's grid reads."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    side = max(max(im.width, im.height) for row in rows for im in row)
+    scale = max(1, min_side // side)
+    cell_w = max(im.width for row in rows for im in row) * scale
+    cell_h = max(im.height for row in rows for im in row) * scale
+    top, line_h = 24, 18
+    sheet = Image.new("RGB", (label_width + cell_w * max(map(len, rows)), top + cell_h * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, text in enumerate(col_labels):
+        draw.text((label_width + c * cell_w + 4, 4), text, fill="black", font=font)
+    for r, (row, text) in enumerate(zip(rows, row_labels)):
+        for c, image in enumerate(row):
+            sheet.paste(image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST),
+                        (label_width + c * cell_w, top + r * cell_h))
+        lines = _wrapped(text, font, label_width - 8)[:max(1, (cell_h - 8) // line_h)]
+        for n, line in enumerate(lines):
+            draw.text((4, top + r * cell_h + 4 + n * line_h), line, fill="black", font=font)
+    return sheet
+
+
+def _wrapped(text: str, font, width: int) -> list[str]:
+    """`text` in lines of at most `width` pixels, broken between words (a word longer than that stands alone)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def slug(text: str) -> str:
     """A prompt as a short file-name part."""
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:48] or "prompt"
@@ -165,6 +202,7 @@ class Previews:
         images, written = [], []
         with sampling_mode(backbone, acc.device):
             for n, spec in enumerate(self.prompts):
+                run.threads.adjust()  # what else runs on the cores may have changed since the last image
                 pipe = backbone.pipeline(scheduler_for(spec.sampler, backbone.noise_scheduler.config,
                                                     backbone.prediction_type))
                 pipe.set_progress_bar_config(disable=True)

@@ -203,11 +203,10 @@ def outcome(result: TrainResult, cfg: DictConfig) -> str:
               ("run folder", f"{run.run_dir} (metrics.jsonl, summary.json, train.log, state/)")]
     lines += [f"  {name:<10} {value}" for name, value in files if value]
     if s.get("embedding"):
-        token = run.token.string
+        name = run.output_name  # one word everywhere: the file's name, its header, the prompts below
         lora = f" --lora {shlex.quote(s['lora'])}" if s.get("lora") else ""
-        generate = (f'tinv-generate {shlex.quote(s["embedding"])} "a photo of {token}"{lora} --sampler '
-                    f"{cfg.sample.sampler} --steps {cfg.sample.steps} --guidance {cfg.sample.guidance_scale}")
-        name = Path(s["embedding"]).stem
+        generate = (f"tinv-generate {shlex.quote(s['embedding'])} {shlex.quote(f'a photo of {name}')}{lora} "
+                    f"--sampler {cfg.sample.sampler} --steps {cfg.sample.steps} --guidance {cfg.sample.guidance_scale}")
         steps = [generate, *run.callbacks.collect("next_steps", run),
                  f"A1111/Forge: copy it into embeddings/ and write {name} in a prompt; ComfyUI: models/embeddings/, "
                  f"embedding:{name}; diffusers: load_textual_inversion (README: Using the embedding)"]

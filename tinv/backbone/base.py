@@ -51,8 +51,9 @@ class Backbone:
 
     def __init__(self, source: ModelSource, revision: str | None = None, variant: str | None = None,
                  resolution: int = 512, prediction_type: str | None = None, clip_skip: int = 1,
-                 vae: str | None = None):
+                 vae: str | None = None, name: str | None = None):
         self.src, self.revision, self.variant = source, revision, variant
+        self.name = name or ""  # the model= choice it came from, if any
         self.resolution = resolution
         self.clip_skip = clip_skip
         self.vae_path = vae

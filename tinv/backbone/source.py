@@ -63,7 +63,7 @@ def _check_folder_family(path: str, family: str, components: set[str], what: str
                           "(or set model.family)")
 
 
-def _is_hub_id(path: str) -> bool:
+def is_hub_id(path: str) -> bool:
     parts = str(path).split("/")
     return len(parts) == 2 and all(parts) and not str(path).startswith((".", "~", "/"))
 
@@ -114,7 +114,7 @@ def resolve_source(path: str, family: str, config_dir: str | None = None,
                               f"model.config_dir=<a local diffusers folder of the {family} family>") from None
         _check_folder_family(config, family, _components(index), "model.config_dir")
         return ModelSource(str(local), True, config)
-    if not _is_hub_id(path):
+    if not is_hub_id(path):
         raise ConfigError(f"model.path={path!r} is neither an existing folder or file nor a hub id like 'org/name'")
     _check_folder_family(str(path), family, _components(read_model_index(str(path), revision)), "model.path")
     return ModelSource(str(path), False, str(path))

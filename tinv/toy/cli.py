@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+from ..resources import ThreadShare, add_threads_option
 from .world import render_concept
 
 
@@ -63,11 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--novel", type=int, default=2, help="concepts with a shape outside pretraining (a star)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="also write the numbers as JSON here")
+    for command in (p, j, t, m, v):
+        add_threads_option(command)
     args = parser.parse_args(argv)
     if args.command != "render":  # these load models: no library notices or bars
         from ..console import quiet_command
 
         quiet_command()
+        if args.threads:  # the training runs it starts take the same count
+            os.environ["TINV_THREADS"] = str(args.threads)
+        # the measuring commands wait while their training runs work: only pretraining counts as a run on the cores
+        ThreadShare(register=args.command in ("pretrain", "judge")).claim()
     if args.command in ("targets", "methods", "pivotal"):
         import json
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from ..callbacks import every
 from ..data.templates import OBJECT_TEMPLATES
 from ..errors import ConfigError
+from ..resources import ThreadShare, add_threads_option
 from ..seeds import derive_seed
 from .model import GUIDANCE_SCALE, WEIGHTS_DIR
 from .world import BACKGROUNDS, Concept
@@ -192,16 +194,18 @@ def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, mo
              judge: str = JUDGE, samples: int = 64, edit_samples: int = 0, seed: int = 0,
              guidance_scale: float | None = None, references: np.ndarray | None = None,
              lora: str | None = None) -> tuple[dict, np.ndarray]:
-    """Score a subject (a token of a loaded embedding, with its LoRA if any, or plain text) on the toy model;
-    returns (scores, images)."""
+    """Score a subject (a token of a loaded embedding, with its LoRA if any, or plain text) on the toy model (or
+    `model`: a model= choice or a folder); returns (scores, images)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from ..commandline import model_choice
     from .judge import load_judge
     from .model import toy_model_path
 
-    pipe = StableDiffusionPipeline.from_pretrained(model or toy_model_path(), safety_checker=None,
-                                                   requires_safety_checker=False)
+    choice = model_choice(model) if model and not Path(model).expanduser().exists() else None
+    pipe = StableDiffusionPipeline.from_pretrained(choice["path"] if choice else model or toy_model_path(),
+                                                   safety_checker=None, requires_safety_checker=False)
     if embedding:
         from ..embedding import SD_KEY, read_embedding
 
@@ -216,6 +220,14 @@ def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, mo
     with torch.no_grad():
         return concept_scores(pipe, load_judge(judge_path(judge)), subject, concept, references, samples, edit_samples,
                               seed, guidance_scale if guidance_scale is not None else GUIDANCE_SCALE)
+
+
+def names_a_background(text: str) -> str | None:
+    """The background a subject text already asks for ("... on a gray background"), else None: the edit prompts
+    would ask for a second one, so editability does not apply to it."""
+    found = re.search(r"\bon an? ([\w-]+) background\b", text, re.IGNORECASE) or \
+        re.search(r"\b([\w-]+) background\b", text, re.IGNORECASE)
+    return found.group(1) if found else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,10 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=None, help=f"default {GUIDANCE_SCALE}")
-    parser.add_argument("--model", help="toy model folder (default: the shipped toy model)")
+    parser.add_argument("--model", help="a model= choice or a diffusers folder (default: toy, the shipped toy "
+                        "model)")
     parser.add_argument("--judge", default=JUDGE, help="judge weights (default: the shipped judge)")
     parser.add_argument("--out", help="also write the scores as JSON here")
     parser.add_argument("--grid", help="also write the samples as a PNG grid here")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     from ..console import quiet_command
 
@@ -250,18 +264,31 @@ def main(argv: list[str] | None = None) -> int:
             from ..embedding import read_embedding
 
             subject = args.token or read_embedding(args.embedding).name or "<concept>"
+        edit_samples, asked = args.edit_samples, names_a_background(subject) if args.text else None
+        if asked and edit_samples:
+            print(f"tinv-eval: editability does not apply to {subject!r}: it already asks for a {asked} background, "
+                  "and the edit prompts would ask for another; give --text without the background to measure it",
+                  file=sys.stderr)
+            edit_samples = 0
         refs = None
         if args.references:
             from ..data.images import list_images
 
             refs = load_references(list_images(Path(args.references)))
-        result, images = evaluate(subject, concept, embedding=args.embedding, model=args.model, judge=args.judge,
-                                  samples=args.samples, edit_samples=args.edit_samples, seed=args.seed,
-                                  guidance_scale=args.guidance_scale, references=refs, lora=args.lora)
+        threads = ThreadShare(args.threads)
+        threads.claim()
+        try:
+            result, images = evaluate(subject, concept, embedding=args.embedding, model=args.model, judge=args.judge,
+                                      samples=args.samples, edit_samples=edit_samples, seed=args.seed,
+                                      guidance_scale=args.guidance_scale, references=refs, lora=args.lora)
+        finally:
+            threads.release()
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"tinv-eval: {err}", file=sys.stderr)
+        print(f"tinv-eval: error: {err}", file=sys.stderr)
         return 2
-    result.update(concept=concept.text(), subject=subject, samples=args.samples, edit_samples=args.edit_samples,
+    if asked and args.edit_samples:
+        result["editability"] = None  # not 0: not measured
+    result.update(concept=concept.text(), subject=subject, samples=args.samples, edit_samples=edit_samples,
                   seed=args.seed,
                   guidance_scale=args.guidance_scale if args.guidance_scale is not None else GUIDANCE_SCALE)
     text = json.dumps(result, indent=1)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_path, write_text_atomic
 from ..data.templates import OBJECT_TEMPLATES
 from ..losses import DiffusionLoss
+from ..resources import follow_load
 from . import world
 from .judge import HEADS, Judge, to_tensor
 from .model import build_pipeline, save_weights
@@ -63,6 +64,7 @@ def train_judge(steps: int, seed: int, batch: int = 128, vae=None) -> tuple[Judg
         loss.backward()
         opt.step()
         sched.step()
+        follow_load()
         if step % 200 == 0:
             log.info("judge step %d loss %.4f", step, loss.item())
     judge.eval().requires_grad_(False)
@@ -123,6 +125,7 @@ def train_vae(vae, steps: int, seed: int, batch: int = 64) -> float:
         loss.backward()
         opt.step()
         sched.step()
+        follow_load()
         if step % 200 == 0:
             log.info("vae step %d loss %.5f", step, loss.item())
     vae.eval().requires_grad_(False)
@@ -190,6 +193,7 @@ def train_denoiser(pipe, latents: torch.Tensor, concepts: list[world.Concept], s
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_at.step()
+        follow_load()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema, params):

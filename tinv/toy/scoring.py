@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..resources import follow_load_in_pipeline
 from .judge import HEADS, Judge, to_tensor
 from .model import GUIDANCE_SCALE, SAMPLE_STEPS
 from .world import Concept
@@ -30,7 +31,8 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], guidance_scale: fl
         for i in range(0, len(prompts), batch):
             gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
             res = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
-                       generator=gens, output_type="np", height=32, width=32, **call_kwargs)
+                       generator=gens, output_type="np", height=32, width=32,
+                       callback_on_step_end=follow_load_in_pipeline, **call_kwargs)
             out.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
     finally:
         pipe.scheduler = scheduler
