@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import with_test_model
+from conftest import hydra_quoted, odd_image_folders, with_test_model
 
 pytestmark = pytest.mark.cluster
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -137,11 +137,13 @@ def job_pid(sweep: Path, task: int) -> int:
 
 def test_grid_sweep_on_slurm(partition, tmp_path):
     sweep = tmp_path / "grid"
-    proc = tinv(["-m", "train.seed=1,2", "train.max_steps=3", *slurm(partition), f"hydra.sweep.dir={sweep}"],
-                cwd=tmp_path)
+    folder = odd_image_folders(tmp_path)[0]  # the README's data.image_dir=/shared/imgs, with `=`, `,` and quotes too
+    proc = tinv(["-m", "train.seed=1,2", "train.max_steps=3", *slurm(partition), f"data.image_dir={hydra_quoted(folder)}",
+                 f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = summaries(sweep)
     assert len(found) == 2 and all(s["ok"] and s["step"] == 3 for s in found.values())
+    assert len([p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2  # flat job folders
     assert len(list(sweep.glob("*/mychar.safetensors"))) == 2
     assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2  # they ran as SLURM jobs
     for log in sweep.glob("*/train.log"):  # each job's threads: its cpus_per_task

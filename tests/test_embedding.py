@@ -122,3 +122,39 @@ def test_the_same_vectors_make_the_same_file(tmp_path):
     assert len(digests) == 1
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
         assert f.metadata()["tinv.base_model"] == "/models/xl" and torch.equal(f.get_tensor("clip_g"), vectors["clip_g"])
+
+
+@pytest.mark.parametrize("fmt,name", [("kohya", "t.safetensors"), ("a1111", "t.pt"), ("diffusers", "learned_embeds.safetensors")])
+def test_the_metadata_travels_in_every_format_with_room_for_it(tmp_path, fmt, name):
+    from tinv.embedding import read_embedding
+
+    meta = EmbeddingMeta("bluetri", "sd1", "/models/sd15", 7, "sd15")
+    path = save_embedding(tmp_path / name, {"emb_params": torch.randn(2, 8)}, meta, fmt)
+    loaded = read_embedding(path)
+    assert loaded.name == "bluetri" and EmbeddingMeta.from_header(loaded.header, loaded.name) == meta
+
+
+def test_an_a1111_embedding_image_is_read_without_unpickling(tmp_path):
+    """A1111 can save an embedding as a PNG: JSON in a text chunk, each tensor as nested lists."""
+    import base64
+    import json
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from tinv.embedding import read_embedding
+
+    vectors = torch.randn(2, 8)
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": {"TORCHTENSOR": vectors.tolist()}},
+            "name": "pngchar", "step": 500, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    info = PngInfo()
+    info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(data).encode()).decode())
+    Image.new("RGB", (16, 16)).save(tmp_path / "pngchar.png", pnginfo=info)
+    loaded = read_embedding(tmp_path / "pngchar.png")
+    assert loaded.name == "pngchar" and torch.allclose(loaded.vectors["emb_params"], vectors)
+    Image.new("RGB", (16, 16)).save(tmp_path / "plain.png")  # a picture, not an embedding: said in one line
+    with pytest.raises(ConfigError, match=r"plain.png: not an embedding file \(it is an image, PNG\)"):
+        read_embedding(tmp_path / "plain.png")
+    (tmp_path / "notes.pt").write_text("a photo of mychar\n")
+    with pytest.raises(ConfigError, match=r"not an embedding file \(it is a text file\)"):
+        read_embedding(tmp_path / "notes.pt")

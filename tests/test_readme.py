@@ -1,5 +1,5 @@
-"""The README's commands: every tinv-train / tinv-bench line composes as written (keys, choices, values), and the toy
-world's walk-through runs end to end as pasted (slow)."""
+"""The README's commands: every tinv-train / tinv-bench line composes as written (keys, choices, values), every line of
+the other commands parses as written, and the toy world's walk-through runs end to end as pasted (slow)."""
 
 import os
 import re
@@ -27,13 +27,46 @@ def readme_commands(prog: str) -> list[list[str]]:
     return found
 
 
-def test_the_readme_has_the_commands_this_test_reads():
-    assert len(readme_commands("tinv-train")) >= 8 and len(readme_commands("tinv-bench")) >= 4
+class Parsed(Exception):
+    """Raised in place of running a command, once its arguments parsed."""
 
 
-@pytest.mark.parametrize("args", readme_commands("tinv-train") + readme_commands("tinv-bench"), ids=" ".join)
+# the commands with argparse entry points: each README line of theirs must parse as written
+ARGPARSE_COMMANDS = {"tinv-generate": "tinv.generate", "tinv-eval": "tinv.toy.evaluation", "tinv-convert": "tinv.convert",
+                     "tinv-report": "tinv.report", "tinv-toy": "tinv.toy.cli"}
+BENCH_SUBCOMMANDS = (["threads"], ["sharing"])  # tinv-bench's own subcommands (argparse), not Hydra overrides
+
+
+def argparse_lines() -> list[tuple[str, list[str]]]:
+    lines = [(prog, args) for prog in ARGPARSE_COMMANDS for args in readme_commands(prog)]
+    return lines + [("tinv-bench", args) for args in readme_commands("tinv-bench") if args[:1] in BENCH_SUBCOMMANDS]
+
+
+@pytest.mark.parametrize("args", readme_commands("tinv-train") + [args for args in readme_commands("tinv-bench")
+                                                                   if args[:1] not in BENCH_SUBCOMMANDS], ids=" ".join)
 def test_every_readme_training_command_composes_as_written(args):
     precheck(expand_home(args))  # raises a one-line ConfigError for a key, choice or value that no longer exists
+
+
+def test_the_readme_has_the_commands_this_test_reads():
+    assert len(readme_commands("tinv-train")) >= 8 and len(readme_commands("tinv-bench")) >= 4
+    assert {prog for prog, _ in argparse_lines()} == {*ARGPARSE_COMMANDS, "tinv-bench"}
+
+
+@pytest.mark.parametrize("prog,args", argparse_lines(), ids=lambda x: x if isinstance(x, str) else " ".join(x))
+def test_every_readme_command_of_the_other_tools_parses_as_written(prog, args, monkeypatch):
+    import argparse
+    import importlib
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, *a, **kw):
+        raise Parsed(original(self, *a, **kw))  # an unknown option or a missing argument exits 2 here instead
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    module = "tinv.machine_bench" if prog == "tinv-bench" else ARGPARSE_COMMANDS[prog]
+    with pytest.raises(Parsed):
+        importlib.import_module(module).main(args)
 
 
 @pytest.mark.slow  # a default run, a pivotal run and three scorings of the toy model: about 6 minutes on 2 cores

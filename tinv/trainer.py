@@ -127,7 +127,8 @@ class Trainer:
                     raise self.save_and_stop(run, err.signum, "during the final scoring", stop) from None
             run.save_state()  # a finished run resumes as finished
             run.tracker.set_summary(final_loss=last_loss, step=run.step, base_model=run.backbone.source,
-                                    family=run.backbone.family, bad_steps=run.state.bad_steps_total,
+                                    model=run.backbone.name, family=run.backbone.family,
+                                    bad_steps=run.state.bad_steps_total,
                                     wall_s=round(run.elapsed_s(), 2), started_at=run.started[1],
                                     finished_at=time.time(),
                                     **read_objective(run.tracker.history, last_loss, **self.objective))
