@@ -42,7 +42,8 @@ def test_the_toy_world_comes_from_the_defaults_list_not_from_the_model():
     assert cfg.callbacks.concept._target_ == "tinv.toy.evaluation.ConceptScoring"
     assert (cfg.token.init_word, cfg.objective.metric, cfg.objective.mode) == ("shape", "val/concept_and_edit", "max")
     # the model file itself sets model keys only; without the world the toy model is a plain model
-    assert set(OmegaConf.load(CONF / "model" / "toy.yaml")) == {"family", "path", "resolution", "prediction_type"}
+    assert set(OmegaConf.load(CONF / "model" / "toy.yaml")) == {"name", "family", "path", "resolution",
+                                                                 "prediction_type"}
     assert "concept" not in bare.callbacks and bare.token.init_word is None and bare.objective.metric == "val/loss"
     sd15 = compose(["model=sd15"])
     assert "concept" not in sd15.callbacks and sd15.token.init_word is None
@@ -84,6 +85,8 @@ def test_model_configs_carry_family_resolution_and_prediction():
     assert (sd2.family, sd2.resolution, sd2.prediction_type) == ("sd2", 768, "v_prediction")
     assert compose(["model=tiny_sd2"]).model.prediction_type == "v_prediction"
     assert compose(["model=sdxl"]).model.resolution == 1024
+    for file in (CONF / "model").glob("*.yaml"):  # the name embedding files record must find the same choice again
+        assert OmegaConf.load(file).name == file.stem, file
 
 
 @pytest.mark.parametrize("override", ["model.pathh=x", "train.max_step=3", "token.strng=x", "save.fromat=pt",

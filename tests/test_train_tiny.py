@@ -116,7 +116,7 @@ def test_pt_format_is_the_a1111_layout_and_loads_in_diffusers(run_dir):
     result = train(run_dir, ["train.max_steps=2", "save.format=pt", "token.num_vectors=3", "output_name=thing"])
     assert result.embedding == run_dir / "thing.pt"
     data = torch.load(result.embedding, weights_only=True)
-    assert data["string_to_token"] == {"*": 265} and data["name"] == "mychar" and data["step"] == 2
+    assert data["string_to_token"] == {"*": 265} and data["name"] == "thing" and data["step"] == 2  # the files' name
     assert data["string_to_param"]["*"].shape == (3, 32)
     pipe = _pipeline(result.run.backbone)
     pipe.load_textual_inversion(str(result.embedding), token="thing")

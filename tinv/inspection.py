@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("embedding", help="an embedding file (or a diffusers SDXL embedding folder)")
-    parser.add_argument("--model", help="base model (default: the one the embedding was trained on)")
+    parser.add_argument("--model", help="base model: a model= choice (toy, sd15, ...), a hub id, a folder or a single "
+                        "file (default: the one the embedding was trained on)")
     parser.add_argument("--family", help="sd1, sd2 or sdxl (default: from the embedding)")
     parser.add_argument("--config-dir", help="single-file models: a local diffusers folder of the same family")
     parser.add_argument("--init-word", help="compare with this word's rows (default: the run's token.init_word)")
@@ -162,8 +163,7 @@ def inspect_file(embedding: Path, model: str | None, family: str | None, config_
     from .parts import output_rows
 
     loaded = read_embedding(embedding)
-    model, family = base_model(embedding, loaded, model, family)
-    backbone = Backbone.from_pretrained(family, model, config_dir=config_dir)
+    backbone = Backbone.from_pretrained(**base_model(embedding, loaded, model, family, config_dir))
     backbone.load_text_encoders()
     run_token = _run_token(embedding)
     init_word = init_word or run_token.get("init_word")
