@@ -56,14 +56,15 @@ def test_files_travel_with_their_name_and_base_model(tmp_path, capsys):
         return main([str(embedding), "a photo of zorbit", "--n", "1", "--steps", "1", "--out", str(tmp_path / "o"),
                      *args])
 
-    assert generate(bare) == 0 and "on " + result.run.backbone.path in capsys.readouterr().out
+    assert generate(bare) == 0
+    assert f"1 image of 'zorbit' on {result.run.backbone.path} (model=tiny_sd15, sd1)" in capsys.readouterr().out
     moved = tmp_path / "moved.safetensors"  # trained on a folder this machine does not have
     vectors = read_embedding(bare).vectors
     save_embedding(moved, vectors, EmbeddingMeta("zorbit", "sd1", "/gone/tiny", 1, "tiny_sd15"), "kohya")
     assert generate(moved) == 0
     captured = capsys.readouterr()
     assert "/gone/tiny, which is not on this machine; using model=tiny_sd15" in captured.err
-    assert "on tiny_sd15 (sd1)" in captured.out
+    assert "(model=tiny_sd15, sd1)" in captured.out and "/gone/tiny" not in captured.out
     plain = tmp_path / "plain.pt"  # an A1111 .pt from elsewhere: the vectors and a name, no base model
     torch.save({"string_to_param": {"*": vectors["emb_params"]}, "name": "zorbit"}, plain)
     assert generate(plain) == 2 and "give one with --model" in capsys.readouterr().err
@@ -123,10 +124,11 @@ def test_a_runs_name_is_the_one_word_everywhere(tmp_path, capsys, caplog):
     pasted = shlex.split(printed.split("  next       ")[1].splitlines()[0])
     assert pasted[0] == "tinv-generate" and pasted[2] == "a photo of bluetri"
     assert main(pasted[1:] + ["--n", "1", "--steps", "1", "--out", str(tmp_path / "o")]) == 0
-    assert "does nothing there" not in caplog.text and "images of 'bluetri'" in capsys.readouterr().out
+    assert "does nothing there" not in caplog.text and "image of 'bluetri'" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("override,key", [("output_name=../x", "output_name"), ("output_name=a b", "output_name"),
+                                          ("output_name=x.safetensors", "output_name"),
                                           ("token.string='`id>x`'", "token.string")])
 def test_a_name_that_is_no_word_is_refused_before_anything_loads(override, key, tmp_path):
     from tinv.errors import ConfigError

@@ -3,6 +3,7 @@ leave idle."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 
+from tinv.errors import ConfigError
 from tinv.resources import IDLE_SLACK, CoreLoad, ThreadShare, cpu_quota, my_cores
 
 
@@ -63,6 +65,10 @@ def test_runs_on_the_same_cores_split_them_and_dead_ones_are_forgotten(tmp_path,
         assert ThreadShare(3, registry=registry).claim() == 3 and not list(registry.glob("*-%d.json" % os.getpid()))
         monkeypatch.setenv("TINV_THREADS", "2")  # the same for every tinv command, unless a run says otherwise
         assert ThreadShare(registry=registry).claim() == 2 and ThreadShare(1, registry=registry).claim() == 1
+        for bad in ("0", "x", "1.5"):  # said, not ignored
+            monkeypatch.setenv("TINV_THREADS", bad)
+            with pytest.raises(ConfigError, match=rf"TINV_THREADS='{re.escape(bad)}' is not a thread count"):
+                ThreadShare(registry=registry)
         monkeypatch.delenv("TINV_THREADS")
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a launcher's share (joblib's workers) caps it
         assert ThreadShare(registry=registry, load=idle()).claim() == 1
@@ -84,7 +90,7 @@ def test_threads_never_outnumber_the_cores_other_programs_leave_idle(busy_cores,
     idle = cores - min(busy_cores, cores)
     assert threads == max(1, min(share.budget, int(idle + IDLE_SLACK)))
     if threads < share.budget:
-        assert "busy with other programs" in share.describe()
+        assert "busy with other processes" in share.describe()
     share.release()
 
 

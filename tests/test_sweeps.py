@@ -54,6 +54,8 @@ def test_grid_sweep_wandb_group_and_report(tmp_path):
     assert objectives == sorted(objectives)
     markdown = (sweep / "report.md").read_text()
     assert markdown.count("| ok |") == 4
+    header = [c.strip() for c in markdown.split("\n| rank |")[1].split("\n")[0].split("|")]
+    assert header.count("optimizer.lr") == 1 and header.count("token.num_vectors") == 1  # each swept key once
     assert "concept_accuracy" not in markdown and "concept_accuracy" not in rows[0]  # nobody reported it
     for png in ("loss_curves.png", "objective_vs_optimizer.lr.png", "objective_vs_token.num_vectors.png"):
         assert (sweep / png).stat().st_size > 1000 and f"]({png})" in markdown  # written and linked
@@ -167,6 +169,10 @@ def test_a_sweep_over_odd_paths_reports_and_resumes_its_flat_job_folders(tmp_pat
     assert one.returncode == 0, one.stderr[-3000:]
     summary = json.loads((jobs[1] / "summary.json").read_text())
     assert (summary["step"], summary["resumed_at_step"]) == (4, 3) and job_folders(sweep) == jobs
+    assert summary["job_num"] == 1  # still the sweep's job: the report lists it with its values
+    assert subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True).returncode == 0
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "report.csv").open())}
+    assert rows[jobs[1].name]["data.image_dir"] == str(folders[1]) and rows[jobs[1].name]["steps"] == "4"
 
 
 def test_a_trial_whose_sweep_process_is_gone_is_failed_others_are_left_alone(tmp_path):
@@ -202,6 +208,25 @@ def test_a_trial_whose_sweep_process_is_gone_is_failed_others_are_left_alone(tmp
     Heartbeat(storage).add(t._trial_id for t in [fresh])
     with sqlite3.connect(db) as con:
         assert con.execute("select count(*) from trial_heartbeats where trial_id = ?", (fresh._trial_id,)).fetchone()[0]
+
+
+def test_ctrl_c_stops_a_local_sweep_not_just_its_job(tmp_path):
+    """The basic launcher runs the jobs in the sweep's own process: SIGINT saves the job and ends the sweep (130),
+    saying how to resume it; the next job never starts."""
+    sweep = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "tinv.train", *with_test_model([
+        "-m", "optimizer.lr=1e-3,1e-2", "train.max_steps=400", "logger=none", f"hydra.sweep.dir={sweep}"])],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not any(p.stat().st_size for p in sweep.glob("0_*/metrics.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    err = proc.stderr.read()
+    assert f"the sweep stops; the same command with hydra.sweep.dir={sweep} resumes it" in err
+    assert "Traceback" not in err and [p.name[0] for p in sweep.iterdir() if p.is_dir()] == ["0"]
+    assert json.loads(next(sweep.glob("0_*/summary.json")).read_text())["stopped_by"] == "SIGINT"
 
 
 def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):

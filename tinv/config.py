@@ -27,6 +27,7 @@ from .sweeping import job_folder_name
 log = logging.getLogger(__name__)
 
 NAME_WORD = re.compile(r"[^\W][\w.+-]*")  # output_name: a file name and the word written in prompts
+FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 
 
 def at_least(minimum: int, default: Any) -> Any:
@@ -349,11 +350,11 @@ def check_values(cfg) -> None:
             raise ConfigError("train.cache_text_encoder_outputs caches a frozen encoder, and lora.text_encoder=true "
                               "trains every encoder; turn one of them off")
     name = cfg.output_name
-    if not isinstance(name, str) or not NAME_WORD.fullmatch(name):
+    if not isinstance(name, str) or not NAME_WORD.fullmatch(name) or name.lower().endswith(FILE_SUFFIXES):
         key = "token.string" if name == cfg.token.string else "output_name"
         raise ConfigError(f"{key}={name!r}: the run's files are named after it and it is the word to write in prompts "
                           "(A1111 and ComfyUI take the file's name); use one word of letters, digits and _ - . + "
-                          f"(not starting with . - or +), e.g. {key}=mychar")
+                          f"(not starting with . - or +, no file suffix: tinv adds it), e.g. {key}=mychar")
     if cfg.token.train_encoders != "both" and cfg.model.family != "sdxl":
         raise ConfigError(f"token.train_encoders={cfg.token.train_encoders} applies to SDXL only; "
                           f"{cfg.model.family} has one text encoder")

@@ -39,11 +39,11 @@ def _model_keys(choice: dict) -> dict:
     return {k: v for k, v in choice.items() if k != "_target_"}
 
 
-def base_model(embedding: Path, loaded, model: str | None, family: str | None,
-               config_dir: str | None = None) -> dict:
+def base_model(embedding: Path, loaded, model: str | None, family: str | None, config_dir: str | None = None,
+               prog: str = "tinv-generate") -> dict:
     """Backbone.from_pretrained's keys: --model (a model= choice, a folder, a file or a hub id), else what the file
     (or the run's summary.json beside it) records. A recorded path that is not on this machine gives way to the
-    model= choice recorded beside it (a built-in model, written anew on first use)."""
+    model= choice recorded beside it (a built-in model, written anew on first use); `prog` says so."""
     from .backbone.source import is_hub_id
     from .commandline import model_choice, model_choices
 
@@ -63,9 +63,10 @@ def base_model(embedding: Path, loaded, model: str | None, family: str | None,
     if not model and recorded and not Path(recorded).expanduser().exists() and not is_hub_id(recorded):
         choice = model_choice(recorded_choice) if recorded_choice else None
         if choice is not None:
-            print(f"tinv-generate: {embedding} was trained on {recorded}, which is not on this machine; using "
+            print(f"{prog}: {embedding} was trained on {recorded}, which is not on this machine; using "
                   f"model={recorded_choice}, the choice it was trained with", file=sys.stderr)
             return _model_keys(choice)
+    name = "" if model else recorded_choice  # a path of the user's own is no choice
     model = model or recorded
     if not model:
         room = " (an SDXL .pt or a diffusers .bin holds the vectors alone)" if embedding.suffix in (".pt", ".bin") \
@@ -82,7 +83,7 @@ def base_model(embedding: Path, loaded, model: str | None, family: str | None,
     if family not in Family.values():
         raise ConfigError(f"{embedding}: cannot tell the model family of these vectors; give --family "
                           f"({', '.join(Family.values())})")
-    return {"family": family, "path": model, "config_dir": config_dir}
+    return {"family": family, "path": model, "config_dir": config_dir, "name": name}
 
 
 def trigger_word(embedding: Path, loaded, prompts: list[str], given: str | None) -> str:
@@ -90,7 +91,7 @@ def trigger_word(embedding: Path, loaded, prompts: list[str], given: str | None)
     whichever the prompts use (A1111 and ComfyUI users write the file name)."""
     if given:
         return given
-    names = list(dict.fromkeys(n for n in (loaded.name, None if embedding.is_dir() else embedding.stem) if n))
+    names = names_of(embedding, loaded)
     if not names:
         raise ConfigError(f"{embedding}: the files do not name their token; give it with --token")
     for name in names:
@@ -98,6 +99,11 @@ def trigger_word(embedding: Path, loaded, prompts: list[str], given: str | None)
         if any(pattern.search(p) for p in prompts):
             return name
     return names[0]
+
+
+def names_of(embedding: Path, loaded) -> list[str]:
+    """The words an embedding answers to: the name it carries, then its file name."""
+    return list(dict.fromkeys(n for n in (loaded.name, None if embedding.is_dir() else embedding.stem) if n))
 
 
 def without_token(prompt: str, token: str) -> str:
@@ -128,8 +134,9 @@ def generate(args) -> dict:
     token.check_start(backbone.encoders)
     missing = [p for p in args.prompts if not token.contains_token(p)]
     if missing:
-        log.warning("these prompts do not contain %r, the word this embedding answers to, so it does nothing there: "
-                    "%s", token.string, missing)
+        words = " or ".join(repr(n) for n in dict.fromkeys([token.string, *names_of(embedding, loaded)]))
+        log.warning("these prompts do not contain %s, the word this embedding answers to, so it does nothing there: "
+                    "%s", words, missing)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     backbone.load_models(device, dtype, torch.float32 if backbone.keeps_vae_fp32 else dtype)
@@ -171,7 +178,7 @@ def generate(args) -> dict:
     finally:
         threads.release()
     labelled_grid(rows, labels, [f"seed {args.seed + n}" for n in range(args.n)]).save(out / "grid.png")
-    return {"images": written, "grid": out / "grid.png", "model": keys.get("name") or keys["path"],
+    return {"images": written, "grid": out / "grid.png", "model": backbone.path, "choice": backbone.name,
             "family": keys["family"], "token": token.string, "lora": with_lora, "threads": threads.describe()}
 
 
@@ -213,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinv-generate: error: {err}", file=sys.stderr)
         return 2
     lora = " with its LoRA" if result["lora"] else ""
-    print(f"{len(result['images'])} images of {result['token']!r}{lora} on {result['model']} ({result['family']}):")
+    count, choice = len(result["images"]), f"model={result['choice']}, " if result["choice"] else ""
+    print(f"{count} image{'s'[:count > 1]} of {result['token']!r}{lora} on {result['model']} ({choice}"
+          f"{result['family']}), {result['threads']}:")
     print(f"  grid    {result['grid']}")
     print(f"  images  {result['images'][0].parent}/")
     return 0

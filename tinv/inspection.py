@@ -163,7 +163,7 @@ def inspect_file(embedding: Path, model: str | None, family: str | None, config_
     from .parts import output_rows
 
     loaded = read_embedding(embedding)
-    backbone = Backbone.from_pretrained(**base_model(embedding, loaded, model, family, config_dir))
+    backbone = Backbone.from_pretrained(**base_model(embedding, loaded, model, family, config_dir, "tinv-inspect"))
     backbone.load_text_encoders()
     run_token = _run_token(embedding)
     init_word = init_word or run_token.get("init_word")

@@ -28,7 +28,7 @@ COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "objective
 # summary numbers that are bookkeeping, not results; every other number a job reports (best_val_loss, a callback's
 # scores such as concept_accuracy) gets a column after the objective's
 BOOKKEEPING = {"ok", "objective", "final_loss", "best_step", "step", "wall_s", "started_at", "finished_at",
-               "bad_steps", "job_num"}
+               "bad_steps", "job_num", "resumed_at_step", "kept_step", "wandb_stopped_at_step"}
 
 
 @dataclass
@@ -144,8 +144,9 @@ def _markdown_table(jobs: list[Job], rows: list[dict], columns: list[str], sweep
     """The readable table: what the sweep varied, the objective and the scores that differ from it, and links;
     the full record is report.csv."""
     same_as_objective = {c for c in columns if rows and all(row.get(c) == row["objective"] for row in rows)}
-    shown = ["rank", *_swept(jobs), "objective"] + [c for c in columns if c not in COLUMNS and c not in
-                                                     same_as_objective] + \
+    swept = _swept(jobs)
+    shown = ["rank", *swept, "objective"] + [c for c in columns if c not in COLUMNS and c not in swept and c not in
+                                             same_as_objective] + \
         ["final_loss", "best_step", "steps", "wall_s", "samples", "embedding", "status"]
     by_job = {job.folder.name: job for job in jobs}
     lines = []
@@ -240,8 +241,8 @@ def _plots(sweep_dir: Path, jobs: list[Job]) -> dict[str, Path]:
 
     if any(job.curves.get("train/loss") for job in jobs):
         written["loss_curves"] = _save(_loss_panels(ranked(jobs), name), sweep_dir / "loss_curves.png")
-    measured = [(job, job.curves[job.metric]) for job in jobs
-                if job.metric and len(job.curves.get(job.metric, [])) > 1]
+    measured = [(job, job.curves[job.metric]) for job in jobs  # (the loss itself has its panels above)
+                if job.metric and job.metric != "train/loss" and len(job.curves.get(job.metric, [])) > 1]
     if measured:
         fig, ax = plt.subplots(figsize=(8, 5))
         for job, points in measured:

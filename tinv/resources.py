@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from .cache import cache_root
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,17 @@ def my_cores() -> set[int]:
 def _int_env(name: str) -> int | None:
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def env_threads() -> int | None:
+    """TINV_THREADS: a fixed thread count for every tinv command (a run's own train.num_threads or --threads wins)."""
+    value = os.environ.get("TINV_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"TINV_THREADS={value!r} is not a thread count; set a whole number of at least 1, or unset "
+                          "it to use the cores other programs leave free")
+    return int(value)
 
 
 def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -142,7 +154,7 @@ class ThreadShare:
         self.cores = my_cores()
         self.budget = core_budget(self.cores)
         self.cap = _int_env("OMP_NUM_THREADS")  # a launcher's share (hydra's joblib workers) or a user's limit
-        self.fixed = num_threads or _int_env("TINV_THREADS")  # TINV_THREADS: the same for every tinv command
+        self.fixed = num_threads or env_threads()
         self.registry = registry or cache_root() / "running"
         self.entry = self.registry / f"{socket.gethostname()}-{os.getpid()}.json"
         self.register = register and self.fixed is None
@@ -202,9 +214,12 @@ class ThreadShare:
         return threads
 
     def describe(self) -> str:
-        """"2 threads", or why fewer than the cores: "1 thread (1.9 of 2 cores busy with other programs)"."""
+        """"2 threads", "1 thread (fixed)", or why fewer than the cores: "1 thread (1.9 of 2 cores busy with other
+        processes)" (other tinv runs are processes too)."""
         text = f"{self.threads} thread{'s'[:self.threads > 1]}"
-        return text if self.fixed or self.threads >= self.budget else f"{text} ({self.reason()})"
+        if self.fixed:
+            return f"{text} (fixed)"
+        return text if self.threads >= self.budget else f"{text} ({self.reason()})"
 
     def reason(self) -> str:
         """Why the thread count is what it is, in words."""
@@ -215,7 +230,7 @@ class ThreadShare:
         if self.cap and self.cap < self.budget:
             parts.append(f"OMP_NUM_THREADS={self.cap}")
         if self.idle is not None and self.idle < len(self.cores) - IDLE_SLACK:
-            parts.append(f"{len(self.cores) - self.idle:.1f} of {len(self.cores)} cores busy with other programs")
+            parts.append(f"{len(self.cores) - self.idle:.1f} of {len(self.cores)} cores busy with other processes")
         return "; ".join(parts) or "the cores' load changed"
 
     def release(self) -> None:

@@ -180,9 +180,10 @@ def open_run(job: Job) -> Run:
                       resume_id=run.state.tracker_id, resume_step=run.step)
     run.state.tracker_id = run.tracker.run_id
     vectors, processes = run.token.num_vectors, accelerator.num_processes
-    log.info("training %s (%d floats; token %r, %d vector%s) on %s: %d process%s, %s, precision %s; %d "
+    saved_as = f", saved as {run.output_name}" if run.output_name != run.token.string else ""
+    log.info("training %s (%d floats; token %r%s, %d vector%s) on %s: %d process%s, %s, precision %s; %d "
              "images, %d samples per epoch", ", ".join(run.parts), sum(p.numel() for p in run.parameters()),
-             run.token.string, vectors, "s"[:vectors > 1], accelerator.device.type, processes,
+             run.token.string, saved_as, vectors, "s"[:vectors > 1], accelerator.device.type, processes,
              "es"[:2 * (processes > 1)], threads.describe(),
              {"no": "fp32"}.get(train.mixed_precision, train.mixed_precision), len(set(run.dataset.order)),
              len(run.dataset))

@@ -35,6 +35,14 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
     return records, cut
 
 
+def _read_summary(run_dir: Path) -> dict:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def _plain(value):
     """JSON-safe scalar: tensors to floats, non-finite floats to null."""
     if hasattr(value, "item"):
@@ -67,6 +75,9 @@ class Tracker:
         sweep = sweep_identity()
         if sweep:
             self.set_summary(sweep=sweep["sweep"], job_num=sweep["job_num"], overrides=sweep["overrides"])
+        elif resume_step:  # a sweep's job resumed on its own stays that sweep's job in its report
+            self.set_summary(**{k: v for k, v in _read_summary(self.run_dir).items()
+                                if k in ("sweep", "job_num", "overrides")})
         path = self.run_dir / "metrics.jsonl"
         kept = []
         if resume_step and path.is_file():

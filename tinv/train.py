@@ -32,6 +32,7 @@ from .errors import ConfigError, TrainingDiverged
 from .losses import DiffusionLoss
 from .objective import sweep_value
 from .report import number
+from .resources import env_threads
 from .optim import check_optimization
 from .run import Job, open_run
 from .state import find_state, saved_step
@@ -92,6 +93,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
     the configured logger (tinv-bench passes its own)."""
     apply_deprecated(cfg)
     check_values(cfg)
+    env_threads()  # a bad TINV_THREADS is said before anything loads
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     if cfg.resume:
@@ -243,6 +245,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
         print(message, file=sys.stderr)
         if in_sweep:  # record the failure in the job's folder and let the sweep go on with the other jobs
             record_failure(job_dir, one_line(err))
+            if isinstance(err, Interrupted) and jobs_run_in_this_process():  # Ctrl-C stops the sweep, not a job
+                sweep_dir = shlex.quote(str(HydraConfig.get().sweep.dir))
+                print(f"tinv-train: the sweep stops; the same command with hydra.sweep.dir={sweep_dir} resumes it",
+                      file=sys.stderr)
+                sys.exit(128 + err.signum)
             raise
         if isinstance(err, Interrupted):
             sys.exit(128 + err.signum)
@@ -254,6 +261,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if in_sweep:
             record_failure(job_dir, repr(err))
         raise
+
+
+def jobs_run_in_this_process() -> bool:
+    """Hydra's basic launcher runs a sweep's jobs one after another in the sweep's own process (a signal reaches the
+    job and the sweep alike); the other launchers give each job a process of its own."""
+    return HydraConfig.get().runtime.choices.get("hydra/launcher") == "basic"
 
 
 def has_state(run_dir: Path) -> bool:
@@ -294,6 +307,9 @@ def _discard_untouched_run_dir(run_dir: Path) -> None:
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
         logging.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
+        chosen = any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
+        if not chosen and run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()  # outputs/<date>/, made for this run alone
 
 
 def main() -> None:
@@ -305,6 +321,7 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += [f"hydra.run.dir={tempfile.mkdtemp(prefix='tinv-rank-')}", "hydra.output_subdir=null"]
     import_from_cwd()
+    quiet_launcher_schema_note()
     sys.argv[1:] = command_line("tinv-train", sys.argv[1:])
     try:
         hydra_main()
@@ -327,6 +344,14 @@ def command_line(prog: str, args: list[str]) -> list[str]:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     return args
+
+
+def quiet_launcher_schema_note() -> None:
+    """conf/hydra/launcher/joblib.yaml shares the joblib plugin schema's name on purpose (the same command line gets
+    tinv's launcher); Hydra's deprecation note about that is not the user's concern."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
 
 
 def import_from_cwd() -> None:

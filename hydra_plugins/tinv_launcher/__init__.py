@@ -37,8 +37,8 @@ class IsolatedJoblibLauncher(JoblibLauncher or object):
         n_jobs = self.joblib.get("n_jobs") or 1
         n_jobs = max(1, cores + 1 + n_jobs if n_jobs < 0 else n_jobs)  # joblib's meaning of -1, -2, ...
         threads = max(1, cores // min(n_jobs, max(len(job_overrides), 1)))
-        log.info("launching %d jobs, %d at a time, each in its own process (%d threads), in %s",
-                 len(job_overrides), n_jobs, threads, sweep_dir)
+        log.info("launching %d jobs, %d at a time, each in its own process (at most %d thread%s), in %s",
+                 len(job_overrides), n_jobs, threads, "s"[:threads > 1], sweep_dir)
         for idx, overrides in enumerate(job_overrides):
             log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))
         state = Singleton.get_state()
@@ -71,11 +71,10 @@ class IsolatedJoblibLauncher(JoblibLauncher or object):
 
 
 def _quiet() -> None:
-    """In the worker: conf/hydra/launcher/joblib.yaml shares the plugin schema's name on purpose (the same command
-    gets this launcher); Hydra's note about that is not the user's concern."""
-    import warnings
+    """In the worker as in the sweep's process (tinv.train.quiet_launcher_schema_note)."""
+    from tinv.train import quiet_launcher_schema_note
 
-    warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
+    quiet_launcher_schema_note()
 
 
 def _record(sweep_dir: Path, idx: int, error: str) -> None:

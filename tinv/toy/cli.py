@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..resources import ThreadShare, add_threads_option
 from .world import render_concept
 
@@ -74,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_command()
         if args.threads:  # the training runs it starts take the same count
             os.environ["TINV_THREADS"] = str(args.threads)
-        # the measuring commands wait while their training runs work: only pretraining counts as a run on the cores
-        ThreadShare(register=args.command in ("pretrain", "judge")).claim()
+        try:  # the measuring commands wait while their training runs work: only pretraining counts as a run
+            ThreadShare(register=args.command in ("pretrain", "judge")).claim()
+        except ConfigError as err:
+            print(f"tinv-toy {args.command}: error: {err}", file=sys.stderr)
+            return 2
     if args.command in ("targets", "methods", "pivotal"):
         import json
 

@@ -240,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", help="score this text in the subject slot instead of an embedding's token")
     parser.add_argument("--token", help="the embedding's token in prompts (default: its stored name, else <concept>)")
     parser.add_argument("--references", help="folder of training images, for `reconstruction`")
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=64, help="samples from the object templates (default 64)")
     parser.add_argument("--edit-samples", type=int, default=32, help="per other background, for editability "
-                        "(0: none)")
-    parser.add_argument("--seed", type=int, default=0)
+                        "(default 32; 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i uses a seed derived from this and i (default 0)")
     parser.add_argument("--guidance-scale", type=float, default=None, help=f"default {GUIDANCE_SCALE}")
     parser.add_argument("--model", help="a model= choice or a diffusers folder (default: toy, the shipped toy "
                         "model)")
