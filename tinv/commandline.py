@@ -73,7 +73,8 @@ def resumed_args(args: list[str]) -> list[str]:
     return [o for o in original if override_key(o) not in given] + \
         [a for a in args if override_key(a) not in ("resume", "hydra.run.dir")] + \
         [path_override("resume", run_dir), path_override("hydra.run.dir", run_dir),
-         "hydra.mode=RUN"]  # one run, even for a sweep's job: its sweep= choice would start the whole sweep again
+         "hydra.mode=RUN",  # one run, even for a sweep's job: its sweep= choice would start the whole sweep again
+         "hydra.output_subdir=null"]  # the run's .hydra/ record changes once the resume is accepted, not before
 
 
 def _choices(group: Path) -> list[str]:
@@ -215,7 +216,7 @@ def precheck(args: list[str]) -> None:
         cause = err.__cause__
         override = re.search(r"override (\S+)", str(err))
         where = override.group(1) if override else getattr(cause, "full_key", "")
-        raise ConfigError(f"{where}: {first(cause or err)}") from None
+        raise ConfigError(f"{where}: {first(cause or err)}" if where else first(cause or err)) from None
 
 
 def unknown_key_message(key: str, overrides: list[str]) -> str:

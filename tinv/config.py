@@ -11,6 +11,7 @@ callable's own arguments), checked against the callable when the run is built, b
 # No postponed annotations here: the dataclass field types must be real types (OmegaConf and check_values read them).
 import logging
 import re
+import secrets
 from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, Dict, Optional, get_type_hints
@@ -377,6 +378,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("direction", lambda mode: f"{mode}imize")
     if not OmegaConf.has_resolver("job_folder"):  # hydra.sweep.subdir: one flat folder per sweep job
         OmegaConf.register_new_resolver("job_folder", job_folder_name)
+    if not OmegaConf.has_resolver("unique"):  # hydra.run.dir: runs started in the same second get their own folders
+        OmegaConf.register_new_resolver("unique", lambda: secrets.token_hex(3), use_cache=True)
 
 
 register_configs()

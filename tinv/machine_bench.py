@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,12 @@ TARGET = 1.25  # the default's time within this factor of the best fixed thread 
 # A program that is not tinv keeping every core busy: a plain matmul loop, one thread per core.
 FOREIGN_LOAD = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); a = torch.randn(1024, 1024)\n"
                 "while True: a @ a")
+
+
+def _fresh(*folders: Path) -> None:
+    """The benchmark's own run folders from an earlier time: gone, so every run is timed from scratch."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(command: list[str], cwd: Path) -> float:
@@ -61,6 +68,8 @@ def sharing(work: Path, steps: int) -> dict:
     common = [f"train.max_steps={steps}", "logger=none", "~callbacks.concept"]
     run = lambda name, seed: [*common, f"train.seed={seed}", f"hydra.run.dir={work / name}"]  # noqa: E731
     result = {"steps": steps, "cores": len(my_cores())}
+    _fresh(*(work / name for name in ("seq-a", "seq-b", "par-a", "par-b", "joblib")),
+           *(work / f"seq4-{s}" for s in range(4)))
     print(f"{steps}-step toy runs on {result['cores']} cores (seconds of wall time):", flush=True)
     result["one_after_the_other_2"] = _timed([run("seq-a", 1), run("seq-b", 2)], False, work)
     result["side_by_side_2"] = _timed([run("par-a", 1), run("par-b", 2)], True, work)
@@ -91,12 +100,14 @@ def threads(work: Path, steps: int, images: int) -> dict:
     cores = core_budget(my_cores())
     settings = [None, *fixed_counts(cores)]  # None: tinv's default
     trained = work / "embedding"
+    _fresh(trained, *(p for p in work.iterdir() if p.is_dir() and p.name.startswith(("train-", "generate-"))))
     train = [sys.executable, "-m", "tinv.train", f"train.max_steps={steps}", "logger=none", "~callbacks.concept"]
     _run([*train, f"hydra.run.dir={trained}"], work)  # the embedding tinv-generate draws, and a warm cache
     generate = [sys.executable, "-m", "tinv.generate", str(trained / "mychar.safetensors"), "a photo of mychar",
                 "--n", str(images), "--sampler", "ddim", "--steps", "25"]
-    commands = {"train": lambda n, where: [*train, f"hydra.run.dir={where}"] + ([f"train.num_threads={n}"] if n else []),
-                "generate": lambda n, where: [*generate, "--out", str(where)] + (["--threads", str(n)] if n else [])}
+    commands = {  # n: a fixed thread count, None for tinv's default
+        "train": lambda n, where: [*train, f"hydra.run.dir={where}"] + ([f"train.num_threads={n}"] if n else []),
+        "generate": lambda n, where: [*generate, "--out", str(where)] + (["--threads", str(n)] if n else [])}
     result = {"cores": cores, "steps": steps, "images": images, "target": TARGET, "rows": []}
     print(f"{cores} cores; toy training {steps} steps, tinv-generate --n {images}; seconds of wall time "
           f"(default / fixed thread counts {', '.join(map(str, settings[1:]))}):", flush=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, first_line
+from .ownership import holder
 
 STATE_DIR = "state"
 
@@ -44,7 +45,8 @@ def save_state(run) -> Path:
                                                          "callbacks": run.callbacks.state_dict(),
                                                          "token": run.token.string,
                                                          "num_vectors": run.token.num_vectors,
-                                                         "base_model": run.backbone.source}, indent=2))
+                                                         "base_model": run.backbone.source,
+                                                         "family": run.backbone.family}, indent=2))
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=".state-old-", dir=run.run_dir))
@@ -94,9 +96,11 @@ def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:
         candidates = [p for p in root.rglob(f"{STATE_DIR}/state.json")] if root.is_dir() else []
         candidates = [p for p in candidates if p.parent.parent.resolve() != Path(fallback_run_dir).resolve()
                       and "multirun" not in p.relative_to(root).parts]
+        live = [p for p in candidates if holder(p.parent.parent)]  # still training: not for a resume to take
+        candidates = [p for p in candidates if p not in live]
         if not candidates:
-            raise ConfigError(f"resume=latest: no saved state of a single run under {root.resolve()}; give the run "
-                              "folder instead")
+            raise ConfigError(f"resume=latest: no saved state of a single run under {root.resolve()}"
+                              f"{f' but of {len(live)} still training' if live else ''}; give the run folder instead")
         state = max(candidates, key=lambda p: p.stat().st_mtime).parent
     else:
         path = Path(resume).expanduser()
@@ -109,6 +113,15 @@ def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:
                               "runs save one with save.state_every_n_steps or when stopped by Ctrl-C/SIGTERM")
     state = state.resolve()
     return state.parent, state
+
+
+def check_resumable(state_dir: Path, family: str) -> None:
+    """Before anything loads: a state trained on another model family cannot go on here (states from before the
+    family was recorded are checked when they load)."""
+    meta = json.loads((state_dir / "state.json").read_text())
+    if meta.get("family") and meta["family"] != family:
+        raise ConfigError(f"resume: the state in {state_dir} was trained on a {meta['family']} model "
+                          f"({meta.get('base_model')}), not {family}; resume with the run's own model")
 
 
 def saved_step(state_dir: Path) -> int:
@@ -128,7 +141,11 @@ def load_state(state_dir: Path, run) -> RunState:
     if set(parts) != set(run.parts):
         raise ConfigError(f"resume: the state in {state_dir} trains {', '.join(sorted(parts))}, this run "
                           f"{', '.join(sorted(run.parts))}; resume with the run's own method and parts")
-    put_back(run, {**data, "parts": parts})
+    try:
+        put_back(run, {**data, "parts": parts})
+    except (KeyError, ValueError, RuntimeError) as err:  # another model's shapes and keys
+        raise ConfigError(f"resume: the state in {state_dir} does not fit this run ({type(err).__name__}: "
+                          f"{first_line(err)}); resume with the run's own model and settings") from None
     callbacks = meta.get("callbacks")
     if callbacks is None and meta.get("best_step", -1) >= 0:  # the best step, as states before callbacks kept it
         callbacks = {"best": {"best": meta["best_val_loss"], "step": meta["best_step"]}}

@@ -34,11 +34,12 @@ from .objective import sweep_value
 from .report import number
 from .resources import env_threads
 from .optim import check_optimization
+from .ownership import LOCK_NAME, hold, holder, holds_a_run, let_go, owned
 from .run import Job, open_run
-from .state import find_state, saved_step
+from .state import check_resumable, find_state, saved_step
 from .sweeping import sweep_identity
 from .rescue import RunFailed
-from .trainer import Interrupted, Trainer, TrainResult
+from .trainer import Interrupted, Trainer, TrainResult, resume_argument
 
 log = logging.getLogger("tinv")
 quiet_libraries()  # transformers and diffusers load later, when the model does
@@ -98,6 +99,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     if cfg.resume:
         state_dir = find_state(cfg.resume, run_dir)[1]
+        check_resumable(state_dir, cfg.model.family)
         done = saved_step(state_dir)
         if done >= cfg.train.max_steps:
             print(f"tinv-train: {state_dir.parent} is complete at step {done} (train.max_steps={cfg.train.max_steps});"
@@ -132,18 +134,36 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> TrainResult | None:
-    """Train one embedding (None when there is nothing to train)."""
-    job = prepare(cfg, run_dir)
+    """Train one embedding (None when there is nothing to train), holding the run's folder (tinv.ownership)."""
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    job = prepare(cfg, run_dir)  # checks everything and writes nothing
     if job is None:
         return None
-    job.tracker.set_summary(settings=settings_digest(cfg))
-    result = job.trainer.fit(open_run(job))
+    folder = find_state(cfg.resume, run_dir)[0] if cfg.resume else run_dir
+    with owned(folder, "resume" if cfg.resume else "hydra.run.dir"):
+        job.tracker.set_summary(settings=settings_digest(cfg))
+        opened = open_run(job)
+        if cfg.resume:  # the state loaded into this run: the resume is accepted
+            record_resumed_command(cfg, folder)
+        result = job.trainer.fit(opened)
     if result.run.is_main:
         s = result.summary
         sweep = sweep_identity()  # a sweep's job says one line; the sweep's end names the best one
         print(f"tinv-train: job {sweep['job_num']} done, {s['objective_name']} = {number(s['objective'])}, "
               f"{s.get('embedding')}" if sweep else outcome(result, cfg), flush=True)
     return result
+
+
+def record_resumed_command(cfg: DictConfig, folder: Path) -> None:
+    """A resume's Hydra record (.hydra/config.yaml, overrides.yaml), written once the command is accepted: Hydra
+    itself is told not to write it at start (tinv.commandline.resumed_args), so a resume that fails leaves the run's
+    record as it was and the plain resume= still works."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
+        return
+    record = folder / ".hydra"
+    record.mkdir(exist_ok=True)
+    write_text_atomic(record / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text_atomic(record / "overrides.yaml", OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
 
 
 def settings_digest(cfg: DictConfig) -> str:
@@ -219,7 +239,8 @@ def outcome(result: TrainResult, cfg: DictConfig) -> str:
                          f"diffusers: load_lora_weights")
         lines += ["  next       " + steps[0]] + [f"             {line}" for line in steps[1:]]
     if getattr(run.tracker, "mode", None) == "offline":
-        lines.append(f"  wandb      offline; upload with: wandb sync {run.run_dir / 'wandb'}/offline-run-*")
+        wandb_dir = shlex.quote(str(run.run_dir / "wandb"))
+        lines.append(f"  wandb      offline; upload with: wandb sync {wandb_dir}/offline-run-*")
     return "\n".join(lines)
 
 
@@ -230,6 +251,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
     logging.raiseExceptions = False  # a full disk: train.log stops quietly; the run's last line says what happened
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = bool(sweep_identity())
+    try:  # the job's folder is this process's (tinv.ownership) until its files are closed
+        hold(job_dir, "the sweep job's folder" if in_sweep else "hydra.run.dir")
+    except ConfigError as err:  # another process's folder: say so and touch nothing in it
+        print(f"tinv-train: error: {err}", file=sys.stderr)
+        if in_sweep:
+            raise
+        sys.exit(2)
     try:
         if in_sweep and not cfg.resume and has_state(job_dir):
             return go_on(cfg, job_dir)
@@ -261,6 +289,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if in_sweep:
             record_failure(job_dir, repr(err))
         raise
+    finally:
+        let_go(job_dir)
 
 
 def jobs_run_in_this_process() -> bool:
@@ -304,7 +334,7 @@ def _discard_untouched_run_dir(run_dir: Path) -> None:
     """A run refused at start leaves nothing behind: remove Hydra's own files if nothing else was written."""
     import shutil
 
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", LOCK_NAME}:
         logging.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
         chosen = any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
@@ -323,6 +353,11 @@ def main() -> None:
     import_from_cwd()
     quiet_launcher_schema_note()
     sys.argv[1:] = command_line("tinv-train", sys.argv[1:])
+    try:
+        claim_run_folder(sys.argv[1:])
+    except ConfigError as err:
+        print(f"tinv-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     try:
         hydra_main()
     except KeyboardInterrupt:  # a sweep stopped while it waits for its jobs (a single run saves and says so itself)
@@ -344,6 +379,32 @@ def command_line(prog: str, args: list[str]) -> list[str]:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     return args
+
+
+HYDRA_INFO_FLAGS = {"-c", "--cfg", "-p", "--package", "-i", "--info", "--resolve", "--hydra-help", "--version",
+                    "-sc", "--shell-completion"}  # Hydra prints, runs nothing
+
+
+def claim_run_folder(args: list[str]) -> None:
+    """Before Hydra writes anything: a run folder named on the command line (hydra.run.dir=, a resume's own) is this
+    run's alone. One that holds another run's files is refused unless resumed, one in use is refused, and a fresh
+    folder (the default, a new name each time) is taken once Hydra made it."""
+    from .commandline import override_value
+
+    if any(a in ("-m", "--multirun") or a in HYDRA_INFO_FLAGS for a in args):
+        return
+    given = [override_value(a) for a in args if a.startswith("hydra.run.dir=")]
+    if not given:
+        return
+    folder = Path(given[-1]).expanduser()
+    resuming = any(a.startswith("resume=") and override_value(a) not in ("", "null", "None") for a in args)
+    what = "resume" if resuming else "hydra.run.dir"
+    if holder(folder):
+        hold(folder, what)  # says who has it
+    if not resuming and holds_a_run(folder):
+        raise ConfigError(f"hydra.run.dir={folder} already holds a run, whose files a new run would overwrite; "
+                          f"continue it with {resume_argument(folder)}, or give another folder")
+    hold(folder, what)
 
 
 def quiet_launcher_schema_note() -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ def other_concepts(count: int, seed: int = 0) -> list[Concept]:
 
 def train_embedding(concept: Concept, work: Path, image_dir: Path | None, overrides: list[str]) -> tuple[Path, float]:
     run_dir = work / "runs" / concept.text().replace(" ", "_")
+    shutil.rmtree(run_dir, ignore_errors=True)  # this table's own earlier run: measured again from scratch
     args = [sys.executable, "-m", "tinv.train", "logger=none", f"hydra.run.dir={run_dir}", *overrides]
     if image_dir is not None:
         args.append(f"data.image_dir={image_dir}")
@@ -161,6 +163,7 @@ def measure_methods(work: Path, methods: dict[str, list[str]], others: int = 3, 
             if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
                 rows.append(json.loads(done.read_text()))
             else:
+                shutil.rmtree(run_dir, ignore_errors=True)  # an earlier measurement cut short: from scratch
                 rows.append(_measure(name, overrides, concept, image_dir, run_dir))
                 write_text_atomic(done, json.dumps(rows[-1]) + "\n")
             print(f"  {name:<24} {concept.text():<40} acc {rows[-1]['concept_accuracy']:.3f} "
