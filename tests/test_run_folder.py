@@ -91,3 +91,20 @@ def test_a_live_runs_folder_is_nobody_elses(tmp_path, monkeypatch):
     let_go(live)
     assert holder(live) is None and (live / LOCK_NAME).is_file()
     let_go(live)
+
+
+def test_what_a_run_prints_to_paste_runs_no_code(tmp_path, capsys):
+    """A folder named with spaces, quotes and `$(...)`: every command the run prints pastes back as exactly the
+    arguments it means (shlex reads it as bash does), so nothing in a name runs."""
+    import shlex
+
+    from conftest import train
+
+    run = tmp_path / "it's a $(touch pwned) `id` run"
+    train(run, ["train.max_steps=1", "logger=wandb", "logger.mode=offline"])
+    printed = capsys.readouterr().out
+    generate = shlex.split(printed.split("  next       ")[1].splitlines()[0])
+    assert generate[:3] == ["tinv-generate", str(run / "mychar.safetensors"), "a photo of mychar"]
+    sync = shlex.split(printed.split("upload with: ")[1].splitlines()[0])
+    assert sync == ["wandb", "sync", f"{run / 'wandb'}/offline-run-*"]  # the glob left for the shell to expand
+    assert not (tmp_path / "pwned").exists()
