@@ -87,13 +87,14 @@ def model_choices() -> list[str]:
 
 def model_choice(name: str) -> dict | None:
     """The `model=<name>` config group's keys, resolved (a generated model's folder is written on first use), as the
-    commands other than tinv-train take `--model <name>`; None when `name` is no model= choice."""
+    commands other than tinv-train take `--model <name>`; None when `name` is no model= choice, or is a folder or
+    file on this machine (a path wins over a choice of the same name)."""
     from omegaconf import OmegaConf
 
     from .config import ModelConfig
 
     file = CONF / "model" / f"{name}.yaml"
-    if not re.fullmatch(r"\w+", name) or not file.is_file():
+    if not re.fullmatch(r"\w+", name) or not file.is_file() or Path(name).expanduser().exists():
         return None
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(file))
     return OmegaConf.to_container(merged, resolve=True, enum_to_str=True)

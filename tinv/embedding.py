@@ -264,8 +264,7 @@ class EmbeddingMeta:
 
 def keeps_metadata(path: Path, fmt: str, vectors: dict) -> bool:
     """Whether a file of this format has room for EmbeddingMeta: not A1111's SDXL .pt (A1111 reads every entry as a
-    tensor) nor a diffusers .bin (diffusers takes its one entry as the token)."""
-    fmt = {"safetensors": "kohya", "pt": "a1111"}.get(fmt, fmt)
+    tensor) nor a diffusers .bin (diffusers takes its one entry as the token). `fmt` is one of FORMATS."""
     if fmt == "a1111":
         return SD_KEY in vectors
     return not (fmt == "diffusers" and Path(path).suffix == ".bin")

@@ -47,15 +47,14 @@ def base_model(embedding: Path, loaded, model: str | None, family: str | None, c
     from .backbone.source import is_hub_id
     from .commandline import model_choice, model_choices
 
-    if model and not Path(model).expanduser().exists():
-        choice = model_choice(model)
-        if choice is not None:
-            if family and family != choice["family"]:
-                raise ConfigError(f"--family {family} but --model {model} is {choice['family']}; leave --family out")
-            return _model_keys(choice)
-        if not is_hub_id(model):
-            raise ConfigError(f"--model {model}: not a model= choice ({', '.join(model_choices())}), an existing "
-                              "folder or file, or a hub id like 'org/name'")
+    choice = model_choice(model) if model else None
+    if choice is not None:
+        if family and family != choice["family"]:
+            raise ConfigError(f"--family {family} but --model {model} is {choice['family']}; leave --family out")
+        return _model_keys(choice)
+    if model and not Path(model).expanduser().exists() and not is_hub_id(model):
+        raise ConfigError(f"--model {model}: not a model= choice ({', '.join(model_choices())}), an existing "
+                          "folder or file, or a hub id like 'org/name'")
     summary_file = (embedding if embedding.is_dir() else embedding.parent) / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     recorded = loaded.header.get("tinv.base_model") or summary.get("base_model")

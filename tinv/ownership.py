@@ -61,13 +61,17 @@ def hold(folder: Path, what: str = "hydra.run.dir") -> None:
         lock.seek(0)
         owner = lock.read().strip() or "another process"
         lock.close()
-        raise ConfigError(f"{what}={folder} is in use by another tinv run ({owner}); wait for it to end or stop it "
-                          "(Ctrl-C saves its work), or give another folder")
+        raise in_use(folder, what, owner)
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
     _held[folder] = [lock, 1]
+
+
+def in_use(folder: Path, what: str, owner: str) -> ConfigError:
+    return ConfigError(f"{what}={Path(folder).resolve()} is in use by another tinv run ({owner}); wait for it to end "
+                       "or stop it (Ctrl-C saves its work), or give another folder")
 
 
 def let_go(folder: Path) -> None:

@@ -170,8 +170,9 @@ class ThreadShare:
             self.registry.mkdir(parents=True, exist_ok=True)
             self.entry.write_text(json.dumps({"pid": os.getpid(), "cores": sorted(self.cores)}))
             atexit.register(self.release)
-        if self.fixed is None and self.load.seconds_since() < self.FIRST_LOOK_S:
-            time.sleep(self.FIRST_LOOK_S - self.load.seconds_since())
+        looked = self.load.seconds_since() if self.fixed is None else self.FIRST_LOOK_S
+        if looked < self.FIRST_LOOK_S:
+            time.sleep(self.FIRST_LOOK_S - looked)
         return self.adjust(force=True)
 
     def sharing(self) -> int:

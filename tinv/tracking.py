@@ -35,7 +35,8 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
     return records, cut
 
 
-def _read_summary(run_dir: Path) -> dict:
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json, or {} when there is none or it cannot be read."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
@@ -76,7 +77,7 @@ class Tracker:
         if sweep:
             self.set_summary(sweep=sweep["sweep"], job_num=sweep["job_num"], overrides=sweep["overrides"])
         elif resume_step:  # a sweep's job resumed on its own stays that sweep's job in its report
-            self.set_summary(**{k: v for k, v in _read_summary(self.run_dir).items()
+            self.set_summary(**{k: v for k, v in read_summary(self.run_dir).items()
                                 if k in ("sweep", "job_num", "overrides")})
         path = self.run_dir / "metrics.jsonl"
         kept = []

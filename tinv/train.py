@@ -34,11 +34,12 @@ from .objective import sweep_value
 from .report import number
 from .resources import env_threads
 from .optim import check_optimization
-from .ownership import LOCK_NAME, hold, holder, holds_a_run, let_go, owned
+from .ownership import LOCK_NAME, hold, holder, holds_a_run, in_use, let_go, owned
 from .run import Job, open_run
 from .state import check_resumable, find_state, saved_step
 from .sweeping import sweep_identity
 from .rescue import RunFailed
+from .tracking import read_summary
 from .trainer import Interrupted, Trainer, TrainResult, resume_argument
 
 log = logging.getLogger("tinv")
@@ -321,11 +322,7 @@ def record_failure(job_dir: Path, error: str) -> None:
     """A failed sweep job's summary.json: the run's own (what it kept, how to resume) with ok false and the error."""
     path = job_dir / "summary.json"
     try:
-        summary = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        summary = {}
-    try:
-        write_text_atomic(path, json.dumps({**summary, "ok": False, "error": error}, indent=2))
+        write_text_atomic(path, json.dumps({**read_summary(job_dir), "ok": False, "error": error}, indent=2))
     except OSError as err:
         log.warning("%s could not be written: %s", path, err)
 
@@ -399,8 +396,9 @@ def claim_run_folder(args: list[str]) -> None:
     folder = Path(given[-1]).expanduser()
     resuming = any(a.startswith("resume=") and override_value(a) not in ("", "null", "None") for a in args)
     what = "resume" if resuming else "hydra.run.dir"
-    if holder(folder):
-        hold(folder, what)  # says who has it
+    owner = holder(folder)  # asked before anything is written there, the lock file included
+    if owner:
+        raise in_use(folder, what, owner)
     if not resuming and holds_a_run(folder):
         raise ConfigError(f"hydra.run.dir={folder} already holds a run, whose files a new run would overwrite; "
                           f"continue it with {resume_argument(folder)}, or give another folder")

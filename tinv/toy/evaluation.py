@@ -203,7 +203,7 @@ def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, mo
     from .judge import load_judge
     from .model import toy_model_path
 
-    choice = model_choice(model) if model and not Path(model).expanduser().exists() else None
+    choice = model_choice(model) if model else None
     pipe = StableDiffusionPipeline.from_pretrained(choice["path"] if choice else model or toy_model_path(),
                                                    safety_checker=None, requires_safety_checker=False)
     if embedding:
