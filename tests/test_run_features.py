@@ -229,11 +229,56 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 
     calls.clear()
     bad.update(range(4, 100))
-    with pytest.raises(TrainingDiverged, match="3 steps in a row had a non-finite loss"):
+    with pytest.raises(TrainingDiverged, match="3 steps in a row were skipped"):
         train(tmp_path / "b", ["train.max_steps=20", "train.max_bad_steps=3", "save.every_n_steps=1"])
     last_good = _vectors(tmp_path / "b" / "mychar-step00000002.safetensors")["emb_params"]  # steps 3-5 were bad
     assert torch.isfinite(last_good).all()
     assert not list((tmp_path / "b").glob("mychar-step0000000[3-9].safetensors"))
+
+
+def test_an_update_that_makes_the_vectors_non_finite_is_undone_and_named(tmp_path, monkeypatch):
+    """The gradient is finite but the step it takes is not (a learning rate far too high): the vectors and the
+    optimizer's moments go back to before the step, and a run that cannot go on names the learning rate."""
+    steps, bad, before = [], {3}, {}
+    original = torch.optim.AdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        before[len(steps) + 1] = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+        out = original(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) in bad:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.mul_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    result = train(tmp_path / "a", ["train.max_steps=5", "save.every_n_steps=1"])
+    assert result.summary["bad_steps"] == 1
+    files = {k: _vectors(tmp_path / "a" / f"mychar-step{k:08d}.safetensors")["emb_params"] for k in (2, 4)}
+    assert not (tmp_path / "a" / "mychar-step00000003.safetensors").exists()  # a skipped step writes nothing
+    assert torch.equal(before[4][0].cpu(), before[3][0].cpu())  # step 4 starts from where step 3 did: undone
+    assert torch.equal(before[3][0].cpu().to(files[2].dtype), files[2]) and torch.isfinite(files[4]).all()
+
+    steps.clear()
+    bad.update(range(3, 100))
+    with pytest.raises(TrainingDiverged, match="update made the trained values NaN or inf .*lower optimizer.lr"
+                       ".*kept the values of step 2.*Start a new run") as failed:
+        train(tmp_path / "b", ["train.max_steps=20", "train.max_bad_steps=3"])
+    assert "resume=" not in str(failed.value)  # the settings diverged: a resume meets them again
+    assert torch.equal(_vectors(tmp_path / "b" / "mychar.safetensors")["emb_params"], files[2])  # same seed
+
+
+def test_a_run_that_ends_on_skipped_steps_fails_naming_the_cause(tmp_path, monkeypatch):
+    """Too few steps to reach train.max_bad_steps, every one of them skipped: not `done` with untrained vectors."""
+    from tinv.losses import DiffusionLoss
+
+    original = DiffusionLoss.__call__
+    monkeypatch.setattr(DiffusionLoss, "__call__", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="all 4 steps were skipped: the loss itself was NaN or inf"):
+        train(tmp_path / "a", ["train.max_steps=4"])
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert "all 4 steps were skipped" in summary["error"]
 
 
 # ---- loss and optimisation options ---------------------------------------------------------------------------------

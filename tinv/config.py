@@ -10,6 +10,7 @@ callable's own arguments), checked against the callable when the run is built, b
 
 # No postponed annotations here: the dataclass field types must be real types (OmegaConf and check_values read them).
 import logging
+import math
 import re
 import secrets
 from dataclasses import MISSING as NO_DEFAULT
@@ -314,6 +315,16 @@ def _unknown_keys(schema: type, node, prefix: str = ""):
             yield from _unknown_keys(known[key].type, node[key], f"{prefix}{key}.")
 
 
+def _numbers(node, prefix: str = ""):
+    """(key, value) for every number written in a plain config tree (interpolations are strings: left out)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
+
+
 def check_values(cfg) -> None:
     """Keys the schema does not know, and value checks that types cannot express; raises ConfigError naming the
     key."""
@@ -323,6 +334,15 @@ def check_values(cfg) -> None:
         close = difflib.get_close_matches(key, siblings, n=2, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}?" if close else "`tinv-train --cfg job` lists every key"
         raise ConfigError(f"{key} is not a key tinv reads, so it would do nothing; {hint}")
+    for key, value in _numbers(OmegaConf.to_container(cfg, resolve=False)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+        if key.rsplit(".", 1)[-1] in ("lr", "text_encoder_lr") and not 0 < value <= 1000:
+            raise ConfigError(f"{key}={value} " + ("must be above 0: a learning rate" if value <= 0 else
+                              "is above 1000: no optimizer trains at that step size (a typo?)"))
+    if not 0.0 <= cfg.train.noise_offset <= 1.0:
+        raise ConfigError(f"train.noise_offset={cfg.train.noise_offset} must be in [0, 1] (0.05 to 0.1 is usual): "
+                          "the offset is added to noise of scale 1")
     for key, node, name, minimum in _fields_with(RunConfig, cfg, "min"):
         value = node[name]
         if value is not None and value < minimum:

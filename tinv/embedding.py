@@ -447,8 +447,24 @@ def read_embedding(path: str | Path) -> LoadedEmbedding:
         if key not in (SD_KEY, "emp_params", "*"):  # a diffusers file names its token
             name = name or key
         vectors = {SD_KEY: tensor}
-    vectors = {k: v.unsqueeze(0) if v.ndim == 1 else v for k, v in vectors.items()}
+    vectors = {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) and v.ndim == 1 else v for k, v in vectors.items()}
+    for key, value in vectors.items():
+        check_vectors(value, f"{path}: {key}")
     return LoadedEmbedding({k: v.detach() for k, v in vectors.items()}, name, header)
+
+
+def check_vectors(value, where: str) -> None:
+    """Embedding rows are a non-empty (vectors x width) matrix of finite real numbers; anything else is one line
+    naming `where`."""
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(f"{where} holds a {type(value).__name__}, not a tensor of vectors")
+    problem = (f"a {value.ndim}-d tensor {tuple(value.shape)}" if value.ndim != 2 else
+               f"an empty tensor {tuple(value.shape)}" if value.numel() == 0 else
+               f"{value.dtype} values" if not value.is_floating_point() else
+               "NaN or inf values" if not torch.isfinite(value).all() else None)
+    if problem:
+        raise ConfigError(f"{where} is {problem}, not embedding vectors (a vectors x width matrix of finite "
+                          "numbers); the file is broken or not an embedding: train it again or take another copy")
 
 
 def load_embedding(path: str | Path) -> dict[str, torch.Tensor]:

@@ -6,8 +6,8 @@ class ConfigError(Exception):
 
 
 class TrainingDiverged(Exception):
-    """Too many steps in a row had a non-finite loss or gradient. The last good embedding is on disk; the CLI prints
-    this as one line and exits with 1."""
+    """Steps were skipped for a non-finite loss, gradient or update until the run could not go on (too many in a row,
+    or its last step). The last finite values are on disk; the CLI prints this as one line and exits with 1."""
 
 
 def first_line(err: BaseException) -> str:

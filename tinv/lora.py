@@ -409,8 +409,17 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     path = Path(path).expanduser()
     if not path.is_file() or path.suffix != ".safetensors":
         raise ConfigError(f"{str(path)!r}: expected an existing .safetensors LoRA file")
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - truncated, empty, a bad header: one line, whatever the cause
+        raise ConfigError(f"{path}: not a readable safetensors file ({first_line(err)}); the file is broken or "
+                          "not a LoRA: write it again or take another copy") from None
+    bad = next((k for k, v in tensors.items() if not (v.is_floating_point() and torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: {bad} is not finite floating-point weights ({tensors[bad].dtype}, NaN or "
+                          "inf); the file is broken: write it again or take another copy")
+    return tensors, metadata
 
 
 def split_bundle(src: str | Path, embedding_out: str | Path, lora_out: str | Path,

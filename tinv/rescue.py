@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .console import FILE_ONLY
-from .errors import first_line
+from .errors import TrainingDiverged, first_line
 from .state import put_back, trained_values
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,17 @@ class LastGood:
         put_back(run, self.values)
         run.state = replace(self.state)
         run.callbacks.load_state_dict(self.callbacks)
+
+    def put_back_trained(self, run) -> None:
+        """Undo an update that left non-finite values: the parts and the optimizer's moments as before it; the
+        counters and the schedule move on past the skipped step."""
+        put_back(run, {**self.values, "lr_scheduler": run.lr_scheduler.state_dict()})
+
+
+def trained_values_finite(run) -> bool:
+    """Whether every trained value is a finite number (one device sync)."""
+    checks = [torch.isfinite(p).all() for part in run.parts.values() for p in part.parameters()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def keep_work(run, last_good: LastGood | None, err: BaseException) -> RunFailed:
@@ -104,6 +115,10 @@ def keep_work(run, last_good: LastGood | None, err: BaseException) -> RunFailed:
     resume = resume_argument(folder)
     run.tracker.set_summary(kept_step=last_good.step, resume=resume, **{k: str(p) for k, p in files.items()})
     names = ", ".join(p.name for p in files.values())
+    if isinstance(err, TrainingDiverged):  # the settings are the cause: a resume would meet them again
+        trained = last_good.step - last_good.state.bad_steps  # the skipped steps before it left the values as is
+        return RunFailed(f"{first_line(err)}; kept the values of step {trained}, the last that trained: {names} "
+                         f"and the state in {folder}{note}. Start a new run with the change", None)
     return RunFailed(f"{cause} {where}; kept step {last_good.step}: {names} and the state in {folder}{note} - "
                      f"continue with tinv-train {resume}", resume)
 

@@ -12,6 +12,7 @@ previews and a run split over several processes see exactly the same samples, no
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ from .errors import TrainingDiverged, first_line
 from .losses import DiffusionLoss
 from .objective import read_objective
 from .parts import MicroBatch
-from .rescue import LastGood, keep_work
+from .rescue import LastGood, keep_work, trained_values_finite
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class StepOutput:
     loss: float  # mean over its micro-batches and processes
     grad_norm: float
     lr: float  # the learning rate it used
-    skipped: bool  # non-finite loss or gradient: the parts did not move
+    skipped: bool  # non-finite loss, gradient or update: the parts did not move
+    cause: str | None = None  # what was not finite: "loss", "gradient" or "update"
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Trainer:
     def fit(self, run) -> TrainResult:
         from tqdm.auto import tqdm
 
-        ok, last_loss, last_good, bar = False, float("nan"), None, None
+        ok, last_loss, last_good, bar, out = False, float("nan"), None, None, None
         try:
             with stop_signals() as stop:
                 run.callbacks.call("on_start", run)
@@ -105,6 +107,8 @@ class Trainer:
                 while run.step < run.max_steps:
                     last_good = LastGood(run)  # what a failure before this step completes leaves (tinv.rescue)
                     out = self.step(run, batches)  # micro-batches -> latents -> encoders -> UNet -> loss -> step
+                    if out.cause == "update":  # the values before the update, and the optimizer's moments
+                        last_good.put_back_trained(run)
                     run.threads.adjust()  # other runs on these cores started or ended: share them
                     bar.update(run.step - bar.n)
                     if not out.skipped:
@@ -119,6 +123,9 @@ class Trainer:
                         bar.close()
                         raise self.save_and_stop(run, signum, stop=stop)
                 bar.close()
+                if self.ended_skipping(run, out):
+                    raise TrainingDiverged(f"{'all' if run.state.bad_steps_total >= run.step else 'the last'} "
+                                           f"{run.state.bad_steps} steps were skipped: {self.advice(run, out.cause)}")
                 last_good = LastGood(run)  # the last step is complete: a failure in the final work keeps it
                 stop.at_once = True  # from here on a signal stops the final work (scores) at once
                 try:
@@ -197,7 +204,9 @@ class Trainer:
         run.lr_scheduler.step()
         run.state.step += 1
         step_loss = acc.reduce(torch.stack(losses).mean().to(acc.device), "mean").item()
-        return StepOutput(run.step, step_loss, float(grad_norm), lr, skipped=not self._guard(run, finite, step_loss))
+        cause = ("loss" if not math.isfinite(step_loss) else "gradient" if not finite else
+                 "update" if not trained_values_finite(run) else None)  # the update itself overflowed
+        return StepOutput(run.step, step_loss, float(grad_norm), lr, skipped=not self._guard(run, cause), cause=cause)
 
     def micro_batch_loss(self, run, batch: dict) -> torch.Tensor:
         """This process's share of the global batch: noise and timesteps are drawn for the whole global batch
@@ -234,21 +243,51 @@ class Trainer:
                           acc.num_processes)
         return norm, finite
 
-    def _guard(self, run, finite: bool, step_loss: float) -> bool:
-        """A non-finite step was skipped (the optimizer did not move); stop after too many in a row."""
-        if finite and torch.isfinite(torch.tensor(step_loss)):
+    def _guard(self, run, cause: str | None) -> bool:
+        """A step whose loss, gradient or update was not finite was skipped (the trained values are as before it);
+        stop after too many in a row."""
+        if cause is None:
             run.state.bad_steps = 0
             return True
         run.state.bad_steps += 1
         run.state.bad_steps_total += 1
         run.log({"train/bad_steps": run.state.bad_steps_total})
-        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", run.step,
-                    run.state.bad_steps)
+        log.warning("step %d: non-finite %s, step skipped (%d in a row)", run.step, cause, run.state.bad_steps)
         if run.state.bad_steps >= self.max_bad_steps:
-            raise TrainingDiverged(f"{run.state.bad_steps} steps in a row had a non-finite loss or gradient "
-                                   f"(train.max_bad_steps={self.max_bad_steps}); lower optimizer.lr, or use "
-                                   "train.mixed_precision=bf16/no")
+            raise TrainingDiverged(f"{run.state.bad_steps} steps in a row were skipped (train.max_bad_steps="
+                                   f"{self.max_bad_steps}): {self.advice(run, cause)}")
         return False
+
+    @staticmethod
+    def ended_skipping(run, out: StepOutput | None) -> bool:
+        """The run's last step was skipped: its file would hold values the loss cannot use. fp16's own overflow of
+        the gradient is the one exception: the grad scaler skips such steps by design and lowers its scale."""
+        if out is None or not run.state.bad_steps:
+            return False
+        return out.cause != "gradient" or run.accelerator.mixed_precision != "fp16" \
+            or run.state.bad_steps_total >= run.step
+
+    @staticmethod
+    def advice(run, cause: str | None) -> str:
+        """What made the steps non-finite, and the setting to change."""
+        lr = run.optimizer.param_groups[0]["lr"]
+        if cause == "update":
+            return (f"the gradient was finite but the update made the trained values NaN or inf (learning rate "
+                    f"{lr:g}): lower optimizer.lr")
+        fp16 = run.accelerator.mixed_precision == "fp16"
+        if cause == "gradient":
+            return ("the loss was finite but its gradient was not: " + ("fp16 overflows, use "
+                    "train.mixed_precision=bf16 or no" if fp16 else f"lower optimizer.lr ({lr:g}) or set "
+                    "train.max_grad_norm"))
+        largest = max((float(p.detach().abs().max()) for part in run.parts.values() for p in part.parameters()
+                       if p.numel()), default=0.0)
+        if largest > 1e3:  # embedding rows hold values well under 1; the updates made them this large
+            return (f"the loss was NaN or inf because the trained values grew to {largest:.3g} (learning rate "
+                    f"{lr:g}): lower optimizer.lr")
+        return ("the loss itself was NaN or inf with finite trained values: " + ("fp16 overflows, use "
+                "train.mixed_precision=bf16 or no" if fp16 else "the inputs or a loss setting are not finite (the "
+                "latent cache, train.noise_offset, loss weights); check them or clear the cache (train.log names "
+                "the step)"))
 
 
 class Throughput:

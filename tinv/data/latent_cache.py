@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_path
+from ..errors import first_line
 from .buckets import fit_to_bucket
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class LatentCache:
     @torch.no_grad()
     def build(self, device: torch.device) -> int:
         """Fill the cache; returns how many latents the VAE had to encode."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         wanted = [(i, flip) for i, s in enumerate(self.data.samples)
                   for flip in ((False, True) if self.data.subsets[s.subset].flip_aug else (False,))]
@@ -64,8 +65,9 @@ class LatentCache:
         pending = []
         for w in wanted:
             path = self._path(keys[w]) if keys else None
-            if path is not None and path.is_file():
-                self.latents[w] = load_file(str(path))["latent"].to(device)
+            latent = self._read_entry(path, self._shape(w[0])) if path is not None and path.is_file() else None
+            if latent is not None:
+                self.latents[w] = latent.to(device)
             else:
                 pending.append(w)
         # one VAE batch holds one bucket size
@@ -84,6 +86,30 @@ class LatentCache:
         if self.cache_dir is not None:
             log.info("latent cache %s: %d reused, %d encoded", self.cache_dir, len(wanted) - len(pending), len(pending))
         return len(pending)
+
+    def _shape(self, index: int) -> tuple[int, int, int]:
+        """The latent's shape for a sample: (channels, bucket height / f, bucket width / f)."""
+        config = self.backbone.vae.config
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        width, height = self.data.samples[index].bucket
+        return config.latent_channels, height // factor, width // factor
+
+    @staticmethod
+    def _read_entry(path: Path, shape: tuple[int, int, int]) -> torch.Tensor | None:
+        """A disk entry, or None when it is broken (cut short by a kill or a full disk, flipped bytes, another
+        shape, NaN): a warning, and the caller encodes it again and writes it over the broken one."""
+        from safetensors.torch import load_file
+
+        try:
+            latent = load_file(str(path))["latent"]
+            problem = (f"shape {tuple(latent.shape)}, not {shape}" if tuple(latent.shape) != shape else
+                       "NaN or inf values" if not torch.isfinite(latent).all() else None)
+        except Exception as err:  # noqa: BLE001 - unreadable in any way: the same remedy
+            problem = first_line(err)
+        if problem is None:
+            return latent
+        log.warning("latent cache entry %s is broken (%s); encoding it again", path, problem)
+        return None
 
     def get(self, samples: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.latents[(int(i), bool(f))] for i, f in zip(samples, flips)])
