@@ -399,7 +399,8 @@ def _read_tensors(path: Path) -> tuple[object, dict]:
             with safe_open(str(path), "pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, say so in one line
-            raise ConfigError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
+            raise ConfigError(f"{path}: not a readable safetensors file ({first_line(err)}); it is broken or cut short: "
+                              "write it again or take another copy") from None
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means we will not trust the file
@@ -463,7 +464,7 @@ def check_vectors(value, where: str) -> None:
                f"{value.dtype} values" if not value.is_floating_point() else
                "NaN or inf values" if not torch.isfinite(value).all() else None)
     if problem:
-        raise ConfigError(f"{where} is {problem}, not embedding vectors (a vectors x width matrix of finite "
+        raise ConfigError(f"{where} holds {problem}, not embedding vectors (a vectors x width matrix of finite "
                           "numbers); the file is broken or not an embedding: train it again or take another copy")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from urllib.parse import quote
 
 from .atomic import atomic_path, write_text_atomic
 from .commandline import override_key, override_value
-from .tracking import read_metrics
+from .tracking import read_metrics, summary_or_why
 
 COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "objective_mode", "final_loss", "best_step",
            "steps", "wall_s", "embedding", "status"]
@@ -79,9 +78,13 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 def read_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
     for folder in job_dirs(sweep_dir):
-        summary_file = folder / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else \
-            {"ok": False, "error": "no summary.json: the job did not finish"}
+        summary, why = summary_or_why(folder)
+        if summary is None and not (folder / "summary.json").is_file():
+            summary = {"ok": False, "error": "no summary.json: the job did not finish"}
+        elif summary is None:  # cut short by a kill or a full disk, or damaged: the job still counts
+            summary = {"ok": False, "error": f"{folder / 'summary.json'} cannot be read ({why}); its curves come "
+                                             "from metrics.jsonl"}
+            print(f"tinv-report: warning: {summary['error']}", file=sys.stderr)
         if "overrides" not in summary:
             overrides = folder / ".hydra" / "overrides.yaml"
             if overrides.is_file():

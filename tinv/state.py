@@ -9,8 +9,10 @@ counters are all a resumed run needs to continue exactly where it stopped.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -42,6 +44,7 @@ def save_state(run) -> Path:
     try:
         _save(trained_values(run), staging / "state.pt")
         (staging / "state.json").write_text(json.dumps({**asdict(run.state), "elapsed_s": round(run.elapsed_s(), 2),
+                                                         "state_pt_sha256": _sha256(staging / "state.pt"),
                                                          "callbacks": run.callbacks.state_dict(),
                                                          "token": run.token.string,
                                                          "num_vectors": run.token.num_vectors,
@@ -57,6 +60,14 @@ def save_state(run) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def trained_values(run) -> dict:
@@ -115,10 +126,34 @@ def find_state(resume: str, fallback_run_dir: Path) -> tuple[Path, Path]:
     return state.parent, state
 
 
+def _broken(state_dir: Path, file: str, why: str) -> ConfigError:
+    run_dir = state_dir.parent
+    embeddings = [p for p in run_dir.glob("*.safetensors") if not re.search(r"-(step\d+|best|lora|bundle)$", p.stem)]
+    newest = max(embeddings, key=lambda p: p.stat().st_mtime, default=None)
+    start = f" (token.weights={newest} starts it from the vectors the run saved last)" if newest else ""
+    return ConfigError(f"resume: {state_dir / file} is broken ({why}), so the run cannot go on from it; start a new "
+                       f"run{start}")
+
+
+def read_state_meta(state_dir: Path) -> dict:
+    """state.json, checked: its counters and the token it trained; one line naming it when broken."""
+    try:
+        meta = json.loads((state_dir / "state.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        raise _broken(state_dir, "state.json", first_line(err)) from None
+    if not isinstance(meta, dict):
+        raise _broken(state_dir, "state.json", f"a JSON {type(meta).__name__}, not an object")
+    wrong = [k for k, kind in (("step", int), ("micro_step", int), ("token", str), ("num_vectors", int))
+             if not isinstance(meta.get(k), kind) or isinstance(meta.get(k), bool)]
+    if wrong:
+        raise _broken(state_dir, "state.json", f"{', '.join(wrong)} missing or of the wrong type")
+    return meta
+
+
 def check_resumable(state_dir: Path, family: str) -> None:
-    """Before anything loads: a state trained on another model family cannot go on here (states from before the
-    family was recorded are checked when they load)."""
-    meta = json.loads((state_dir / "state.json").read_text())
+    """Before anything loads: state.json is whole, and a state trained on another model family cannot go on here
+    (states from before the family was recorded are checked when they load)."""
+    meta = read_state_meta(state_dir)
     if meta.get("family") and meta["family"] != family:
         raise ConfigError(f"resume: the state in {state_dir} was trained on a {meta['family']} model "
                           f"({meta.get('base_model')}), not {family}; resume with the run's own model")
@@ -126,26 +161,34 @@ def check_resumable(state_dir: Path, family: str) -> None:
 
 def saved_step(state_dir: Path) -> int:
     """The optimizer steps a saved state holds, read without loading anything else."""
-    return int(json.loads((state_dir / "state.json").read_text())["step"])
+    return read_state_meta(state_dir)["step"]
 
 
 def load_state(state_dir: Path, run) -> RunState:
     """Put the saved parts, optimizer, schedule, scaler and callbacks' state into `run`; returns the counters."""
-    meta = json.loads((state_dir / "state.json").read_text())
+    meta = read_state_meta(state_dir)
     if meta["token"] != run.token.string or meta["num_vectors"] != run.token.num_vectors:
         raise ConfigError(f"resume: the state in {state_dir} is for token {meta['token']!r} with "
                           f"{meta['num_vectors']} vectors, not {run.token.string!r} with "
                           f"{run.token.num_vectors}; resume with the run's own settings")
-    data = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
-    parts = data["parts"] if "parts" in data else {"vectors": data["vectors"]}  # states written before parts existed
+    digest = meta.get("state_pt_sha256")  # states written before it was recorded load unchecked
+    if digest is not None and (state_dir / "state.pt").is_file() and _sha256(state_dir / "state.pt") != digest:
+        raise _broken(state_dir, "state.pt", "its bytes are not those written: damaged on disk or in a copy")
+    try:
+        data = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
+        parts = data["parts"] if "parts" in data else {"vectors": data["vectors"]}  # states before parts existed
+    except Exception as err:  # noqa: BLE001 - cut short, flipped bytes, not a state: the same remedy
+        raise _broken(state_dir, "state.pt", f"cut short or damaged: torch.load raised {type(err).__name__}") from None
     if set(parts) != set(run.parts):
         raise ConfigError(f"resume: the state in {state_dir} trains {', '.join(sorted(parts))}, this run "
                           f"{', '.join(sorted(run.parts))}; resume with the run's own method and parts")
     try:
         put_back(run, {**data, "parts": parts})
-    except (KeyError, ValueError, RuntimeError) as err:  # another model's shapes and keys
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:  # another model's shapes, keys
         raise ConfigError(f"resume: the state in {state_dir} does not fit this run ({type(err).__name__}: "
                           f"{first_line(err)}); resume with the run's own model and settings") from None
+    if not all(torch.isfinite(p).all() for part in run.parts.values() for p in part.parameters()):
+        raise _broken(state_dir, "state.pt", "its trained values hold NaN or inf")
     callbacks = meta.get("callbacks")
     if callbacks is None and meta.get("best_step", -1) >= 0:  # the best step, as states before callbacks kept it
         callbacks = {"best": {"best": meta["best_val_loss"], "step": meta["best_step"]}}

@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """metrics.jsonl's records, and how many lines were not whole records (cut short while being written)."""
+    """metrics.jsonl's records, and how many lines were not whole records (cut short while being written, or
+    damaged bytes)."""
     records, cut = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8")) if line.strip() else None
+        except ValueError:  # JSON or UTF-8
             record = None
             cut += 1
         if isinstance(record, dict):
@@ -37,11 +38,16 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
 
 def read_summary(run_dir: Path) -> dict:
     """A run's summary.json, or {} when there is none or it cannot be read."""
+    return summary_or_why(run_dir)[0] or {}
+
+
+def summary_or_why(run_dir: Path) -> tuple[dict | None, str | None]:
+    """(a run's summary.json, None), or (None, why it cannot be read: missing, cut short, damaged)."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
+        summary = json.loads((run_dir / "summary.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:
+        return None, getattr(err, "strerror", None) or first_line(err)
+    return (summary, None) if isinstance(summary, dict) else (None, f"a JSON {type(summary).__name__}, not an object")
 
 
 def _plain(value):

@@ -23,10 +23,13 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
 from pathlib import Path
+
+from tinv.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ except ImportError:  # pragma: no cover
 
 HEARTBEAT_S = 10  # how often a sweep process says its trials are alive
 GRACE_S = 60  # silence after which another process takes them for dead
+STORAGE_TIMEOUT_S = 30  # a database server that does not answer: give up connecting after this
 POLL_S = 2.0  # how often a process with nothing to start looks at the study again
 OWNER = "tinv_sweeper"  # system attribute: "<host>:<pid>" of the sweep process running the trial
 
@@ -127,6 +131,31 @@ class Heartbeat:
 class ResumableOptunaSweeper(OptunaSweeper or object):
     def sweep(self, arguments):
         import optuna
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return self._sweep(arguments)
+        except ConfigError as err:  # Hydra would print its frames: one line, as tinv-train's own errors
+            print(f"tinv-train: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:  # the study failed mid-sweep
+            print(f"tinv-train: error: {self._lost_study(err)}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    def _lost_study(self, err: BaseException) -> str:
+        """The study's storage failed during the sweep, in one line: what went, what is kept, how to go on."""
+        url, sweep_dir = str(self.sweeper.storage), self.sweeper.config.hydra.sweep.dir
+        cause = first_line(getattr(err.__cause__, "orig", None) or err.__cause__ or err)
+        gone = not Path(url[len("sqlite:///"):]).is_file() or "no such table" in cause  # SQLite made a new one
+        if url.startswith("sqlite:///") and gone:
+            return (f"the study's database {url[len('sqlite:///'):]} was removed while the sweep ran (its folder "
+                    f"deleted or moved?), so no trial can be recorded; the sweep stopped. Jobs that finished keep "
+                    f"their folders if they still exist; the same command starts a new study in {sweep_dir}")
+        return (f"the study's storage {_shown(url)} failed during the sweep ({cause}); the sweep stopped. The "
+                f"finished trials are in the study: the same command with hydra.sweep.dir={sweep_dir} resumes it")
+
+    def _sweep(self, arguments):
+        import optuna
         from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
         from omegaconf import OmegaConf
 
@@ -210,9 +239,21 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
             return url
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 2.x
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        timeout = int(os.environ.get("TINV_STORAGE_TIMEOUT_S", STORAGE_TIMEOUT_S))
+        # a server that accepts and never answers: the driver gives up on the connection (libpq's and PyMySQL's
+        # connect_timeout cover the whole handshake), and PyMySQL also on a query
+        connect_args = {"postgresql": {"connect_timeout": timeout},
+                        "mysql": {"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout}}
+        engine = {"connect_args": next((a for k, a in connect_args.items() if url.startswith(k)), {})}
+        if not url.startswith("sqlite"):
+            log.info("connecting to the study's storage %s (giving up after %d s)", _shown(url), timeout)
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 2.x
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy's errors run to dozens of frames: one line
+            raise ConfigError(f"hydra.sweeper.storage={_shown(url)}: {_storage_problem(err)}") from None
 
     @staticmethod
     def _fail_dead_trials(study, me: str) -> None:
@@ -254,6 +295,20 @@ def reseed(sampler, seed: int | None) -> None:
     for target in (sampler, getattr(sampler, "_random_sampler", None)):
         if target is not None and hasattr(target, "_rng"):
             target._rng = np.random.RandomState(seed)
+
+
+def _storage_problem(err: BaseException) -> str:
+    """What is wrong with a study's storage URL or server, in words, with the fix."""
+    from sqlalchemy import exc
+
+    if isinstance(err, (exc.NoSuchModuleError, exc.ArgumentError)):
+        return (f"not a database URL ({first_line(err)}); write sqlite:///<file>, postgresql://<user>@<host>/<db> "
+                "or mysql+pymysql://<user>@<host>/<db>")
+    if isinstance(err, ModuleNotFoundError):
+        return f"its database driver is not installed ({first_line(err)}); pip install it, or use sqlite:///<file>"
+    cause = getattr(err, "orig", None) or err
+    return (f"cannot connect ({first_line(cause)}); check that the server runs and the URL's host, port, user and "
+            "database, or leave hydra.sweeper.storage out for a SQLite file in the sweep folder")
 
 
 def _shown(storage) -> str:
