@@ -61,12 +61,13 @@ def resumed_args(args: list[str]) -> list[str]:
     folder set to the run's, so a resumed run keeps its settings and goes on in its own folder and log."""
     import yaml
 
-    from .state import find_state
+    from .state import check_resumable, find_state
 
     resume = [override_value(a) for a in args if a.startswith("resume=")]
     if not resume or resume[-1] in ("", "null", "None") or any(a in ("-m", "--multirun") for a in args):
         return args
-    run_dir, _ = find_state(resume[-1], Path("/nonexistent"))
+    run_dir, state_dir = find_state(resume[-1], Path("/nonexistent"))
+    check_resumable(state_dir)  # a broken state is said before Hydra opens the run's log
     recorded = run_dir / ".hydra" / "overrides.yaml"
     original = (yaml.safe_load(recorded.read_text()) or []) if recorded.is_file() else []
     given = {override_key(a) for a in args if not a.startswith("-")} | {"resume", "hydra.run.dir"}

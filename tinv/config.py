@@ -166,6 +166,7 @@ class TrainConfig:
     max_timestep: Optional[int] = None  # None = the schedule's length
     lr_scale: LrScale = "none"  # batch: lr x batch x accumulation x processes (the original TI rule)
     max_bad_steps: int = at_least(1, 10)  # consecutive non-finite steps before the run stops
+    check_memory: bool = True  # refuse at start a resolution or batch the free memory cannot hold (tinv.memory)
     # speed and memory
     compile: bool = False  # torch.compile the UNet
     cache_text_encoder_outputs: bool = False  # SDXL with token.train_encoders=clip_l|clip_g: cache the frozen one

@@ -95,7 +95,13 @@ class ConceptToken:
         return len(self.names)
 
     def check_new(self, encoders) -> None:
-        """Fail before any weights load if a token name is already known to any tokenizer."""
+        """Fail before any weights load if the vectors cannot fit in a prompt, or a token name is already known to
+        any tokenizer."""
+        positions = min(enc.tokenizer.model_max_length for enc in encoders)
+        if self.num_vectors > positions - 2:  # past the prompt's length the rest is cut off and never trains
+            raise ConfigError(f"token.num_vectors={self.num_vectors}: a prompt holds {positions} tokens, its start "
+                              f"and end included, so at most {positions - 2} vectors fit and they leave no room for "
+                              "the template's words; 1 to 8 is usual, up to about 16")
         for enc in encoders:
             for name in self.names:
                 hit = _vocab_hit(enc.tokenizer, name)

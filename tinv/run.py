@@ -19,6 +19,7 @@ from .callbacks import Callbacks
 from .config import recorded_config
 from .data import BucketBatchSampler, Latents, TrainingSet, collate
 from .diskspace import check_room, planned_writes
+from .memory import check_memory
 from .embedding import ConceptToken
 from .errors import ConfigError
 from .resources import ThreadShare, pick_gpu
@@ -165,9 +166,13 @@ def open_run(job: Job) -> Run:
     run.optimizer = accelerator.prepare(optimizer)
     if run.is_main:
         check_room(planned_writes(run, cfg))  # before the latents are encoded and the first step runs
+    cache = train.cache_latents or train.cache_latents_to_disk
+    if train.check_memory:  # the largest bucket's encoding and step, before either runs
+        check_memory(job.backbone, job.dataset, accelerator.device, cfg.data.vae_batch_size, cache,
+                     train.gradient_checkpointing)
     disk = (cfg.data.cache_dir or str(cache_root() / "latents")) if train.cache_latents_to_disk else None
-    run.latents = Latents.prepare(job.dataset, job.backbone, accelerator.device,
-                                  train.cache_latents or train.cache_latents_to_disk, disk, cfg.data.vae_batch_size)
+    run.latents = Latents.prepare(job.dataset, job.backbone, accelerator.device, cache, disk,
+                                  cfg.data.vae_batch_size)
     if run.latents.cached:
         run.dataset = job.dataset.without_pixels()
     sampler = BucketBatchSampler(run.dataset, train.seed, accelerator.num_processes, accelerator.process_index)

@@ -150,11 +150,16 @@ def read_state_meta(state_dir: Path) -> dict:
     return meta
 
 
-def check_resumable(state_dir: Path, family: str) -> None:
-    """Before anything loads: state.json is whole, and a state trained on another model family cannot go on here
-    (states from before the family was recorded are checked when they load)."""
+def check_resumable(state_dir: Path, family: str | None = None) -> None:
+    """Before anything loads or is written: state.json is whole, state.pt holds the bytes written, and a state
+    trained on another model family cannot go on here (states from before the family was recorded are checked when
+    they load)."""
     meta = read_state_meta(state_dir)
-    if meta.get("family") and meta["family"] != family:
+    digest = meta.get("state_pt_sha256")  # states written before it was recorded load unchecked
+    if digest is not None and (state_dir / "state.pt").is_file() and _sha256(state_dir / "state.pt") != digest:
+        raise _broken(state_dir, "state.pt", "its bytes are not those written: cut short, or damaged on disk or in a "
+                                             "copy")
+    if family and meta.get("family") and meta["family"] != family:
         raise ConfigError(f"resume: the state in {state_dir} was trained on a {meta['family']} model "
                           f"({meta.get('base_model')}), not {family}; resume with the run's own model")
 
@@ -171,10 +176,7 @@ def load_state(state_dir: Path, run) -> RunState:
         raise ConfigError(f"resume: the state in {state_dir} is for token {meta['token']!r} with "
                           f"{meta['num_vectors']} vectors, not {run.token.string!r} with "
                           f"{run.token.num_vectors}; resume with the run's own settings")
-    digest = meta.get("state_pt_sha256")  # states written before it was recorded load unchecked
-    if digest is not None and (state_dir / "state.pt").is_file() and _sha256(state_dir / "state.pt") != digest:
-        raise _broken(state_dir, "state.pt", "its bytes are not those written: damaged on disk or in a copy")
-    try:
+    try:  # its bytes were checked before (check_resumable); a state from before the checksum may still be broken
         data = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
         parts = data["parts"] if "parts" in data else {"vectors": data["vectors"]}  # states before parts existed
     except Exception as err:  # noqa: BLE001 - cut short, flipped bytes, not a state: the same remedy

@@ -13,12 +13,16 @@ import logging
 import math
 import netrc
 import os
+import socket
 from pathlib import Path
 
 from .atomic import write_text_atomic
 from .errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
+
+WANDB_REACH_TIMEOUT_S = 5  # is wandb's server there at all (DNS and a TCP connection)
+WANDB_INIT_TIMEOUT_S = 30  # then wandb.init's own wait (its default is 90 s)
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
@@ -108,6 +112,23 @@ class Tracker:
         self._remember(step, record)
         self._file.write(json.dumps({"step": step, **record}) + "\n")
         self._file.flush()
+
+    @staticmethod
+    def _online_or_offline(base_url: str) -> str:
+        """Online when wandb's server answers a connection within seconds; without a network wandb would wait
+        its init timeout on every run (each sweep job). Offline keeps everything for `wandb sync`."""
+        from urllib.parse import urlsplit
+
+        where = urlsplit(base_url)
+        host, port = where.hostname or base_url, where.port or (80 if where.scheme == "http" else 443)
+        try:
+            socket.create_connection((host, port), timeout=WANDB_REACH_TIMEOUT_S).close()
+        except OSError as err:
+            log.warning("wandb: %s:%d cannot be reached (%s); logging offline instead (wandb sync uploads it "
+                        "later)", host, port, getattr(err, "strerror", None) or first_line(err))
+            return "offline"
+        log.info("wandb: connecting to %s (giving up after %d s)", base_url, WANDB_INIT_TIMEOUT_S)
+        return "online"
 
     def log_images(self, images: dict, step: int) -> None:
         """{key: [PIL images]}; the files themselves are written by the previewer."""
@@ -201,12 +222,14 @@ class WandbTracker(Tracker):
         token = config.get("token", {}).get("string", "run")  # a single run: "<token>-<date>-<time>" of its folder
         name = self.name or sweep.get("job_name") or f"{token}-{Path(run_dir).parent.name}-{Path(run_dir).name}"
         self.step, self.run_id = resume_step, resume_id  # wandb failing to start keeps the id for the next resume
+        if self.mode == "online":
+            self.mode = self._online_or_offline(wandb.Settings().base_url)
         try:
             self.run = wandb.init(project=self.project, entity=self.entity, name=name,
                                   group=self.group or sweep.get("group"), tags=self.tags, config=config,
                                   dir=str(run_dir), mode=self.mode, id=resume_id,
                                   resume="allow" if resume_id else None,
-                                  settings=wandb.Settings(silent=True))  # tinv says what matters at the end
+                                  settings=wandb.Settings(silent=True, init_timeout=WANDB_INIT_TIMEOUT_S))
         except Exception as err:  # noqa: BLE001 - no dashboard is no reason not to train
             self._lost("to start", err)
             return

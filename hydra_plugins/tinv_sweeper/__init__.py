@@ -304,8 +304,10 @@ def _storage_problem(err: BaseException) -> str:
     if isinstance(err, (exc.NoSuchModuleError, exc.ArgumentError)):
         return (f"not a database URL ({first_line(err)}); write sqlite:///<file>, postgresql://<user>@<host>/<db> "
                 "or mysql+pymysql://<user>@<host>/<db>")
-    if isinstance(err, ModuleNotFoundError):
-        return f"its database driver is not installed ({first_line(err)}); pip install it, or use sqlite:///<file>"
+    missing = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, ImportError)), None)
+    if missing is not None or "Failed to import DB access module" in str(err):  # Optuna's words for it
+        return (f"its database driver is not installed ({first_line(missing or err)}); pip install it (psycopg2 for "
+                "postgresql, PyMySQL with mysql+pymysql://), or use sqlite:///<file>")
     cause = getattr(err, "orig", None) or err
     return (f"cannot connect ({first_line(cause)}); check that the server runs and the URL's host, port, user and "
             "database, or leave hydra.sweeper.storage out for a SQLite file in the sweep folder")

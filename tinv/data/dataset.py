@@ -48,6 +48,9 @@ def _interpolation(name: str | None):
     return getattr(Image.Resampling, RESAMPLING[name or "lanczos"])
 
 
+MAX_EPOCH = 1_000_000  # images in one epoch, repeats counted
+
+
 class TrainingSet(Dataset):
     """Immutable once built: `without()` and `without_pixels()` return new sets that share the scanned samples, so
     sample indices (the latent cache's keys, validation's picks) mean the same image in all of them."""
@@ -61,17 +64,25 @@ class TrainingSet(Dataset):
         self.seed = seed
         self.prompts = prompts  # items carry their training prompt (token unexpanded); None = the caption itself
         self.samples: list[Sample] = []
-        order: list[int] = []  # epoch positions -> sample index, repeats expanded
-        subset_index = 0
+        scanned, subset_index = [], 0
         for d, ds in enumerate(specs):
             for sub in ds.subsets:
-                for sample in self._scan(sub, ds, subset_index, d):
-                    order += [len(self.samples)] * sub.num_repeats
-                    self.samples.append(sample)
+                scanned.append((sub, self._scan(sub, ds, subset_index, d)))
                 subset_index += 1
-        if not self.samples:
+        if not any(found for _, found in scanned):
             raise ConfigError("no usable image in " + ", ".join(s.source for s in self.subsets) +
                               "; add png, jpg, jpeg, webp or bmp files")
+        positions = sum(len(found) * sub.num_repeats for sub, found in scanned)
+        if positions > MAX_EPOCH:  # the epoch's order is a list in memory, reshuffled every epoch
+            worst = max(scanned, key=lambda pair: len(pair[1]) * pair[0].num_repeats)[0]
+            raise ConfigError(f"num_repeats={worst.num_repeats} ({worst.source}) makes one epoch {positions:,} "
+                              f"images, over tinv's {MAX_EPOCH:,}; repeats weigh subsets against each other, so "
+                              "their ratio is what counts: lower them (e.g. 10 and 1)")
+        order: list[int] = []  # epoch positions -> sample index, repeats expanded
+        for sub, found in scanned:
+            for sample in found:
+                order += [len(self.samples)] * sub.num_repeats
+                self.samples.append(sample)
         self.order: tuple[int, ...] = tuple(order)
         self.load_pixels = True  # False once the latents are cached: items then carry no pixels
         if prompts is not None:

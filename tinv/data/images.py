@@ -80,10 +80,16 @@ def read_caption(image: Path, extension: str) -> str | None:
 def read_metadata(path: str | Path, separator: str) -> dict[str, str]:
     """kohya fine-tuning metadata: {image key: {"caption": ..., "tags": ...}} -> {key: caption}."""
     path = Path(path).expanduser()
+    if not path.is_file():  # a FIFO or device would block the read: only regular files are opened
+        what = "does not exist" if not path.exists() else "is not a regular file (a FIFO, device or folder)"
+        raise ConfigError(f"metadata_file={str(path)!r} {what}; give kohya's metadata JSON file")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"metadata_file={str(path)!r}: cannot read it as JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"metadata_file={str(path)!r}: a JSON {type(doc).__name__}; kohya's metadata is an object "
+                          "of image key -> {\"caption\": ..., \"tags\": ...}")
     out = {}
     for key, entry in doc.items():
         parts = [entry.get("caption"), entry.get("tags")] if isinstance(entry, dict) else [str(entry)]
