@@ -141,12 +141,12 @@ def test_choices_read_as_plain_strings():
                                               ("token.train_encoders=clip_l", "applies to SDXL only"),
                                               ("optimizer.lr=inf", "optimizer.lr=inf must be a finite number"),
                                               ("optimizer.lr=nan", "optimizer.lr=nan must be a finite number"),
-                                              ("optimizer.lr=0", "optimizer.lr=0 must be above 0"),
+                                              ("optimizer.lr=-0.1", "optimizer.lr=-0.1 must be at least 0"),
                                               ("optimizer.lr=1e30", "optimizer.lr=1e\\+30 is above 1000"),
                                               ("train.min_snr_gamma=-inf", "min_snr_gamma=-inf must be a finite"),
                                               ("train.noise_offset=1e30", "noise_offset=1e\\+30 must be in \\[0, 1\\]"),
                                               ("method=pivotal", None),
-                                              ("method=pivotal lora.lr=-1", "lora.lr=-1.0 must be above 0")])
+                                              ("method=pivotal lora.lr=-1", "lora.lr=-1.0 must be at least 0")])
 def test_bad_values_name_the_key(override, message):
     if message is None:  # the sibling that must pass: the default of a group the checks read
         check_values(compose(override.split()))

@@ -239,7 +239,7 @@ def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     found = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
     assert len(found) == 3 and len([p for p in sweep.iterdir() if p.is_dir()]) == 3
     failed = [s for s in found.values() if not s["ok"]]
-    assert len(failed) == 1 and "Invalid learning rate" in failed[0]["error"]
+    assert len(failed) == 1 and "optimizer.lr=-1 must be at least 0" in failed[0]["error"]
     good = sorted((s for s in found.values() if s["ok"]), key=lambda s: s["started_at"])
     assert len(good) == 2 and len(list(sweep.glob("*/mychar.safetensors"))) == 2  # ...and the others finished
     assert good[1]["started_at"] < good[0]["finished_at"]  # the two ran at the same time (each in a fresh process)

@@ -338,8 +338,8 @@ def check_values(cfg) -> None:
     for key, value in _numbers(OmegaConf.to_container(cfg, resolve=False)):
         if not math.isfinite(value):
             raise ConfigError(f"{key}={value} must be a finite number")
-        if key.rsplit(".", 1)[-1] in ("lr", "text_encoder_lr") and not 0 < value <= 1000:
-            raise ConfigError(f"{key}={value} " + ("must be above 0: a learning rate" if value <= 0 else
+        if key.rsplit(".", 1)[-1] in ("lr", "text_encoder_lr") and not 0 <= value <= 1000:  # 0: keep the start
+            raise ConfigError(f"{key}={value} " + ("must be at least 0: a learning rate" if value < 0 else
                               "is above 1000: no optimizer trains at that step size (a typo?)"))
     if not 0.0 <= cfg.train.noise_offset <= 1.0:
         raise ConfigError(f"train.noise_offset={cfg.train.noise_offset} must be in [0, 1] (0.05 to 0.1 is usual): "
