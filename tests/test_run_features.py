@@ -404,7 +404,7 @@ def test_a_sweep_jobs_folder_resumes_as_typed_or_as_pasted_from_the_stop_message
     import shlex
 
     from tinv.commandline import override_value
-    from tinv.trainer import resume_argument
+    from tinv.commandline import resume_argument
 
     sweep = tmp_path / "sweep"
     first = _cli(["-m", "train.max_steps=2", "optimizer.lr=1e-3", "logger=none", f"hydra.sweep.dir={sweep}"], tmp_path)

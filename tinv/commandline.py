@@ -56,6 +56,11 @@ def shell_quoted(argument: str) -> str:
     return shlex.quote(argument)
 
 
+def resume_argument(run_dir: Path) -> str:
+    """`resume=<run dir>` as it pastes into a shell (a sweep job's folder holds `=` and `,`)."""
+    return shell_quoted(path_override("resume", run_dir))
+
+
 def resumed_args(args: list[str]) -> list[str]:
     """With `resume=<run dir>` (or latest): that run's own overrides first (this command's win over them) and Hydra's
     folder set to the run's, so a resumed run keeps its settings and goes on in its own folder and log."""

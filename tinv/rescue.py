@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .commandline import resume_argument
 from .console import FILE_ONLY
 from .errors import TrainingDiverged, first_line
 from .state import put_back, trained_values
@@ -77,8 +78,6 @@ def trained_values_finite(run) -> bool:
 def keep_work(run, last_good: LastGood | None, err: BaseException) -> RunFailed:
     """Put the last complete step back, write its files and state (the run folder, else the temp folder); the
     one-line error to raise. The traceback goes to the log (train.log)."""
-    from .trainer import resume_argument
-
     cause = f"{type(err).__name__}: {first_line(err)}"
     log.error("the run failed at step %d: %s", run.step + 1, cause, exc_info=err, extra=FILE_ONLY)
     if not run.is_main:  # the main process holds the same values and writes them, if it can still run

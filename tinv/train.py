@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .atomic import write_text_atomic
 from .callbacks import Callbacks
+from .commandline import resume_argument
 from .console import FILE_ONLY, quiet_libraries, route_library_logs
 from .config import LOADING_KEYS, apply_deprecated, check_values
 from .data import PromptBuilder
@@ -40,7 +41,7 @@ from .state import check_resumable, find_state, saved_step
 from .sweeping import sweep_identity
 from .rescue import RunFailed
 from .tracking import read_summary
-from .trainer import Interrupted, Trainer, TrainResult, resume_argument
+from .trainer import Interrupted, Trainer, TrainResult
 
 log = logging.getLogger("tinv")
 quiet_libraries()  # transformers and diffusers load later, when the model does

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .commandline import resume_argument
 from .errors import TrainingDiverged, first_line
 from .losses import DiffusionLoss
 from .objective import read_objective
@@ -66,13 +67,6 @@ class Interrupted(Exception):
 
     def __reduce__(self):  # a sweep's worker process sends it back pickled
         return type(self), (self.signum, self.run_dir, self.when)
-
-
-def resume_argument(run_dir: Path) -> str:
-    """`resume=<run dir>` as it pastes into a shell (a sweep job's folder holds `=` and `,`)."""
-    from .commandline import path_override, shell_quoted
-
-    return shell_quoted(path_override("resume", run_dir))
 
 
 class StopNow(Exception):
