@@ -13,10 +13,13 @@ import argparse
 import csv
 import io
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
+
+from hydra.experimental.callback import Callback as HydraCallback
 
 from .atomic import atomic_path, write_text_atomic
 from .commandline import override_key, override_value
@@ -336,6 +339,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
+
+
+class AnnounceBestJob(HydraCallback):
+    """At the end of a multirun: which job won (its objective, overrides and embedding) and the report command."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = ranked(read_jobs(sweep_dir)) if sweep_dir.is_dir() else []
+        finished = [job for job in jobs if job.ok]
+        print(f"tinv-train: sweep done, {len(finished)} of {len(jobs)} jobs finished ({sweep_dir})")
+        if finished:
+            best, s = finished[0], finished[0].summary
+            print(f"  best       {s.get('objective_name', 'objective')} = {best.objective:.4g} "
+                  f"({'higher' if s.get('objective_mode') == 'max' else 'lower'} is better)")
+            print(f"  overrides  {' '.join(map(shlex.quote, s.get('overrides', []))) or '(none)'}")
+            print(f"  embedding  {s.get('embedding', '(none)')}")
+        print(f"  report     tinv-report {shlex.quote(str(sweep_dir))}")
 
 
 if __name__ == "__main__":

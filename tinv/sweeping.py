@@ -1,11 +1,10 @@
-"""Which sweep a job belongs to, and what a finished sweep says (the resumable Optuna sweeper lives in
-hydra_plugins/tinv_sweeper)."""
+"""Which sweep a job belongs to: its folder's name and its identity inside a multirun (what a finished sweep says
+is tinv.report's; the resumable Optuna sweeper lives in hydra_plugins/tinv_sweeper)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 from pathlib import Path
 
 # A job folder's name keeps what reads safely everywhere (a path, a shell, a URL, another OS): letters, digits and
@@ -43,28 +42,3 @@ def sweep_identity() -> dict:
     return {"sweep": name, "group": f"{name}-{sweep_dir.parent.name}-{sweep_dir.name}", "sweep_dir": str(sweep_dir),
             "job_num": hc.job.num, "job_name": hc.job.override_dirname or f"job{hc.job.num}",
             "overrides": list(hc.overrides.task)}
-
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - older Hydra
-    _HydraCallback = object
-
-
-class AnnounceBestJob(_HydraCallback):
-    """At the end of a multirun: which job won (its objective, overrides and embedding) and the report command."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        from .report import ranked, read_jobs
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = ranked(read_jobs(sweep_dir)) if sweep_dir.is_dir() else []
-        finished = [job for job in jobs if job.ok]
-        print(f"tinv-train: sweep done, {len(finished)} of {len(jobs)} jobs finished ({sweep_dir})")
-        if finished:
-            best, s = finished[0], finished[0].summary
-            print(f"  best       {s.get('objective_name', 'objective')} = {best.objective:.4g} "
-                  f"({'higher' if s.get('objective_mode') == 'max' else 'lower'} is better)")
-            print(f"  overrides  {' '.join(map(shlex.quote, s.get('overrides', []))) or '(none)'}")
-            print(f"  embedding  {s.get('embedding', '(none)')}")
-        print(f"  report     tinv-report {shlex.quote(str(sweep_dir))}")
