@@ -44,9 +44,13 @@ def free_bytes(device: torch.device) -> int | None:
     return free
 
 
+def largest_bucket(dataset) -> tuple[int, int]:
+    return max((s.bucket for s in dataset.samples), key=lambda b: b[0] * b[1])
+
+
 def needed_bytes(backbone, dataset, vae_batch_size: int, cached: bool, checkpointing: bool) -> dict[str, int]:
     """{what: bytes} at least, for the largest bucket of `dataset`."""
-    width, height = max((s.bucket for s in dataset.samples), key=lambda b: b[0] * b[1])
+    width, height = largest_bucket(dataset)
     batch = max(ds.batch_size for ds in dataset.specs)
     vae, unet = backbone.vae.config, backbone.unet.config
     factor = 2 ** (len(vae.block_out_channels) - 1)
@@ -68,7 +72,7 @@ def check_memory(backbone, dataset, device: torch.device, vae_batch_size: int, c
     what, need = max(needs.items(), key=lambda item: item[1])
     if need <= USABLE * free:
         return
-    width, height = max((s.bucket for s in dataset.samples), key=lambda b: b[0] * b[1])
+    width, height = largest_bucket(dataset)
     where = "the GPU" if device.type == "cuda" else "this machine"
     raise ConfigError(f"{what} at {width}x{height} needs about {human(need)}, more than {USABLE:.0%} of the "
                       f"{human(free)} free on {where}: "
