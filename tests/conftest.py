@@ -42,17 +42,21 @@ def compose(overrides=()):
 
 
 def train(run_dir, overrides=()):
-    """Compose and run one job in this process, through the same `run` the CLI calls."""
+    """Compose and run one job in this process, through the same `run` the CLI calls, and print its end as the CLI
+    does."""
+    from tinv.commands.train import announce
     from tinv.train import run
 
     cfg = compose(["logger=none", *overrides])
-    return run(cfg, run_dir=run_dir)
+    result = run(cfg, run_dir=run_dir)
+    announce(result, cfg)
+    return result
 
 
 def cli(args, cwd, timeout=300):
     """`tinv-train ARGS` as a user types it, in a subprocess."""
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tinv", *with_test_model(args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

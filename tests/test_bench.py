@@ -12,7 +12,7 @@ from conftest import TEST_MODEL
 @pytest.mark.slow  # the benchmark's own runs (about 25 s)
 def test_bench_reports_the_promised_numbers(tmp_path):
     run = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "tinv.bench", TEST_MODEL, "bench.steps=3", "bench.warmup=1",
+    proc = subprocess.run([sys.executable, "-m", "tinv.commands.bench", TEST_MODEL, "bench.steps=3", "bench.warmup=1",
                            "train.batch_size=2", "token.num_vectors=4", "bench.cache_images=6",
                            f"hydra.run.dir={run}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -29,7 +29,7 @@ def test_bench_reports_the_promised_numbers(tmp_path):
     assert "overhead" in proc.stdout and "floor (median)" in proc.stdout
     assert result["images"] == 6 and len(list((run / "images").glob("*.png"))) == 6  # generated at 64 px
     assert result["cache_build_s"] > 0 and "latent cache" in proc.stdout
-    live = subprocess.run([sys.executable, "-m", "tinv.bench", TEST_MODEL, "bench.steps=2", "bench.warmup=0",
+    live = subprocess.run([sys.executable, "-m", "tinv.commands.bench", TEST_MODEL, "bench.steps=2", "bench.warmup=0",
                            "train.cache_latents=false", f"hydra.run.dir={tmp_path / 'live'}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert live.returncode == 0, live.stderr[-3000:]
@@ -56,11 +56,11 @@ def test_bench_help_is_tinvs_own_and_names_real_keys():
 
     from tinv.config import BenchConfig
 
-    proc = subprocess.run([sys.executable, "-m", "tinv.bench", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "tinv.commands.bench", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("tinv-bench:"), proc.stdout[:300]
     assert "Hydra" not in proc.stdout and "threads WORK_DIR" in proc.stdout and "sharing WORK_DIR" in proc.stdout
     named = set(re.findall(r"\bbench\.(\w+)", proc.stdout)) - {"json"}  # bench.json is its output file
     assert named and named <= {f.name for f in fields(BenchConfig)}  # every key it names exists
-    sub = subprocess.run([sys.executable, "-m", "tinv.bench", "threads", "--help"], capture_output=True, text=True,
+    sub = subprocess.run([sys.executable, "-m", "tinv.commands.bench", "threads", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert sub.returncode == 0 and "--steps" in sub.stdout and "busy" in sub.stdout

@@ -28,8 +28,7 @@ def command(name: str, *args: str, capsys) -> subprocess.CompletedProcess:
     """A tinv console command as a user runs it, in this process (its entry point, its exit code, its stderr)."""
     from importlib import import_module
 
-    module = {"inspect": "tinv.inspection", "convert": "tinv.convert", "generate": "tinv.generate",
-              "report": "tinv.report"}[name]
+    module = f"tinv.commands.{name}"
     capsys.readouterr()
     try:
         code = import_module(module).main(list(args))
@@ -139,7 +138,7 @@ def broken_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_every_broken_embedding_file_is_one_line_naming_it(tmp_path, finished):
-    from tinv.embedding import read_embedding
+    from tinv.formats.embedding import read_embedding
 
     for case, (path, said) in broken_files(tmp_path, finished / "mychar.safetensors").items():
         with pytest.raises(ConfigError) as err:

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from conftest import train
 from tinv.backbone.single_file import write_single_file
 from tinv.backbone.tiny import TINY_FAMILIES, tiny_model_path, write_tiny_model
-from tinv.convert import convert
-from tinv.embedding import read_embedding
+from tinv.formats.convert import convert
+from tinv.formats.embedding import read_embedding
 from tinv.errors import ConfigError
 
 KINDS = {"sd15": "tiny_sd15", "sd2": "tiny_sd2", "sdxl": "tiny_sdxl"}
@@ -206,12 +206,12 @@ def test_sd1_and_sd2_folders_are_told_apart(tmp_path):
 
 def test_convert_cli(tmp_path):
     src = _formats(tmp_path, "sd1")["a1111_pt"]
-    proc = subprocess.run([sys.executable, "-m", "tinv.convert", str(src), str(tmp_path / "o.safetensors")],
+    proc = subprocess.run([sys.executable, "-m", "tinv.commands.convert", str(src), str(tmp_path / "o.safetensors")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert torch.equal(read_embedding(tmp_path / "o.safetensors").vectors["emb_params"],
                        read_embedding(src).vectors["emb_params"])
-    bad = subprocess.run([sys.executable, "-m", "tinv.convert", str(tmp_path / "nope.pt"), str(tmp_path / "x.pt")],
+    bad = subprocess.run([sys.executable, "-m", "tinv.commands.convert", str(tmp_path / "nope.pt"), str(tmp_path / "x.pt")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 

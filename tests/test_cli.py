@@ -14,7 +14,7 @@ from conftest import cli
 def _script(name):
     found = Path(sys.executable).parent / name
     return [str(found)] if found.exists() else [sys.executable, "-m",
-                                                {"tinv-train": "tinv.train", "tinv-tiny": "tinv.backbone.tiny"}[name]]
+                                                {"tinv-train": "tinv", "tinv-tiny": "tinv.backbone.tiny"}[name]]
 
 
 def test_default_run_logs_to_wandb_offline_and_metrics(tmp_path):

@@ -69,7 +69,7 @@ def slurm(partition: str, *extra: str) -> list[str]:
 
 
 def tinv_args(args) -> list[str]:
-    return [sys.executable, "-m", "tinv.train", *with_test_model(args)]
+    return [sys.executable, "-m", "tinv", *with_test_model(args)]
 
 
 def tinv(args, cwd, timeout=600):
@@ -151,7 +151,7 @@ def test_grid_sweep_on_slurm(partition, tmp_path):
     console = proc.stdout + proc.stderr
     assert "sacct" not in console.replace("(sacct: ", "") and "Bypassing" not in console  # no accounting noise
     assert "sweep done, 2 of 2 jobs finished" in proc.stdout
-    report = subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True, text=True)
+    report = subprocess.run([sys.executable, "-m", "tinv.commands.report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [r["status"] for r in rows] == ["ok", "ok"]

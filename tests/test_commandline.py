@@ -19,7 +19,7 @@ def test_a_home_path_pastes_as_the_readme_writes_it(tmp_path):
     for i in range(2):
         Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(images / f"{i}.png")
     assert expand_home(["data.image_dir=~/x", "+a.b=~", "token.string=mychar"])[2] == "token.string=mychar"
-    proc = subprocess.run([sys.executable, "-m", "tinv.train", TEST_MODEL, "data=folder", "data.image_dir=~/data/cross",
+    proc = subprocess.run([sys.executable, "-m", "tinv", TEST_MODEL, "data=folder", "data.image_dir=~/data/cross",
                            "train.max_steps=1", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
                                                                              "HOME": str(tmp_path)})
@@ -55,7 +55,7 @@ def test_optimizer_errors_name_the_key():
 
 
 def test_a_misspelled_key_on_the_command_line_exits_2_with_one_line_and_no_run_folder(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tinv.train", TEST_MODEL, "train.maxsteps=10"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "tinv", TEST_MODEL, "train.maxsteps=10"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "tinv-train: error: train.maxsteps is not a key; did you mean train.max_steps or " \
@@ -68,5 +68,5 @@ def test_help_is_tinvs_own_with_every_group_sweeps_and_launchers():
     for line in ("model ", "[toy]", "sweep ", "lr_vectors", "hydra/launcher", "joblib", "train.max_steps", "tinv-train "):
         assert line in text
     assert "bench." not in text and "powered by Hydra" not in text
-    proc = subprocess.run([sys.executable, "-m", "tinv.train", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "tinv", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == text

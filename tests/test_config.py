@@ -3,12 +3,14 @@ the key named, the toy world plugs in from the defaults list, deprecated keys st
 
 import ast
 import logging
+import re
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose
+from tinv.commandline import precheck
 from tinv.config import apply_deprecated, check_values, recorded_config
 from tinv.errors import ConfigError
 from tinv.optim import check_optimization, check_target
@@ -49,9 +51,11 @@ def test_the_toy_world_comes_from_the_defaults_list_not_from_the_model():
     assert "concept" not in sd15.callbacks and sd15.token.init_word is None
 
 
-def toy_imports(source: str, package: str) -> list[str]:
-    """The tinv.toy modules that `source` (a module of `package`) imports, relative imports resolved."""
-    found = []
+def imported_modules(source: str, module: str, known: set[str]) -> set[str]:
+    """The modules of `known` that `source` (the module named `module`) imports anywhere, inside functions too,
+    relative imports resolved; `from x import name` counts x.name when that is a module, else x."""
+    package = module if module in PACKAGES else module.rsplit(".", 1)[0]
+    found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -60,24 +64,113 @@ def toy_imports(source: str, package: str) -> list[str]:
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
-        found += [n for n in names if n == "tinv.toy" or n.startswith("tinv.toy.")]
+        for name in names:
+            while name and name not in known:  # tinv.formats.embedding.read_embedding -> tinv.formats.embedding
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
     return found
 
 
-def test_no_core_module_imports_the_toy_world():
-    offenders = {}
-    for path in sorted((ROOT / "tinv").rglob("*.py")):
-        module = path.relative_to(ROOT).with_suffix("").parts
-        if "toy" not in module:
-            offenders[str(path.relative_to(ROOT))] = toy_imports(path.read_text(), ".".join(module[:-1]))
-    assert len(offenders) > 20 and not any(offenders.values()), {k: v for k, v in offenders.items() if v}
-    # the check sees every form of import
-    assert toy_imports("from ..toy import world", "tinv.data") == ["tinv.toy", "tinv.toy.world"]
-    assert toy_imports("def f():\n    from .toy.model import x", "tinv")[0] == "tinv.toy.model"
-    assert toy_imports("import tinv.toy.judge", "tinv") == ["tinv.toy.judge"]
+def module_name(path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+PACKAGES = {module_name(p) for p in (ROOT / "tinv").rglob("__init__.py")}
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in (ROOT / "tinv").rglob("*.py")}
+    return {m: imported_modules(p.read_text(), m, set(files)) for m, p in files.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: each strongly connected group of more than one module, or a module importing itself."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1 or v in graph.get(v, ()):
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_import_graph_has_no_circles():
+    graph = import_graph()
+    assert len(graph) > 50 and sum(map(len, graph.values())) > 150
+    assert cycles(graph) == [], "import circles (imports inside functions count)"
+    # the check sees circles hidden in functions and through packages
+    known = {"tinv.a", "tinv.b", "tinv.p", "tinv.p.c"}
+    assert imported_modules("def f():\n    from .b import x", "tinv.a", known) == {"tinv.b"}
+    assert imported_modules("from ..a import y", "tinv.p.c", known) == {"tinv.a"}
+    assert imported_modules("from tinv.p import c", "tinv.a", known) == {"tinv.p.c"}
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_layers_point_one_way():
+    """The core never imports the toy world, the commands or the sweeps' report; file formats never import what
+    trains; what trains never imports a command."""
+    graph = import_graph()
+
+    def importers(of: str, among) -> dict[str, set[str]]:
+        return {m: {i for i in graph[m] if i == of or i.startswith(of + ".")} for m in graph
+                if among(m) and any(i == of or i.startswith(of + ".") for i in graph[m])}
+
+    assert importers("tinv.toy", lambda m: not m.startswith("tinv.toy")) == {}
+    assert importers("tinv.commands", lambda m: not m.startswith(("tinv.commands", "tinv.__main__"))) == {}
+    assert importers("tinv.trained", lambda m: m.startswith("tinv.formats")) == {}
+    assert importers("tinv.sweeping.report", lambda m: not m.startswith(("tinv.sweeping", "tinv.commands"))) == {}
+    assert graph["tinv.commands.train"] >= {"tinv.train"} and "tinv.toy" not in graph["tinv.train"]
+
+
+def test_installed_packages_keep_conf_and_sweeps_inside_tinv():
+    """conf/ and sweeps/ stay at the top of the repository and install as tinv.conf and tinv.sweeps (tinv/conf and
+    tinv/sweeps link to them): never as top-level packages named conf or sweeps in a user's site-packages."""
+    import tomllib
+
+    setuptools = pytest.importorskip("setuptools")
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    installed = setuptools.find_namespace_packages(str(ROOT), include=find["include"])
+    assert {"tinv.conf", "tinv.conf.model", "tinv.sweeps", "tinv.sweeps.sweep", "tinv.formats"} <= set(installed)
+    assert {p.split(".")[0] for p in installed} == {"tinv", "hydra_plugins"}
+    for name in ("conf", "sweeps"):
+        assert (ROOT / "tinv" / name).resolve() == ROOT / name
+    from tinv.commandline import CONF, SWEEPS
+
+    assert (CONF / "train.yaml").is_file() and (SWEEPS / "lr_vectors.yaml").is_file()
+
+
+@pytest.mark.parametrize("override, new", [
+    ("parts.vectors._target_=tinv.parts.TokenVectors", "tinv.trained.token.TokenVectors"),
+    ("+parts.lora._target_=tinv.lora.LoraWeights", "tinv.trained.lora.LoraWeights"),
+    ("hydra.callbacks.best_job._target_=tinv.report.AnnounceBestJob", "tinv.sweeping.best.AnnounceBestJob")])
+def test_a_moved_target_fails_at_composition_naming_the_new_path(override, new):
+    with pytest.raises(ConfigError, match=rf"_target_=tinv\.\S+ has moved to {re.escape(new)}"):
+        precheck([override])
+    if not override.startswith("hydra."):  # a run built without the command line (tinv.train.run) checks it too
+        with pytest.raises(ConfigError, match=re.escape(new)):
+            check_values(compose([override]))
 
 
 def test_model_configs_carry_family_resolution_and_prediction():

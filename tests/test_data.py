@@ -15,7 +15,7 @@ from conftest import cli, train
 from tinv.data import BucketBatchSampler, PromptBuilder, build_training_set
 from tinv.data.captions import CaptionProcessor
 from tinv.data.spec import SubsetSpec
-from tinv.embedding import ConceptToken
+from tinv.trained.token import ConceptToken
 from tinv.errors import ConfigError
 from tinv.losses import DiffusionLoss
 from tinv.trainer import Trainer

@@ -4,7 +4,8 @@ from torch import nn
 
 from tinv.backbone.tiny import tiny_model_path
 from tinv.backbone import Backbone
-from tinv.embedding import ConceptToken, SplicedEmbedding, load_embedding, save_embedding, EmbeddingMeta
+from tinv.formats.embedding import EmbeddingMeta, load_embedding, save_embedding
+from tinv.trained.token import ConceptToken, SplicedEmbedding
 from tinv.errors import ConfigError
 
 
@@ -111,7 +112,7 @@ def test_the_same_vectors_make_the_same_file(tmp_path):
 
     from safetensors import safe_open
 
-    from tinv.embedding import EmbeddingMeta, save_embedding
+    from tinv.formats.embedding import EmbeddingMeta, save_embedding
 
     vectors = {"clip_l": torch.randn(2, 8), "clip_g": torch.randn(2, 16)}
     meta = EmbeddingMeta("mychar", "sdxl", "/models/xl", 7)
@@ -126,7 +127,7 @@ def test_the_same_vectors_make_the_same_file(tmp_path):
 
 @pytest.mark.parametrize("fmt,name", [("kohya", "t.safetensors"), ("a1111", "t.pt"), ("diffusers", "learned_embeds.safetensors")])
 def test_the_metadata_travels_in_every_format_with_room_for_it(tmp_path, fmt, name):
-    from tinv.embedding import read_embedding
+    from tinv.formats.embedding import read_embedding
 
     meta = EmbeddingMeta("bluetri", "sd1", "/models/sd15", 7, "sd15")
     path = save_embedding(tmp_path / name, {"emb_params": torch.randn(2, 8)}, meta, fmt)
@@ -142,7 +143,7 @@ def test_an_a1111_embedding_image_is_read_without_unpickling(tmp_path):
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from tinv.embedding import read_embedding
+    from tinv.formats.embedding import read_embedding
 
     vectors = torch.randn(2, 8)
     data = {"string_to_token": {"*": 265}, "string_to_param": {"*": {"TORCHTENSOR": vectors.tolist()}},

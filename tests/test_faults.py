@@ -224,9 +224,9 @@ def test_what_a_run_will_write_counts_files_previews_and_the_latent_cache(tmp_pa
 
 
 def test_a_full_disk_mid_run_keeps_the_last_step_in_the_temp_folder(tmp_path, whole, monkeypatch):
-    from tinv import parts
+    from tinv.trained import token as token_part
 
-    real = parts.save_embedding
+    real = token_part.save_embedding
     run_dir = tmp_path / "run"
     full = []
 
@@ -237,7 +237,7 @@ def test_a_full_disk_mid_run_keeps_the_last_step_in_the_temp_folder(tmp_path, wh
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(parts, "save_embedding", disk_full)
+    monkeypatch.setattr(token_part, "save_embedding", disk_full)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systemp"))
     (tmp_path / "systemp").mkdir()
     with pytest.raises(RunFailed, match=r"OSError: \[Errno 28\] No space left on device: .* at step 4; kept step 3: "
@@ -271,7 +271,7 @@ def test_a_real_full_disk_is_one_line_and_the_work_survives(tmp_path):
                             f.write(b"0" * (free - 512))
         """)
         env = {**os.environ, "TMPDIR": str(tmp_path)}
-        proc = subprocess.run([sys.executable, "-m", "tinv.train", *with_test_model([
+        proc = subprocess.run([sys.executable, "-m", "tinv", *with_test_model([
             "logger=none", "train.max_steps=40", "save.every_n_steps=4", "+callbacks.fill._target_=faults_here.FillDisk",
             f"hydra.run.dir={disk / 'run'}"])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1

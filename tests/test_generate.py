@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import train
-from tinv.generate import main
+from tinv.commands.generate import main
 
 
 @pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sd2", "tiny_sdxl"])
@@ -40,8 +40,8 @@ def test_files_travel_with_their_name_and_base_model(tmp_path, capsys):
     for more says so; an image is named for what it is."""
     import torch
 
-    from tinv.convert import main as convert
-    from tinv.embedding import EmbeddingMeta, read_embedding, save_embedding
+    from tinv.commands.convert import main as convert
+    from tinv.formats.embedding import EmbeddingMeta, read_embedding, save_embedding
 
     result = train(tmp_path / "run", ["train.max_steps=1", "output_name=zorbit"])
     assert result.embedding.name == "zorbit.safetensors" and read_embedding(result.embedding).name == "zorbit"
@@ -115,7 +115,7 @@ def test_a_runs_name_is_the_one_word_everywhere(tmp_path, capsys, caplog):
     tinv-generate line prompts with: pasted, that line draws the token."""
     import shlex
 
-    from tinv.embedding import read_embedding
+    from tinv.formats.embedding import read_embedding
 
     result = train(tmp_path / "run", ["train.max_steps=1", "output_name=bluetri", "token.string=mychar"])
     printed = capsys.readouterr().out

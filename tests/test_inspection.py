@@ -6,8 +6,8 @@ import logging
 import torch
 
 from conftest import train
-from tinv.embedding import EmbeddingMeta, save_embedding
-from tinv.inspection import main
+from tinv.formats.embedding import EmbeddingMeta, save_embedding
+from tinv.commands.inspect import main
 
 
 def test_a_vector_copied_from_a_word_is_read_as_that_word(tmp_path, capsys):

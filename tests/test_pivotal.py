@@ -109,8 +109,8 @@ def test_diffusers_lora_format_loads_to_the_same_outputs(run_dir):
 
 
 def test_bundles_split_and_join_through_tinv_convert(run_dir, tmp_path):
-    from tinv.convert import main as convert
-    from tinv.embedding import read_embedding
+    from tinv.commands.convert import main as convert
+    from tinv.formats.embedding import read_embedding
 
     train(run_dir, ["model=tiny_sdxl", "train.max_steps=2", *PIVOTAL])
     bundle = run_dir / "mychar-bundle.safetensors"
@@ -130,7 +130,7 @@ def test_bundles_split_and_join_through_tinv_convert(run_dir, tmp_path):
 
 
 def test_diffusers_layout_joins_into_the_kohya_bundle(run_dir, tmp_path):
-    from tinv.lora import join_bundle
+    from tinv.formats.convert import join_bundle
 
     train(run_dir, ["train.max_steps=2", "save.lora_format=diffusers", "lora.alpha=2", *PIVOTAL])
     joined = load_file(str(join_bundle(run_dir / "mychar.safetensors", run_dir / "mychar-lora.safetensors",
@@ -200,7 +200,7 @@ def test_resume_needs_the_same_method(tmp_path):
 
 
 def test_dropout_acts_only_while_gradients_are_computed():
-    from tinv.lora import GradOnlyDropout
+    from tinv.trained.lora import GradOnlyDropout
 
     drop, x = GradOnlyDropout(0.5), torch.ones(1000)
     with torch.no_grad():
@@ -209,7 +209,7 @@ def test_dropout_acts_only_while_gradients_are_computed():
 
 
 def _cli(args, cwd, **kw):
-    return subprocess.run([sys.executable, "-m", "tinv.train", "model=tiny_sd15", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "tinv", "model=tiny_sd15", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -247,7 +247,7 @@ def test_two_cpu_processes_match_one_with_a_lora(tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29700 + os.getpid() % 1000), "-m", "tinv.train", "model=tiny_sd15",
+                             "--master_port", str(29700 + os.getpid() % 1000), "-m", "tinv", "model=tiny_sd15",
                              *common, "train.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600, env=env)
     assert double.returncode == 0, double.stderr[-3000:]

@@ -96,7 +96,7 @@ def test_validation_is_deterministic_and_best_tracks_the_minimum(tmp_path):
 # ---- resume ------------------------------------------------------------------------------------------------------
 
 def _cli(args, cwd, **kw):
-    return subprocess.Popen([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=cwd, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "tinv", *with_test_model(args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -333,13 +333,13 @@ def test_sdxl_train_one_encoder_and_cache_the_other(tmp_path):
 @pytest.mark.parametrize("model", ["tiny_sd15", pytest.param("tiny_sdxl", marks=pytest.mark.slow)])
 def test_two_cpu_processes_match_one(tmp_path, model):
     common = [f"model={model}", "train.max_steps=4", "logger=none", "token.num_vectors=2", "data.flip_aug=true"]
-    single = subprocess.run([sys.executable, "-m", "tinv.train", *common, "train.batch_size=4",
+    single = subprocess.run([sys.executable, "-m", "tinv", *common, "train.batch_size=4",
                              f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29500 + os.getpid() % 1000), "-m", "tinv.train", *common,
+                             "--master_port", str(29500 + os.getpid() % 1000), "-m", "tinv", *common,
                              "train.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600, env=env)
     assert double.returncode == 0, double.stderr[-3000:]

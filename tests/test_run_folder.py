@@ -17,7 +17,7 @@ from tinv.ownership import LOCK_NAME, hold, holder, let_go
 
 
 def tinv(args, cwd, **kw):
-    return subprocess.Popen([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "tinv", *with_test_model(args)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -66,7 +66,7 @@ def test_a_folder_with_a_run_in_it_is_never_taken_over_and_a_failed_resume_chang
 
 def test_a_live_runs_folder_is_nobody_elses(tmp_path, monkeypatch):
     from tinv.state import find_state
-    from tinv.train import claim_run_folder
+    from tinv.commandline import claim_run_folder
 
     outputs = tmp_path / "outputs" / "day"
     older, live = outputs / "older", outputs / "live"

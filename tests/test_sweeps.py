@@ -21,7 +21,7 @@ pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
 
 
 def tinv(args, cwd, timeout=600, **kw):
-    return subprocess.run([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tinv", *with_test_model(args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
 
@@ -46,7 +46,7 @@ def test_grid_sweep_wandb_group_and_report(tmp_path):
     best = min(found, key=lambda s: s["objective"])  # the sweep's last words name its winner
     assert "sweep done, 4 of 4 jobs finished" in proc.stdout and f"embedding  {best['embedding']}" in proc.stdout
 
-    report = subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True, text=True)
+    report = subprocess.run([sys.executable, "-m", "tinv.commands.report", str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert len(rows) == 4 and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
@@ -74,7 +74,7 @@ def test_optuna_study_interrupted_and_resumed(tmp_path):
     sweep = tmp_path / "study"
     args = ["sweep=optuna", "hydra.sweeper.n_trials=3", "train.max_steps=3", "logger=none",
             f"hydra.sweep.dir={sweep}"]
-    first = subprocess.Popen([sys.executable, "-m", "tinv.train", *with_test_model(args)], cwd=tmp_path, stdout=subprocess.PIPE,
+    first = subprocess.Popen([sys.executable, "-m", "tinv", *with_test_model(args)], cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     db = sweep / "optuna.db"
     deadline = time.time() + 300
@@ -117,7 +117,7 @@ def test_a_named_sweeps_job_resumes_as_one_run(tmp_path):
 @pytest.mark.parametrize("value", ["/data/imgs", "a=b", "a,b", "my images", "it's", 'say "hi"', "back\\slash",
                                    "new\nline", "..", "x" * 400, "ünï/cödé " * 40])
 def test_a_job_folder_name_is_one_flat_name_whatever_the_value(value, tmp_path):
-    from tinv.sweeping import NAME_BYTES, job_folder_name
+    from tinv.sweeping.jobs import NAME_BYTES, job_folder_name
 
     overrides = f"data.image_dir={value},optimizer.lr=0.01"
     name = job_folder_name(7, overrides)
@@ -151,7 +151,7 @@ def test_a_sweep_over_odd_paths_reports_and_resumes_its_flat_job_folders(tmp_pat
     best = first.stdout.split("  embedding  ")[1].splitlines()[0]
     assert Path(best).parent in jobs
     pasted = first.stdout.split("  report     ")[1].splitlines()[0]  # a command that pastes into a shell
-    report = subprocess.run([sys.executable, "-m", "tinv.report", *shlex.split(pasted)[1:]], capture_output=True,
+    report = subprocess.run([sys.executable, "-m", "tinv.commands.report", *shlex.split(pasted)[1:]], capture_output=True,
                             text=True)
     assert report.returncode == 0, report.stderr
     rows = list(csv.DictReader((sweep / "report.csv").open()))
@@ -170,7 +170,7 @@ def test_a_sweep_over_odd_paths_reports_and_resumes_its_flat_job_folders(tmp_pat
     summary = json.loads((jobs[1] / "summary.json").read_text())
     assert (summary["step"], summary["resumed_at_step"]) == (4, 3) and job_folders(sweep) == jobs
     assert summary["job_num"] == 1  # still the sweep's job: the report lists it with its values
-    assert subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "tinv.commands.report", str(sweep)], capture_output=True).returncode == 0
     rows = {r["job"]: r for r in csv.DictReader((sweep / "report.csv").open())}
     assert rows[jobs[1].name]["data.image_dir"] == str(folders[1]) and rows[jobs[1].name]["steps"] == "4"
 
@@ -214,7 +214,7 @@ def test_ctrl_c_stops_a_local_sweep_not_just_its_job(tmp_path):
     """The basic launcher runs the jobs in the sweep's own process: SIGINT saves the job and ends the sweep (130),
     saying how to resume it; the next job never starts."""
     sweep = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "tinv.train", *with_test_model([
+    proc = subprocess.Popen([sys.executable, "-m", "tinv", *with_test_model([
         "-m", "optimizer.lr=1e-3,1e-2", "train.max_steps=400", "logger=none", f"hydra.sweep.dir={sweep}"])],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -243,7 +243,7 @@ def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     good = sorted((s for s in found.values() if s["ok"]), key=lambda s: s["started_at"])
     assert len(good) == 2 and len(list(sweep.glob("*/mychar.safetensors"))) == 2  # ...and the others finished
     assert good[1]["started_at"] < good[0]["finished_at"]  # the two ran at the same time (each in a fresh process)
-    assert subprocess.run([sys.executable, "-m", "tinv.report", str(sweep)], capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "tinv.commands.report", str(sweep)], capture_output=True).returncode == 0
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "failed"]
     again = tinv(args, cwd=tmp_path)  # started again in its folder: the finished jobs give their results again
@@ -286,7 +286,7 @@ def test_shipped_slurm_launcher_config(tmp_path):
 def test_named_sweep_runs_from_any_directory(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # optimizer.lr given on the command line wins over the sweep's lr values: 2 jobs (token.num_vectors 1, 4)
-    proc = subprocess.run([sys.executable, "-m", "tinv.train", TEST_MODEL, "sweep=lr_vectors", "optimizer.lr=1e-3",
+    proc = subprocess.run([sys.executable, "-m", "tinv", TEST_MODEL, "sweep=lr_vectors", "optimizer.lr=1e-3",
                            "train.max_steps=1", "logger=none", f"hydra.sweep.dir={sweep_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -301,7 +301,7 @@ def test_named_sweep_runs_from_any_directory(tmp_path):
 
 
 def test_report_ranks_by_each_objectives_own_direction(tmp_path):
-    from tinv.report import write_report
+    from tinv.sweeping.report import write_report
 
     for n, (accuracy, ok) in enumerate([(0.5, True), (0.9, True), (None, False), (0.7, True)]):
         job = tmp_path / f"{n}_job"
@@ -334,7 +334,7 @@ def test_the_objective_reads_the_configured_metric_and_keeps_the_sweeps_directio
 
 
 def test_report_helpers_smooth_and_pick_log_axes():
-    from tinv.report import _log_scaled, smooth
+    from tinv.sweeping.report import _log_scaled, smooth
     from tinv.tracking import summary_direction
 
     noisy = [1.0, 0.0] * 50
@@ -347,7 +347,7 @@ def test_report_helpers_smooth_and_pick_log_axes():
 @pytest.mark.parametrize("count", [3, 20])
 def test_the_loss_plot_gives_each_job_a_panel_best_first(count, tmp_path):
     """Overlaid, jobs' losses (mostly timestep noise) cannot be told apart: one labelled panel per job, shared axes."""
-    from tinv.report import LOSS_PANELS, Job, _loss_panels, ranked
+    from tinv.sweeping.report import LOSS_PANELS, Job, _loss_panels, ranked
 
     jobs = [Job(tmp_path / f"{n}_job", {"ok": True, "objective": n / 100, "overrides": [f"optimizer.lr={n}"]},
                 {"train/loss": [(step, 0.1 + 0.01 * (step % 2) + n / 1000) for step in range(1, 41)]})

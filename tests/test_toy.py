@@ -182,7 +182,7 @@ def test_a_signal_during_the_final_scoring_stops_it_at_once_with_the_work_saved(
     import time
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "tinv.train", "train.max_steps=3", "logger=none",
+    proc = subprocess.Popen([sys.executable, "-m", "tinv", "train.max_steps=3", "logger=none",
                              "callbacks.concept.num_samples=2000", f"hydra.run.dir={run}"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

@@ -12,12 +12,17 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
+from importlib.resources import files
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, refuse
+from .ownership import hold, holder, holds_a_run, in_use
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps" / "sweep"
+# conf/ and sweeps/ sit at the top of the repository; tinv/conf and tinv/sweeps link to them, so they install as
+# tinv.conf and tinv.sweeps
+CONF = Path(str(files("tinv.conf")))
+SWEEPS = Path(str(files("tinv.sweeps"))) / "sweep"
 _HOME = re.compile(r"^([+~]*[\w./-]+)=~(/.*)?$")
 
 
@@ -153,7 +158,7 @@ def help_text() -> str:
         lines.append(f"  {group:<15} {shown}")
     lines += ["", "Main keys:"] + [f"  {key:<22} {text}" for key, text in MAIN_KEYS]
     lines += ["", "More: `tinv-train --cfg job` prints every key of the composed config; `tinv-train --hydra-help` "
-                  "Hydra's own options; README.md everything else. Other commands: tinv-generate, tinv-eval, "
+                  "Hydra's own options; docs/README.md everything else. Other commands: tinv-generate, tinv-eval, "
                   "tinv-report, tinv-convert, tinv-bench, tinv-toy, tinv-tiny."]
     return "\n".join(lines)
 
@@ -184,8 +189,8 @@ def _composable(args: list[str]) -> list[str]:
             from None
     kept = []
     for override, text in zip(parsed, candidates):
-        if override.key_or_group.startswith("hydra"):
-            continue
+        if override.key_or_group.startswith("hydra") and not override.key_or_group.startswith("hydra.callbacks."):
+            continue  # Hydra's own settings; its callbacks are composed to check their targets
         if override.is_sweep_override():
             values = list(override.sweep_string_iterator())
             text = f"{text.split('=', 1)[0]}={values[0]}" if values else None
@@ -203,13 +208,14 @@ def precheck(args: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
-    from . import config  # noqa: F401 - schemas and resolvers
+    from omegaconf import OmegaConf
+
+    from .config import check_moved_targets  # importing tinv.config registers the schemas and resolvers
 
     overrides = _composable(args)
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            compose(config_name="train", overrides=overrides)
-            return
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     except MissingConfigException as err:
         group = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
         if group and err.options:
@@ -224,6 +230,7 @@ def precheck(args: list[str]) -> None:
         override = re.search(r"override (\S+)", str(err))
         where = override.group(1) if override else getattr(cause, "full_key", "")
         raise ConfigError(f"{where}: {first(cause or err)}" if where else first(cause or err)) from None
+    check_moved_targets(OmegaConf.to_container(cfg, resolve=False))
 
 
 def unknown_key_message(key: str, overrides: list[str]) -> str:
@@ -237,3 +244,58 @@ def unknown_key_message(key: str, overrides: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}?" if close else "`tinv-train --cfg job` lists every key"
     return f"{key} is not a key; {hint}"
+
+
+def command_line(prog: str, args: list[str]) -> list[str]:
+    """The arguments as Hydra should get them (tinv.commandline); exits with one line for what cannot run."""
+    if prog == "tinv-train" and ("--help" in args or "-h" in args):
+        print(help_text())
+        sys.exit(0)
+    try:
+        args = resumed_args(expand_home(args))
+        precheck(args)
+    except ConfigError as err:
+        sys.exit(refuse(prog, err))
+    return args
+
+
+HYDRA_INFO_FLAGS = {"-c", "--cfg", "-p", "--package", "-i", "--info", "--resolve", "--hydra-help", "--version",
+                    "-sc", "--shell-completion"}  # Hydra prints, runs nothing
+
+
+def claim_run_folder(args: list[str]) -> None:
+    """Before Hydra writes anything: a run folder named on the command line (hydra.run.dir=, a resume's own) is this
+    run's alone. One that holds another run's files is refused unless resumed, one in use is refused, and a fresh
+    folder (the default, a new name each time) is taken once Hydra made it."""
+    if any(a in ("-m", "--multirun") or a in HYDRA_INFO_FLAGS for a in args):
+        return
+    given = [override_value(a) for a in args if a.startswith("hydra.run.dir=")]
+    if not given:
+        return
+    folder = Path(given[-1]).expanduser()
+    resuming = any(a.startswith("resume=") and override_value(a) not in ("", "null", "None") for a in args)
+    what = "resume" if resuming else "hydra.run.dir"
+    owner = holder(folder)  # asked before anything is written there, the lock file included
+    if owner:
+        raise in_use(folder, what, owner)
+    if not resuming and holds_a_run(folder):
+        raise ConfigError(f"hydra.run.dir={folder} already holds a run, whose files a new run would overwrite; "
+                          f"continue it with {resume_argument(folder)}, or give another folder")
+    hold(folder, what)
+
+
+def quiet_launcher_schema_note() -> None:
+    """conf/hydra/launcher/joblib.yaml shares the joblib plugin schema's name on purpose (the same command line gets
+    tinv's launcher); Hydra's deprecation note about that is not the user's concern."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name")
+
+
+def import_from_cwd() -> None:
+    """A `_target_` of your own (a callback, a part) imports from the folder you run the command in, as it would
+    with `python -m`; console scripts do not put that folder on the path themselves."""
+    import os
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())

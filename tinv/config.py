@@ -24,7 +24,7 @@ from .choices import (Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode,
                       PreserveWith, Reduce, SaveFormat, Sampler, TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
 from .errors import ConfigError
-from .sweeping import job_folder_name
+from .sweeping.jobs import job_folder_name
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,35 @@ NAME_WORD = re.compile(r"[^\W][\w.+-]*")  # output_name: a file name and the wor
 FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 
 
+# `_target_` paths that moved when tinv/ was laid out by purpose: a config of one's own that still names one fails at
+# composition with one line naming the new path
+MOVED_TARGETS = {"tinv.parts.TokenVectors": "tinv.trained.token.TokenVectors",
+                 "tinv.lora.LoraWeights": "tinv.trained.lora.LoraWeights",
+                 "tinv.report.AnnounceBestJob": "tinv.sweeping.best.AnnounceBestJob"}
+
+
+def check_moved_targets(node, key: str = "") -> None:
+    """Every `_target_` in a config (a plain container) that names a moved path is one line naming the new one."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str) and target in MOVED_TARGETS:
+            where = f"{key}._target_" if key else "_target_"
+            raise ConfigError(f"{where}={target} has moved to {MOVED_TARGETS[target]}; write that in your config")
+        for name, value in node.items():
+            check_moved_targets(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_moved_targets(value, f"{key}[{i}]")
+
+
 def at_least(minimum: int, default: Any) -> Any:
     """A field whose value (when set) must be >= minimum; `check_values` says so naming the key."""
     return field(default=default, metadata={"min": minimum})
+
+
+def within(low: float, high: float, default: Any, high_open: bool = False) -> Any:
+    """A number field in [low, high] ([low, high) with high_open); `check_values` says so naming the key."""
+    return field(default=default, metadata={"min": low, "max": high, "max_open": high_open})
 
 
 def moved_to(new_key: str) -> Any:
@@ -75,20 +101,21 @@ class TokenConfig:
 
 @dataclass
 class LoraConfig:
-    """lora.*: the LoRA that method=pivotal trains beside the vectors (tinv.lora); method=ti ignores these."""
+    """lora.*: the LoRA that method=pivotal trains beside the vectors (tinv/trained/lora.py); method=ti ignores these."""
 
     rank: int = at_least(1, 4)
     alpha: Optional[float] = None  # None = rank (scale alpha/rank = 1)
-    dropout: float = 0.0  # on the LoRA's input, training steps only
+    dropout: float = within(0.0, 1.0, 0.0, high_open=True)  # on the LoRA's input, training steps only
     lr: float = 1e-4  # its own learning rate (the vectors keep optimizer.lr)
     text_encoder: bool = False  # also LoRA in the text encoders' attention
     text_encoder_lr: Optional[float] = None  # None = lora.lr
-    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    unet_targets: Optional[list[str]] = None  # module-name endings; None = every attention projection (to_q, to_k,
+    # to_v, to_out.0: tinv.trained.lora.UNET_TARGETS)
     unet_levels: Optional[list[int]] = None  # only these resolution levels (0 = the latent's size, 1 = halved once..)
-    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    start_frac: float = 0.0  # the LoRA trains from this fraction of train.max_steps ...
-    stop_frac: float = 1.0  # ... to this one
-    preserve_weight: float = 0.0  # > 0: keep the UNet's output for preserve_prompts as the frozen model's
+    text_encoder_targets: Optional[list[str]] = None  # None = q_proj, k_proj, v_proj, out_proj
+    start_frac: float = within(0.0, 1.0, 0.0)  # the LoRA trains from this fraction of train.max_steps ...
+    stop_frac: float = within(0.0, 1.0, 1.0)  # ... to this one
+    preserve_weight: float = at_least(0, 0.0)  # > 0: keep the UNet's output for preserve_prompts as the frozen model's
     preserve_prompts: Optional[list[str]] = None  # "{}" = token.init_word; None = token.context_prompts
     preserve_with: PreserveWith = "word"  # word: the init word's prompts, the frozen model as teacher; token: the
     # token's prompts, the vectors without the LoRA as teacher; edit: what the prompts' other words change against
@@ -331,6 +358,7 @@ def check_values(cfg) -> None:
     key."""
     import difflib
 
+    check_moved_targets(OmegaConf.to_container(cfg, resolve=False))
     for key, siblings in _unknown_keys(RunConfig, cfg):
         close = difflib.get_close_matches(key, siblings, n=2, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}?" if close else "`tinv-train --cfg job` lists every key"
@@ -344,10 +372,16 @@ def check_values(cfg) -> None:
     if not 0.0 <= cfg.train.noise_offset <= 1.0:
         raise ConfigError(f"train.noise_offset={cfg.train.noise_offset} must be in [0, 1] (0.05 to 0.1 is usual): "
                           "the offset is added to noise of scale 1")
+    highs = {key: high for key, _, _, high in _fields_with(RunConfig, cfg, "max")}
+    open_high = {key for key, _, _, is_open in _fields_with(RunConfig, cfg, "max_open") if is_open}
     for key, node, name, minimum in _fields_with(RunConfig, cfg, "min"):
-        value = node[name]
-        if value is not None and value < minimum:
-            hint = " (0 = off)" if minimum == 0 and key.endswith("every_n_steps") else ""
+        value, high = node[name], highs.get(key)
+        if value is None:
+            continue
+        if high is not None and not (minimum <= value and (value < high if key in open_high else value <= high)):
+            raise ConfigError(f"{key}={value} must be in [{minimum}, {high}{')' if key in open_high else ']'}")
+        if value < minimum:
+            hint = " (0 = off)" if minimum == 0 and key.endswith(("every_n_steps", "weight")) else ""
             raise ConfigError(f"{key}={value} must be at least {minimum}{hint}")
     if not 0.0 <= cfg.val.split < 1.0:
         raise ConfigError(f"val.split={cfg.val.split} must be in [0, 1): the fraction of images held out")
@@ -365,6 +399,12 @@ def check_values(cfg) -> None:
                           if "lora" in cfg.parts else "") + ": nothing would train for the last steps; lower "
                           "train.max_steps instead")
     if "lora" in cfg.parts:
+        if cfg.lora.start_frac >= cfg.lora.stop_frac:
+            raise ConfigError(f"lora.start_frac={cfg.lora.start_frac} must be below lora.stop_frac="
+                              f"{cfg.lora.stop_frac}: fractions of train.max_steps, the LoRA trains between them")
+        if cfg.lora.unet_levels is not None and (not cfg.lora.unet_levels or min(cfg.lora.unet_levels) < 0):
+            raise ConfigError(f"lora.unet_levels={list(cfg.lora.unet_levels)} must name levels >= 0 (0 = the latent's "
+                              "own size, 1 = halved once, ...), or be null for every level")
         if cfg.token.stop_frac < cfg.lora.start_frac:
             raise ConfigError(f"token.stop_frac={cfg.token.stop_frac} < lora.start_frac={cfg.lora.start_frac}: "
                               "between the two nothing would train; let the phases meet or overlap")

@@ -71,3 +71,11 @@ def quiet_command() -> None:
     their errors still print."""
     quiet_libraries()
     route_library_logs(to_log_file=False)
+
+
+def number(value) -> str:
+    """Scores and losses with four decimals (1.0000 beside 0.9062, not 1 beside 0.982791); very small or large
+    values in scientific notation."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"

@@ -278,7 +278,7 @@ def pick_gpu() -> None:
     """A local sweep's job takes its own GPU on a machine with several."""
     import torch
 
-    from .sweeping import sweep_identity
+    from .sweeping.jobs import sweep_identity
 
     if "CUDA_VISIBLE_DEVICES" in os.environ or "WORLD_SIZE" in os.environ or not torch.cuda.is_available():
         return

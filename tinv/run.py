@@ -20,7 +20,7 @@ from .config import recorded_config
 from .data import BucketBatchSampler, Latents, TrainingSet, collate
 from .diskspace import check_room, planned_writes
 from .memory import check_memory
-from .embedding import ConceptToken
+from .trained.token import ConceptToken
 from .errors import ConfigError
 from .resources import ThreadShare, pick_gpu
 from .state import RunState, find_state, load_state, save_state

@@ -81,7 +81,7 @@ class Tracker:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        from .sweeping import sweep_identity
+        from .sweeping.jobs import sweep_identity
 
         sweep = sweep_identity()
         if sweep:
@@ -214,7 +214,7 @@ class WandbTracker(Tracker):
             return
         import wandb
 
-        from .sweeping import sweep_identity
+        from .sweeping.jobs import sweep_identity
 
         sweep = sweep_identity()  # a multirun job: one wandb group per sweep, named runs, overrides in the config
         if sweep:

@@ -71,8 +71,8 @@ class IsolatedJoblibLauncher(JoblibLauncher or object):
 
 
 def _quiet() -> None:
-    """In the worker as in the sweep's process (tinv.train.quiet_launcher_schema_note)."""
-    from tinv.train import quiet_launcher_schema_note
+    """In the worker as in the sweep's process (tinv.commandline.quiet_launcher_schema_note)."""
+    from tinv.commandline import quiet_launcher_schema_note
 
     quiet_launcher_schema_note()
 

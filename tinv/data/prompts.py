@@ -11,6 +11,13 @@ from .templates import TEMPLATES
 log = logging.getLogger(__name__)
 
 
+def check_one_slot(prompts: list[str], key: str, fills: str) -> None:
+    """Every prompt of a list has exactly one "{}", where `fills` goes; else one line naming the first that has not."""
+    bad = [p for p in prompts if p.count("{}") != 1]
+    if bad:
+        raise ConfigError(f"{key} entry {bad[0]!r} needs exactly one '{{}}' for {fills}")
+
+
 class PromptBuilder:
     def __init__(self, kind: str, token, templates: list[str] | None = None, missing_token: str = "prepend"):
         self.missing_token = missing_token  # MissingToken: what a caption without the token gets
@@ -18,9 +25,7 @@ class PromptBuilder:
         self.token = token
         self.templates = list(templates) if templates else TEMPLATES.get(kind)
         if kind != "caption":
-            bad = [t for t in self.templates if t.count("{}") != 1]
-            if bad:
-                raise ConfigError(f"template.templates entry {bad[0]!r} needs exactly one '{{}}' for the token")
+            check_one_slot(self.templates, "template.templates", "the token")
 
     def __call__(self, caption: str, rng: random.Random | None = None) -> str:
         """The prompt for one sample, with the token string still unexpanded (templates: a random one)."""

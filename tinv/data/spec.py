@@ -126,7 +126,7 @@ def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> dict:
                 raise ConfigError(f"{path}: {where} has is_reg=true; regularization images do not apply to textual "
                                   "inversion - remove that subset")
         elif key not in allowed:
-            raise ConfigError(f"{path}: unknown key {key!r} in {where}; see the README's dataset section for the "
+            raise ConfigError(f"{path}: unknown key {key!r} in {where}; see docs/data.md for the "
                               "keys tinv reads")
         else:
             kept[key] = value

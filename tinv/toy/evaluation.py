@@ -207,14 +207,14 @@ def evaluate(subject: str, concept: Concept, *, embedding: str | None = None, mo
     pipe = StableDiffusionPipeline.from_pretrained(choice["path"] if choice else model or toy_model_path(),
                                                    safety_checker=None, requires_safety_checker=False)
     if embedding:
-        from ..embedding import SD_KEY, read_embedding
+        from ..formats.embedding import SD_KEY, read_embedding
 
         loaded = read_embedding(embedding)
         if SD_KEY not in loaded.vectors:
             raise ConfigError(f"{embedding}: not an SD1/SD2 embedding (keys {sorted(loaded.vectors)})")
         pipe.load_textual_inversion(loaded.vectors[SD_KEY].float(), token=subject)
     if lora or embedding:
-        from ..lora import load_into_pipeline
+        from ..formats.lora import load_into_pipeline
 
         load_into_pipeline(pipe, embedding, lora)
     with torch.no_grad():
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("give an embedding file or --text, not both and not neither")
         subject = args.text
         if args.embedding:
-            from ..embedding import read_embedding
+            from ..formats.embedding import read_embedding
 
             subject = args.token or read_embedding(args.embedding).name or "<concept>"
         edit_samples, asked = args.edit_samples, names_a_background(subject) if args.text else None

@@ -37,7 +37,7 @@ def other_concepts(count: int, seed: int = 0) -> list[Concept]:
 def train_embedding(concept: Concept, work: Path, image_dir: Path | None, overrides: list[str]) -> tuple[Path, float]:
     run_dir = work / "runs" / concept.text().replace(" ", "_")
     shutil.rmtree(run_dir, ignore_errors=True)  # this table's own earlier run: measured again from scratch
-    args = [sys.executable, "-m", "tinv.train", "logger=none", f"hydra.run.dir={run_dir}", *overrides]
+    args = [sys.executable, "-m", "tinv", "logger=none", f"hydra.run.dir={run_dir}", *overrides]
     if image_dir is not None:
         args.append(f"data.image_dir={image_dir}")
     started = time.perf_counter()
@@ -172,7 +172,7 @@ def measure_methods(work: Path, methods: dict[str, list[str]], others: int = 3, 
 
 
 def _measure(name: str, overrides: list[str], concept: Concept, image_dir: Path, run_dir: Path) -> dict:
-    args = [sys.executable, "-m", "tinv.train", "logger=none", path_override("hydra.run.dir", run_dir),
+    args = [sys.executable, "-m", "tinv", "logger=none", path_override("hydra.run.dir", run_dir),
             path_override("data.image_dir", image_dir), *SCORING, *overrides]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))

@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from .choices import Family, Sampler
-from .errors import ConfigError
-from .resources import add_threads_option
+from ..choices import Family, Sampler
+from ..errors import ConfigError, refuse
+from ..resources import add_threads_option
 
 log = logging.getLogger("tinv.generate")
 
@@ -44,8 +44,8 @@ def base_model(embedding: Path, loaded, model: str | None, family: str | None, c
     """Backbone.from_pretrained's keys: --model (a model= choice, a folder, a file or a hub id), else what the file
     (or the run's summary.json beside it) records. A recorded path that is not on this machine gives way to the
     model= choice recorded beside it (a built-in model, written anew on first use); `prog` says so."""
-    from .backbone.source import is_hub_id
-    from .commandline import model_choice, model_choices
+    from ..backbone.source import is_hub_id
+    from ..commandline import model_choice, model_choices
 
     choice = model_choice(model) if model else None
     if choice is not None:
@@ -112,11 +112,12 @@ def without_token(prompt: str, token: str) -> str:
 def generate(args) -> dict:
     import torch
 
-    from .backbone import Backbone
-    from .embedding import ConceptToken, read_embedding
-    from .lora import load_into_pipeline
-    from .resources import ThreadShare, follow_load_in_pipeline
-    from .sampling import labelled_grid, sampling_mode, scheduler_for, slug
+    from ..backbone import Backbone
+    from ..formats.embedding import read_embedding
+    from ..formats.lora import load_into_pipeline
+    from ..resources import ThreadShare, follow_load_in_pipeline
+    from ..sampling import labelled_grid, sampling_mode, scheduler_for, slug
+    from ..trained.token import ConceptToken
 
     threads = ThreadShare(args.threads)  # its first look at the cores' load lasts while the model loads
     embedding = Path(args.embedding).expanduser()
@@ -210,14 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         parser.error("--n and --steps must be at least 1")
-    from .console import quiet_command
+    from ..console import quiet_command
 
     quiet_command()
     try:
         result = generate(args)
     except ConfigError as err:
-        print(f"tinv-generate: error: {err}", file=sys.stderr)
-        return 2
+        return refuse("tinv-generate", err)
     lora = " with its LoRA" if result["lora"] else ""
     count, choice = len(result["images"]), f"model={result['choice']}, " if result["choice"] else ""
     print(f"{count} image{'s'[:count > 1]} of {result['token']!r}{lora} on {result['model']} ({choice}"

@@ -1,4 +1,5 @@
-"""`tinv-report <multirun dir>`: one table of a sweep's jobs and a few plots, from the jobs' own files.
+"""tinv-report's content (the command is tinv.commands.report): one table of a sweep's jobs and a few plots, from the
+jobs' own files.
 
 Reads each job's summary.json and metrics.jsonl (no wandb needed) and writes, into the sweep folder:
 report.md and report.csv (best objective first, failed jobs last; columns nobody filled left out), loss_curves.png
@@ -9,21 +10,18 @@ the sweep varied. report.md links the plots.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from hydra.experimental.callback import Callback as HydraCallback
-
-from .atomic import atomic_path, write_text_atomic
-from .commandline import override_key, override_value
-from .tracking import read_metrics, summary_or_why
+from ..atomic import atomic_path, write_text_atomic
+from ..commandline import override_key, override_value
+from ..console import number
+from ..tracking import read_metrics, summary_or_why
 
 COLUMNS = ["rank", "job", "overrides", "objective", "objective_name", "objective_mode", "final_loss", "best_step",
            "steps", "wall_s", "embedding", "status"]
@@ -176,14 +174,6 @@ def _objective_label(jobs: list[Job]) -> str:
     return f"{name or 'objective'}, {'higher' if mode == 'max' else 'lower'} is better"
 
 
-def number(value) -> str:
-    """Scores and losses with four decimals (1.0000 beside 0.9062, not 1 beside 0.982791); very small or large
-    values in scientific notation."""
-    if isinstance(value, bool) or not isinstance(value, float):
-        return str(value)
-    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
-
-
 def _fmt(value) -> str:
     if value is None:
         return ""
@@ -325,38 +315,3 @@ def _save(fig, path: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinv-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", help="a multirun folder, e.g. outputs/multirun/2026-11-25/17-52-22-123456")
-    args = parser.parse_args(argv)
-    try:
-        written = write_report(args.sweep_dir)
-    except FileNotFoundError as err:
-        print(f"tinv-report: error: {err}", file=sys.stderr)
-        return 2
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    return 0
-
-
-class AnnounceBestJob(HydraCallback):
-    """At the end of a multirun: which job won (its objective, overrides and embedding) and the report command."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = ranked(read_jobs(sweep_dir)) if sweep_dir.is_dir() else []
-        finished = [job for job in jobs if job.ok]
-        print(f"tinv-train: sweep done, {len(finished)} of {len(jobs)} jobs finished ({sweep_dir})")
-        if finished:
-            best, s = finished[0], finished[0].summary
-            print(f"  best       {s.get('objective_name', 'objective')} = {best.objective:.4g} "
-                  f"({'higher' if s.get('objective_mode') == 'max' else 'lower'} is better)")
-            print(f"  overrides  {' '.join(map(shlex.quote, s.get('overrides', []))) or '(none)'}")
-            print(f"  embedding  {s.get('embedding', '(none)')}")
-        print(f"  report     tinv-report {shlex.quote(str(sweep_dir))}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""How tinv shares a machine, measured (benchmarks, not tests; the numbers are in the README):
+"""How tinv shares a machine, measured (benchmarks, not tests; the numbers are in docs/measurements.md):
 
     tinv-bench threads WORK_DIR    # the default thread count against every fixed one, with and without a busy machine
     tinv-bench sharing WORK_DIR    # toy runs one after another, side by side, and as a joblib sweep
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import write_text_atomic
-from .resources import core_budget, my_cores
+from ..atomic import write_text_atomic
+from ..resources import core_budget, my_cores
 
 TARGET = 1.25  # the default's time within this factor of the best fixed thread count's
 # A program that is not tinv keeping every core busy: a plain matmul loop, one thread per core.
@@ -48,12 +48,12 @@ def _run(command: list[str], cwd: Path) -> float:
 def _timed(commands: list[list[str]], together: bool, cwd: Path) -> float:
     """Wall seconds of tinv-train commands, one after the other or all at once."""
     if not together:
-        return sum(_run([sys.executable, "-m", "tinv.train", *c], cwd) for c in commands)
+        return sum(_run([sys.executable, "-m", "tinv", *c], cwd) for c in commands)
     started = time.perf_counter()
     procs = []
     for n, command in enumerate(commands):
         log = open(cwd / f"bench-{time.time_ns()}-{n}.log", "w+")
-        procs.append((subprocess.Popen([sys.executable, "-m", "tinv.train", *command], cwd=cwd,
+        procs.append((subprocess.Popen([sys.executable, "-m", "tinv", *command], cwd=cwd,
                                        stdout=subprocess.DEVNULL, stderr=log), log))
     for proc, log in procs:
         if proc.wait() != 0:
@@ -101,9 +101,9 @@ def threads(work: Path, steps: int, images: int) -> dict:
     settings = [None, *fixed_counts(cores)]  # None: tinv's default
     trained = work / "embedding"
     _fresh(trained, *(p for p in work.iterdir() if p.is_dir() and p.name.startswith(("train-", "generate-"))))
-    train = [sys.executable, "-m", "tinv.train", f"train.max_steps={steps}", "logger=none", "~callbacks.concept"]
+    train = [sys.executable, "-m", "tinv", f"train.max_steps={steps}", "logger=none", "~callbacks.concept"]
     _run([*train, f"hydra.run.dir={trained}"], work)  # the embedding tinv-generate draws, and a warm cache
-    generate = [sys.executable, "-m", "tinv.generate", str(trained / "mychar.safetensors"), "a photo of mychar",
+    generate = [sys.executable, "-m", "tinv.commands.generate", str(trained / "mychar.safetensors"), "a photo of mychar",
                 "--n", str(images), "--sampler", "ddim", "--steps", "25"]
     commands = {  # n: a fixed thread count, None for tinv's default
         "train": lambda n, where: [*train, f"hydra.run.dir={where}"] + ([f"train.num_threads={n}"] if n else []),

@@ -27,11 +27,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import config as _config  # noqa: F401 - schemas and resolvers
-from .atomic import write_text_atomic
-from .errors import ConfigError
-from .run import open_run
-from .tracking import Tracker
+from .. import config as _config  # noqa: F401 - schemas and resolvers
+from ..atomic import write_text_atomic
+from ..commandline import CONF, command_line, import_from_cwd
+from ..errors import ConfigError, refuse
+from ..run import open_run
+from ..tracking import Tracker
+from ..train import prepare
+from .machine_bench import main as machine_main
 
 log = logging.getLogger("tinv.bench")
 
@@ -163,10 +166,8 @@ def format_table(result: dict, settings: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="train")
 def bench_main(cfg: DictConfig) -> float:
-    from .train import prepare
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.bench.cache_images > 0:
@@ -176,8 +177,7 @@ def bench_main(cfg: DictConfig) -> float:
             return 0.0
         result = measure(job, cfg.bench.steps, cfg.bench.warmup)
     except ConfigError as err:
-        print(f"tinv-bench: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(refuse("tinv-bench", err))
     settings = {"model": HydraConfig.get().runtime.choices.get("model"), "resolution": cfg.data.resolution,
                 "batch_size": cfg.train.batch_size, "mixed_precision": cfg.train.mixed_precision,
                 "num_vectors": job.token.num_vectors, "cache_latents": cfg.train.cache_latents,
@@ -201,16 +201,12 @@ Timing steps takes every tinv-train override (`tinv-train --help` lists the grou
   bench.cache_images     > 0: train on this many generated images and time the latent cache
 It prints a table (step, floor = one micro-batch's loss forward and backward, overhead = step / floor, memory,
 optimizer state, VAE calls per step, data wait) and writes bench.json in the run folder.
-`tinv-bench threads --help` and `tinv-bench sharing --help` list their options. README.md: Performance."""
+`tinv-bench threads --help` and `tinv-bench sharing --help` list their options. The measured tables: docs/measurements.md."""
 
 
 def main() -> None:
-    from .train import command_line, import_from_cwd
-
     args = sys.argv[1:]
     if args and args[0] in ("threads", "sharing"):
-        from .machine_bench import main as machine_main
-
         sys.exit(machine_main(args))
     if "--help" in args or "-h" in args:
         print(HELP)

@@ -1,42 +1,30 @@
 """A LoRA beside the vectors (method=pivotal): low-rank weights in the UNet's attention projections (and optionally
-the text encoders'), through peft, diffusers' own LoRA stack, and the files every UI loads.
-
-Files, for `<name><suffix>`:
-- `<name>-lora.safetensors`: the LoRA alone. kohya/A1111 key layout by default (`lora_unet_<module path with _>`,
-  `.lora_down.weight`, `.lora_up.weight`, `.alpha`; text encoders `lora_te_` or, for SDXL, `lora_te1_`/`lora_te2_`),
-  which A1111, Forge and ComfyUI load and diffusers' `load_lora_weights` converts; `save.lora_format=diffusers`
-  writes the peft layout (`unet.<path>.lora_A.weight`, ...) with alpha/rank folded into the up weights.
-- `<name>-bundle.safetensors` (save.lora_bundle): the kohya-layout LoRA plus the vectors as A1111's bundled
-  embedding, `bundle_emb.<token>.<emb_params|clip_l|clip_g>`: one file for A1111/Forge's Lora folder. diffusers
-  refuses a file with bundle keys, and ComfyUI does not read them, hence the two plain files beside it.
+the text encoders'), through peft, diffusers' own LoRA stack. It writes `<name><suffix>-lora.safetensors` (kohya's
+layout by default, `save.lora_format=diffusers` for peft's) and, with save.lora_bundle, `-bundle.safetensors`: the
+LoRA with the vectors inside, one file for A1111/Forge (the layouts: tinv.formats.lora and tinv.formats.bundle).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .atomic import atomic_path
-from .choices import LoraFormat, PreserveWith
-from .embedding import SD_KEY, SDXL_KEYS
-from .errors import ConfigError, first_line
-from .seeds import derive_seed
+from ..data.prompts import check_one_slot
+from ..errors import ConfigError, first_line
+from ..formats.bundle import bundle
+from ..formats.keys import BASE_MODEL_VERSION
+from ..formats.lora import ADAPTER, module_entries
+from ..formats.tensorfile import write_safetensors
+from ..seeds import derive_seed
+from .token import CONTEXT_PROMPTS
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "tinv"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention block's projections, self and cross
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-LORA_FORMATS, PRESERVE_WITH = LoraFormat.values(), PreserveWith.values()
-BUNDLE_PREFIX = "bundle_emb."
-# module owner -> (kohya prefix, diffusers prefix); SDXL's encoders are numbered in kohya's layout
-KOHYA_PREFIX = {"unet": "lora_unet", SD_KEY: "lora_te", "clip_l": "lora_te1", "clip_g": "lora_te2"}
-DIFFUSERS_PREFIX = {"unet": "unet", SD_KEY: "text_encoder", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya's ss_base_model_version
 
 
 def unet_level(unet: nn.Module, path: str) -> int | None:
@@ -62,14 +50,6 @@ class GradOnlyDropout(nn.Module):
         return nn.functional.dropout(x, self.p, training=torch.is_grad_enabled())
 
 
-def canonical_path(owner: str, path: str) -> str:
-    """A module's path as the LoRA formats name it: transformers 5's CLIPTextModel dropped the `text_model.` level
-    that the file layouts (and CLIPTextModelWithProjection) keep."""
-    if owner != "unet" and not path.startswith("text_model."):
-        return f"text_model.{path}"
-    return path
-
-
 class LoraWeights:
     """The LoRA part (tinv.parts interface): peft LoRA layers injected into the frozen UNet (and, with
     `text_encoder`, each text encoder), trained with their own learning rates from `start_frac` to `stop_frac` of
@@ -82,38 +62,18 @@ class LoraWeights:
                  preserve_weight: float = 0.0, preserve_prompts: list[str] | None = None,
                  context_prompts: list[str] | None = None, preserve_with: str = "word",
                  unet_levels: list[int] | None = None):
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"lora.dropout={dropout} must be in [0, 1)")
-        if not 0.0 <= start_frac < stop_frac <= 1.0:
-            raise ConfigError(f"lora.start_frac={start_frac} and lora.stop_frac={stop_frac} must satisfy "
-                              "0 <= start_frac < stop_frac <= 1 (fractions of train.max_steps)")
-        if format not in LORA_FORMATS:
-            raise ConfigError(f"save.lora_format={format!r}; use one of {', '.join(LORA_FORMATS)}")
-        if rank < 1 or lr <= 0 or (text_encoder_lr is not None and text_encoder_lr <= 0):
-            raise ConfigError(f"lora.rank={rank} must be at least 1 and lora.lr={lr} (lora.text_encoder_lr="
-                              f"{text_encoder_lr}) above 0")
+        # the limits of these values are the schema's (tinv.config.LoraConfig), checked before any model loads
         self.rank, self.alpha, self.dropout = rank, float(alpha if alpha is not None else rank), dropout
         self.lr, self.text_encoder, self.text_encoder_lr = lr, text_encoder, text_encoder_lr or lr
         self.unet_targets = list(unet_targets or UNET_TARGETS)
-        if unet_levels is not None and (not unet_levels or any(level < 0 for level in unet_levels)):
-            raise ConfigError(f"lora.unet_levels={list(unet_levels)} must name levels >= 0 (0 = the latent's own "
-                              "size, 1 = halved once, ...), or be null for every level")
         self.unet_levels = None if unet_levels is None else sorted(set(unet_levels))
         self.text_encoder_targets = list(text_encoder_targets or TEXT_ENCODER_TARGETS)
         self.start_frac, self.stop_frac = start_frac, stop_frac
         self.format, self.bundle = format, bundle
-        if preserve_weight < 0:
-            raise ConfigError(f"lora.preserve_weight={preserve_weight} must be at least 0 (0 = off)")
-        from .parts import CONTEXT_PROMPTS
-
-        preserve_prompts = preserve_prompts or context_prompts or CONTEXT_PROMPTS
-        bad = [p for p in preserve_prompts if p.count("{}") != 1]
-        if preserve_weight and bad:
-            raise ConfigError(f"lora.preserve_prompts entry {bad[0]!r} needs exactly one '{{}}' for the init word")
-        if preserve_with not in PRESERVE_WITH:
-            raise ConfigError(f"lora.preserve_with={preserve_with!r}; use one of {', '.join(PRESERVE_WITH)}")
-        self.preserve_weight, self.preserve_prompts = preserve_weight, list(preserve_prompts or [])
-        self.preserve_with = preserve_with
+        self.preserve_prompts = list(preserve_prompts or context_prompts or CONTEXT_PROMPTS)
+        if preserve_weight:
+            check_one_slot(self.preserve_prompts, "lora.preserve_prompts", "the init word")
+        self.preserve_weight, self.preserve_with = preserve_weight, preserve_with
         self.layers: dict[str, dict[str, nn.Module]] = {}  # owner (unet | encoder key) -> {module path: LoRA layer}
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -304,21 +264,13 @@ class LoraWeights:
             weight.copy_(value.to(weight.device, weight.dtype))
 
     def tensors(self, fmt: str = "kohya") -> dict[str, torch.Tensor]:
-        """The LoRA in a file layout (LORA_FORMATS), fp32 on the CPU."""
+        """The LoRA in a file layout (kohya, diffusers), fp32 on the CPU."""
         out = {}
         for owner, layers in self.layers.items():
             for path, layer in layers.items():
                 down = layer.lora_A[ADAPTER].weight.detach().float().cpu().contiguous()
                 up = layer.lora_B[ADAPTER].weight.detach().float().cpu().contiguous()
-                path = canonical_path(owner, path)
-                if fmt == "kohya":
-                    name = f"{KOHYA_PREFIX[owner]}_{path.replace('.', '_')}"
-                    out.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-                                f"{name}.alpha": torch.tensor(self.alpha)})
-                else:  # diffusers reads no alpha from a plain file (it assumes alpha = rank): fold the scale in
-                    name = f"{DIFFUSERS_PREFIX[owner]}.{path}"
-                    out.update({f"{name}.lora_A.weight": down,
-                                f"{name}.lora_B.weight": (up * (self.alpha / self.rank)).contiguous()})
+                out.update(module_entries(owner, path, down, up, self.alpha, fmt))
         return out
 
     def metadata(self, run) -> dict[str, str]:
@@ -333,137 +285,10 @@ class LoraWeights:
         meta = self.metadata(run)
         kohya = self.tensors("kohya") if self.bundle or self.format == "kohya" else None
         lora = kohya if self.format == "kohya" else self.tensors(self.format)
-        written = {"lora": save_lora(run.run_dir / f"{stem}-lora.safetensors", lora,
-                                     dict(meta, **{"tinv.lora_format": self.format}))}
+        written = {"lora": write_safetensors(run.run_dir / f"{stem}-lora.safetensors", lora,
+                                              dict(meta, **{"tinv.lora_format": self.format}))}
         if self.bundle:
             bundled = bundle(kohya, run.output_name, self.token.vectors())  # A1111's word for it: the run's name
-            written["lora_bundle"] = save_lora(run.run_dir / f"{stem}-bundle.safetensors", bundled,
-                                               dict(meta, **{"tinv.lora_format": "kohya"}))
+            written["lora_bundle"] = write_safetensors(run.run_dir / f"{stem}-bundle.safetensors", bundled,
+                                                        dict(meta, **{"tinv.lora_format": "kohya"}))
         return written
-
-
-# ---- file helpers (tinv-convert split/join, readers) ---------------------------------------------------------------
-
-
-def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write atomically; a NaN or inf is never written."""
-    from safetensors.torch import save_file
-
-    from .embedding import sort_metadata
-
-    for key, value in tensors.items():
-        if not torch.isfinite(value).all():
-            raise RuntimeError(f"refusing to write {path}: {key} holds NaN or inf")
-    with atomic_path(Path(path)) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        sort_metadata(tmp)
-    return Path(path)
-
-
-def bundle(lora: dict[str, torch.Tensor], token: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A kohya-layout LoRA with the embedding bundled in, as A1111 reads it."""
-    return {**lora, **{f"{BUNDLE_PREFIX}{token}.{key}": value.float().contiguous() for key, value in vectors.items()}}
-
-
-def unbundle(tensors: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], str, dict]:
-    """(the LoRA's own tensors, the bundled token, its vectors by encoder key) of a bundle file's tensors."""
-    embedded: dict[str, dict[str, torch.Tensor]] = {}
-    lora = {}
-    for key, value in tensors.items():
-        m = re.fullmatch(rf"{re.escape(BUNDLE_PREFIX)}(.+)\.(?:string_to_param\.)?({SD_KEY}|clip_l|clip_g|\*)", key)
-        if m:
-            embedded.setdefault(m.group(1), {})[SD_KEY if m.group(2) == "*" else m.group(2)] = value
-        elif not key.startswith(BUNDLE_PREFIX):
-            lora[key] = value
-    if len(embedded) != 1:
-        raise ConfigError(f"{where}: holds {len(embedded)} bundled embeddings ({', '.join(embedded) or 'none'}); "
-                          "expected one, under bundle_emb.<token>.<emb_params|clip_l|clip_g>")
-    (token, vectors), = embedded.items()
-    if set(vectors) not in ({SD_KEY}, set(SDXL_KEYS)):
-        raise ConfigError(f"{where}: the bundled {token!r} has keys {sorted(vectors)}; expected emb_params or "
-                          "clip_l + clip_g")
-    return lora, token, vectors
-
-
-def to_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, where: str) -> dict[str, torch.Tensor]:
-    """A LoRA in either layout, as kohya's (a diffusers/peft-layout file has its scale folded in: alpha = rank)."""
-    if not any(".lora_A." in k for k in tensors):
-        return dict(tensors)
-    owners = {"unet": "unet", "text_encoder": "clip_l" if sdxl else SD_KEY, "text_encoder_2": "clip_g"}
-    out = {}
-    for key, value in tensors.items():
-        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight", key)
-        if not m:
-            raise ConfigError(f"{where}: {key!r} is neither a kohya nor a diffusers LoRA key")
-        owner, path, part = owners[m.group(1)], m.group(2), m.group(3)
-        name = f"{KOHYA_PREFIX[owner]}_{canonical_path(owner, path).replace('.', '_')}"
-        out[f"{name}.lora_{'down' if part == 'A' else 'up'}.weight"] = value
-        if part == "A":
-            out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
-    return out
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    path = Path(path).expanduser()
-    if not path.is_file() or path.suffix != ".safetensors":
-        raise ConfigError(f"{str(path)!r}: expected an existing .safetensors LoRA file")
-    try:
-        with safe_open(str(path), "pt") as f:
-            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as err:  # noqa: BLE001 - truncated, empty, a bad header: one line, whatever the cause
-        raise ConfigError(f"{path}: not a readable safetensors file ({first_line(err)}); the file is broken or "
-                          "not a LoRA: write it again or take another copy") from None
-    bad = next((k for k, v in tensors.items() if not (v.is_floating_point() and torch.isfinite(v).all())), None)
-    if bad is not None:
-        raise ConfigError(f"{path}: {bad} is not finite floating-point weights ({tensors[bad].dtype}, NaN or "
-                          "inf); the file is broken: write it again or take another copy")
-    return tensors, metadata
-
-
-def split_bundle(src: str | Path, embedding_out: str | Path, lora_out: str | Path,
-                 embedding_format: str | None = None) -> tuple[Path, Path]:
-    """A bundle -> its embedding (in any embedding format) and its plain kohya-layout LoRA."""
-    from .convert import convert_vectors
-    from .embedding import EmbeddingMeta
-
-    tensors, metadata = read_safetensors(src)
-    lora, token, vectors = unbundle(tensors, str(src))
-    if not lora:
-        raise ConfigError(f"{src}: holds a bundled embedding but no LoRA weights")
-    lora_path = save_lora(Path(lora_out).expanduser(), lora, metadata)
-    meta = EmbeddingMeta.from_header(metadata, token)
-    return convert_vectors(vectors, meta, embedding_out, embedding_format), lora_path
-
-
-def join_bundle(embedding: str | Path, lora_src: str | Path, out: str | Path, token: str | None = None) -> Path:
-    """An embedding file and a LoRA file (kohya or diffusers layout) -> one A1111 bundle."""
-    from .embedding import read_embedding
-
-    loaded = read_embedding(embedding)
-    tensors, metadata = read_safetensors(lora_src)
-    if any(k.startswith(BUNDLE_PREFIX) for k in tensors):
-        raise ConfigError(f"{lora_src}: is already a bundle; split it first (tinv-convert split)")
-    name = token or loaded.name or Path(embedding).stem
-    lora = to_kohya(tensors, set(loaded.vectors) == set(SDXL_KEYS), str(lora_src))
-    meta = {**metadata, "tinv.token": name}
-    return save_lora(Path(out).expanduser(), bundle(lora, name, {k: v.float() for k, v in loaded.vectors.items()}),
-                     meta)
-
-
-def load_into_pipeline(pipe, embedding: str | Path | None, lora: str | Path | None, scale: float = 1.0) -> bool:
-    """Load a LoRA into a diffusers pipeline as users do (`load_lora_weights`): the `lora` file, else the LoRA a
-    bundled `embedding` carries. Returns whether one was loaded."""
-    source = lora if lora is not None else embedding
-    if source is None or (lora is None and not (Path(source).suffix == ".safetensors" and Path(source).is_file())):
-        return False
-    tensors, _ = read_safetensors(source)
-    if any(k.startswith(BUNDLE_PREFIX) for k in tensors):  # diffusers refuses bundle keys: hand it the LoRA
-        tensors = unbundle(tensors, str(source))[0]
-    elif lora is None:  # a plain embedding brings no LoRA
-        return False
-    pipe.load_lora_weights(tensors, adapter_name=ADAPTER)
-    if scale != 1.0:
-        pipe.set_adapters([ADAPTER], [scale])
-    return True

@@ -14,51 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from .embedding import FORMATS, EmbeddingMeta, keeps_metadata, read_embedding, save_embedding
-from .errors import ConfigError
-
-
-def _format_for(out: Path, explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    if out.suffix == ".pt":
-        return "a1111"
-    if out.suffix == ".safetensors" and not out.name.startswith("learned_embeds"):
-        return "kohya"
-    return "diffusers"  # .bin, learned_embeds*.safetensors, or a folder
-
-
-def convert(src: str | Path, out: str | Path, fmt: str | None = None, token: str | None = None) -> Path:
-    """SRC in another format, its metadata (name, base model, family, step) kept wherever the format has room."""
-    src = Path(src).expanduser()
-    loaded = read_embedding(src)
-    meta = EmbeddingMeta.from_header(loaded.header, token or loaded.name or src.stem)
-    return convert_vectors(loaded.vectors, meta, out, fmt)
-
-
-def convert_vectors(vectors: dict, meta: EmbeddingMeta, out: str | Path, fmt: str | None = None) -> Path:
-    """Write vectors (by encoder key) as an embedding in `fmt`, or the format OUT's name implies; says so on stderr
-    when that format has no room for the base model the metadata names."""
-    out = Path(out).expanduser()
-    fmt = _format_for(out, fmt)
-    if meta.base_model and not keeps_metadata(out, fmt, vectors):
-        print(f"note: {out} holds the vectors alone (the format has no room for more): tinv-generate will need "
-              f"--model {meta.model or meta.base_model}", file=sys.stderr)
-    if fmt == "diffusers" and len(vectors) == 1 and out.suffix not in (".safetensors", ".bin"):
-        out.mkdir(parents=True, exist_ok=True)
-    if fmt == "diffusers" and len(vectors) == 2:
-        if out.suffix:
-            raise ConfigError(f"{out}: an SDXL embedding in diffusers format is two files; give a folder path")
-        out.mkdir(parents=True, exist_ok=True)
-    return save_embedding(out, vectors, meta, fmt)
+from ..errors import ConfigError, refuse
+from ..formats.convert import convert, join_bundle, split_bundle
+from ..formats.embedding import FORMATS
 
 
 def bundle_main(argv: list[str]) -> int:
     """`tinv-convert split BUNDLE EMBEDDING LORA` / `tinv-convert join EMBEDDING LORA BUNDLE`."""
-    from .lora import join_bundle, split_bundle
-
     parser = argparse.ArgumentParser(prog=f"tinv-convert {argv[0]}")
     if argv[0] == "split":
         parser.description = "an A1111 bundle -> its embedding and its plain (kohya-layout) LoRA"
@@ -79,8 +42,7 @@ def bundle_main(argv: list[str]) -> int:
         else:
             written = (join_bundle(args.embedding, args.lora, args.bundle, args.token),)
     except ConfigError as err:
-        print(f"tinv-convert {argv[0]}: error: {err}", file=sys.stderr)
-        return 2
+        return refuse(f"tinv-convert {argv[0]}", err)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -101,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = convert(args.src, args.out, args.to, args.token)
     except ConfigError as err:
-        print(f"tinv-convert: error: {err}", file=sys.stderr)
-        return 2
+        return refuse("tinv-convert", err)
     print(f"wrote {written}")
     return 0
 
