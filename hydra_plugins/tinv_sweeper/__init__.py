@@ -29,7 +29,7 @@ import time
 import warnings
 from pathlib import Path
 
-from tinv.errors import ConfigError, first_line
+from tinv.errors import ConfigError, first_line, refuse
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ class ResumableOptunaSweeper(OptunaSweeper or object):
         try:
             return self._sweep(arguments)
         except ConfigError as err:  # Hydra would print its frames: one line, as tinv-train's own errors
-            print(f"tinv-train: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(refuse("tinv-train", err)) from None
         except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:  # the study failed mid-sweep
             print(f"tinv-train: error: {self._lost_study(err)}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -20,6 +20,7 @@ import torch
 
 from ..atomic import new_folder
 from ..cache import cache_root, cached_folder
+from ..errors import refuse
 from .tokenizer_gen import build_clip_tokenizer
 
 TINY_VERSION = "v2"  # bump when the tiny architectures change, so stale caches are not reused
@@ -180,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = write_tiny_model(args.kind, args.out_dir, args.seed)
     except FileExistsError as err:
-        print(f"tinv-tiny: {err}", file=sys.stderr)
-        return 2
+        return refuse("tinv-tiny", err)
     print(f"wrote tiny {args.kind} model to {path}")
     if args.single_file:
         from diffusers import DiffusionPipeline

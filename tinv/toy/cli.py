@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse
 from ..resources import ThreadShare, add_threads_option
 from .world import render_concept
 
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         try:  # the measuring commands wait while their training runs work: only pretraining counts as a run
             ThreadShare(register=args.command in ("pretrain", "judge")).claim()
         except ConfigError as err:
-            print(f"tinv-toy {args.command}: error: {err}", file=sys.stderr)
-            return 2
+            return refuse(f"tinv-toy {args.command}", err)
     if args.command in ("targets", "methods", "pivotal"):
         import json
 
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = render_concept(args.concept, args.n, Path(args.out_dir), args.seed)
         except (ValueError, FileExistsError) as err:
-            print(f"tinv-toy render: {err}", file=sys.stderr)
-            return 2
+            return refuse("tinv-toy render", err)
         print(f"wrote {args.n} images of {args.concept!r} to {out}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..callbacks import every
 from ..data.templates import OBJECT_TEMPLATES
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse
 from ..resources import ThreadShare, add_threads_option
 from ..seeds import derive_seed
 from .model import GUIDANCE_SCALE, WEIGHTS_DIR
@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             threads.release()
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"tinv-eval: error: {err}", file=sys.stderr)
-        return 2
+        return refuse("tinv-eval", err)
     if asked and args.edit_samples:
         result["editability"] = None  # not 0: not measured
     result.update(concept=concept.text(), subject=subject, samples=args.samples, edit_samples=edit_samples,
