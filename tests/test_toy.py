@@ -228,3 +228,41 @@ def test_benchmark_concepts_are_the_demo_then_in_world_then_stars():
     assert six[0] == Concept(*world.DEMO_CONCEPT) and six[4] == Concept(*world.NOVEL_CONCEPT)
     assert [c.novel for c in six] == [False] * 4 + [True] * 2 and len(set(six)) == 6
     assert benchmark_concepts(3, 0) == six[:4]  # tinv-toy methods without --novel: as before
+
+
+def test_the_defaults_benchmark_splits_concepts_by_seed_into_disjoint_covering_sets():
+    """tinv-toy defaults: a tuning set and a held-out set, disjoint, each holding every background, shape and colour,
+    the same for the same seed; concepts looked at before (the demo, the methods table's) are never held out."""
+    from tinv.toy.defaults import SEEN, concept_sets
+
+    sets = concept_sets(0)
+    tuning, held = sets["tuning"], sets["held-out"]
+    assert len(tuning) == len(held) == 8 and not set(tuning) & set(held) and len(set(tuning)) == 8
+    for chosen in (tuning, held):
+        assert {c.background for c in chosen} == set(world.BACKGROUNDS) and {c.shape for c in chosen} == set(world.SHAPES)
+        assert {c.colour for c in chosen} == set(world.COLOURS) and not any(c.novel for c in chosen)
+    assert tuning[0] == Concept(*world.DEMO_CONCEPT) and not set(SEEN) & set(held)
+    assert concept_sets(0) == sets and concept_sets(1) != sets and len(concept_sets(0, 10)["held-out"]) == 10
+    with pytest.raises(ValueError, match="at least 5 concepts"):
+        concept_sets(0, 4)
+
+
+def test_the_defaults_benchmark_summarises_each_candidate_per_set(tmp_path, monkeypatch, capsys):
+    """Rows come from the methods runner per set; the summary gives mean and minimum of both axes, editability per
+    asked background and the tuning / held-out gap (a stand-in runner: the real one trains)."""
+    from tinv.toy import defaults
+
+    def fake_rows(work, candidates, seed, concepts):
+        return {"rows": [{"method": name, "concept": c.text(), "concept_accuracy": 1.0 - 0.1 * i, "wall_s": 60.0 + i,
+                          "editability": 0.5 + 0.05 * i, **{f"edit_{b}": None if b == c.background else 0.5 + 0.05 * i
+                                                            for b in world.BACKGROUNDS}}
+                         for name in candidates for i, c in enumerate(concepts)]}
+
+    monkeypatch.setattr(defaults, "measure_methods", fake_rows)
+    result = defaults.measure_defaults(tmp_path, {"default": [], "short": ["train.max_steps=300"]})
+    s = result["summary"]["short/held-out"]
+    assert s["concepts"] == 8 and s["min_accuracy"] == pytest.approx(0.3) and s["mean_wall_s"] == pytest.approx(63.5)
+    assert s["mean_editability"] == pytest.approx(0.675) and s["min_editability"] == pytest.approx(0.5)
+    assert all(s[f"edit_{b}"] is not None for b in world.BACKGROUNDS)
+    defaults.print_defaults(result)
+    assert "tuning - held-out: accuracy +0.000, editability +0.000" in capsys.readouterr().out

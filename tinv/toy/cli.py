@@ -66,7 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--novel", type=int, default=2, help="concepts with a shape outside pretraining (a star)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="also write the numbers as JSON here")
-    for command in (p, j, t, m, v):
+    d = sub.add_parser("defaults", help="candidate defaults on a tuning set of concepts and a held-out set")
+    d.add_argument("work_dir", help="folder for rendered concepts and training runs (measured rows are kept)")
+    d.add_argument("--set", choices=["tuning", "held-out", "both"], default="tuning",
+                   help="which concepts: choose on tuning, report held-out once per candidate (default tuning)")
+    d.add_argument("--size", type=int, default=8, help="concepts per set (default 8)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--candidate", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="tinv-train overrides to measure (repeat; default: default= , the defaults as they are)")
+    d.add_argument("--out", help="also write the numbers as JSON here")
+    for command in (p, j, t, m, v, d):
         add_threads_option(command)
     args = parser.parse_args(argv)
     if args.command != "render":  # these load models: no library notices or bars
@@ -79,25 +88,29 @@ def main(argv: list[str] | None = None) -> int:
             ThreadShare(register=args.command in ("pretrain", "judge")).claim()
         except ConfigError as err:
             return refuse(f"tinv-toy {args.command}", err)
-    if args.command in ("targets", "methods", "pivotal"):
+    if args.command in ("targets", "methods", "pivotal", "defaults"):
         import json
 
         from ..atomic import write_text_atomic
-        from . import targets
+        from . import defaults, targets
 
         if args.command == "targets":
             result = targets.measure(Path(args.work_dir), args.samples, args.base_per_concept, args.others,
                                      args.seed, args.overrides)
             targets.print_table(result)
+        elif args.command == "defaults":
+            candidates = named_overrides(parser, "--candidate", args.candidate) or {"default": []}
+            sets = ("tuning", "held-out") if args.set == "both" else (args.set,)
+            try:
+                result = defaults.measure_defaults(Path(args.work_dir), candidates, sets, args.seed, args.size)
+            except ValueError as err:
+                return refuse("tinv-toy defaults", err)
+            defaults.print_defaults(result)
         elif args.command == "pivotal":
             result = targets.measure_pivotal(Path(args.work_dir), args.others, args.novel, args.seed)
             targets.print_pivotal(result)
         else:
-            bad = [m for m in args.method if "=" not in m]
-            if bad:
-                parser.error(f"--method {bad[0]!r}: give NAME=OVERRIDES, e.g. 'lr2=optimizer.lr=2e-3 "
-                             "train.max_steps=800'")
-            methods = {name: overrides.split() for name, overrides in (m.split("=", 1) for m in args.method)}
+            methods = named_overrides(parser, "--method", args.method)
             result = targets.measure_methods(Path(args.work_dir), methods or targets.METHODS, seed=args.seed,
                                              concepts=targets.benchmark_concepts(args.others, args.novel, args.seed))
             targets.print_methods(result)
@@ -124,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                       eval_samples=args.eval_samples, continue_from=args.continue_from)
     print({k: v for k, v in report.items() if k != "checkpoints"})
     return 0
+
+
+def named_overrides(parser, option: str, given: list[str]) -> dict[str, list[str]]:
+    """{name: overrides} from NAME=OVERRIDES arguments (the overrides split at spaces)."""
+    bad = [g for g in given if "=" not in g]
+    if bad:
+        parser.error(f"{option} {bad[0]!r}: give NAME=OVERRIDES, e.g. 'lr2=optimizer.lr=2e-3 train.max_steps=800'")
+    return {name: overrides.split() for name, overrides in (g.split("=", 1) for g in given)}
 
 
 if __name__ == "__main__":
