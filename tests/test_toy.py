@@ -266,3 +266,19 @@ def test_the_defaults_benchmark_summarises_each_candidate_per_set(tmp_path, monk
     assert all(s[f"edit_{b}"] is not None for b in world.BACKGROUNDS)
     defaults.print_defaults(result)
     assert "tuning - held-out: accuracy +0.000, editability +0.000" in capsys.readouterr().out
+
+
+def test_benchmark_overrides_keep_quoted_values_and_fill_in_each_concept():
+    """--method / --candidate NAME=OVERRIDES split as a shell does (a quoted list keeps its spaces), and {background}
+    and the like become the concept's own, so one candidate can name each concept's training background."""
+    import argparse
+
+    from tinv.commandline import precheck
+    from tinv.toy.cli import named_overrides
+    from tinv.toy.targets import for_concept
+
+    given = ["bg=\"template.templates=['a photo of {} on a {background} background']\" optimizer.lr=1e-3"]
+    overrides = named_overrides(argparse.ArgumentParser(), "--candidate", given)["bg"]
+    filled = [for_concept(o, Concept("circle", "red", "navy")) for o in overrides]
+    assert filled == ["template.templates=['a photo of {} on a navy background']", "optimizer.lr=1e-3"]
+    precheck(["model=toy", *filled])  # composes as tinv-train gets it

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -140,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def named_overrides(parser, option: str, given: list[str]) -> dict[str, list[str]]:
-    """{name: overrides} from NAME=OVERRIDES arguments (the overrides split at spaces)."""
+    """{name: overrides} from NAME=OVERRIDES arguments (the overrides split as a shell splits them, so a quoted
+    value keeps its spaces; {shape}, {colour}, {background} are filled in per concept)."""
     bad = [g for g in given if "=" not in g]
     if bad:
         parser.error(f"{option} {bad[0]!r}: give NAME=OVERRIDES, e.g. 'lr2=optimizer.lr=2e-3 train.max_steps=800'")
-    return {name: overrides.split() for name, overrides in (g.split("=", 1) for g in given)}
+    return {name: shlex.split(overrides) for name, overrides in (g.split("=", 1) for g in given)}
 
 
 if __name__ == "__main__":

@@ -171,9 +171,17 @@ def measure_methods(work: Path, methods: dict[str, list[str]], others: int = 3, 
     return {"scoring": SCORING, "seed": seed, "rows": rows}
 
 
+def for_concept(override: str, concept: Concept) -> str:
+    """A method's override with {shape}, {colour} and {background} filled in for one concept (e.g. templates that
+    name the training background)."""
+    for attribute in ("shape", "colour", "background"):
+        override = override.replace(f"{{{attribute}}}", getattr(concept, attribute))
+    return override
+
+
 def _measure(name: str, overrides: list[str], concept: Concept, image_dir: Path, run_dir: Path) -> dict:
     args = [sys.executable, "-m", "tinv", "logger=none", path_override("hydra.run.dir", run_dir),
-            path_override("data.image_dir", image_dir), *SCORING, *overrides]
+            path_override("data.image_dir", image_dir), *SCORING, *(for_concept(o, concept) for o in overrides)]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode != 0:
@@ -183,7 +191,8 @@ def _measure(name: str, overrides: list[str], concept: Concept, image_dir: Path,
             "wall_s": round(time.perf_counter() - started, 1),
             "novel": concept.novel,
             **{k: summary.get(k) for k in ("concept_accuracy", "shape_accuracy", "reconstruction", "editability",
-                                           "concept_and_edit", *(f"edit_{b}" for b in BACKGROUNDS))}}
+                                           "concept_and_edit", *(f"edit_{b}" for b in BACKGROUNDS), "best_step",
+                                           "objective")}}
 
 
 def print_methods(result: dict) -> None:
