@@ -250,7 +250,8 @@ def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     assert again.stdout.count("resumes from its state") == 2, again.stdout + again.stderr[-2000:]
 
 
-def test_submitit_local_launcher(tmp_path):
+def submitit_local_sweep(tmp_path):
+    """A two-job sweep through submitit's local launcher over an odd folder name: (its arguments, its folder)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sub"
     folder = odd_image_folders(tmp_path)[1]  # a value with `/`, `=`, `,`, spaces and quotes: still flat folders
@@ -259,6 +260,16 @@ def test_submitit_local_launcher(tmp_path):
     proc = tinv(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(job_folders(sweep)) == 2 and "sweep done, 2 of 2 jobs finished" in proc.stdout
+    return args, sweep
+
+
+def test_submitit_local_launcher(tmp_path):
+    submitit_local_sweep(tmp_path)
+
+
+@pytest.mark.slow  # the same sweep twice; the basic launcher's resume is in the default suite, SLURM's in cluster
+def test_submitit_local_sweep_started_again_resumes_each_job(tmp_path):
+    args, sweep = submitit_local_sweep(tmp_path)
     again = tinv(args, cwd=tmp_path)  # started again in its folder: each job resumes from its own state
     assert again.returncode == 0 and "sweep done, 2 of 2 jobs finished" in again.stdout, again.stderr[-3000:]
     assert sum("resumes from its state" in p.read_text() for p in sweep.glob(".submitit/*/*_log.out")) == 2
