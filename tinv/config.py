@@ -60,7 +60,7 @@ def at_least(minimum: int, default: Any) -> Any:
 
 def within(low: float, high: float, default: Any, high_open: bool = False) -> Any:
     """A number field in [low, high] ([low, high) with high_open); `check_values` says so naming the key."""
-    return field(default=default, metadata={"min": low, "max": high, "max_open": high_open})
+    return field(default=default, metadata={"min": low, "max": (high, high_open)})
 
 
 def moved_to(new_key: str) -> Any:
@@ -372,14 +372,13 @@ def check_values(cfg) -> None:
     if not 0.0 <= cfg.train.noise_offset <= 1.0:
         raise ConfigError(f"train.noise_offset={cfg.train.noise_offset} must be in [0, 1] (0.05 to 0.1 is usual): "
                           "the offset is added to noise of scale 1")
-    highs = {key: high for key, _, _, high in _fields_with(RunConfig, cfg, "max")}
-    open_high = {key for key, _, _, is_open in _fields_with(RunConfig, cfg, "max_open") if is_open}
+    highs = {key: high for key, _, _, high in _fields_with(RunConfig, cfg, "max")}  # within(): (high, open)
     for key, node, name, minimum in _fields_with(RunConfig, cfg, "min"):
-        value, high = node[name], highs.get(key)
+        value, (high, high_open) = node[name], highs.get(key, (None, False))
         if value is None:
             continue
-        if high is not None and not (minimum <= value and (value < high if key in open_high else value <= high)):
-            raise ConfigError(f"{key}={value} must be in [{minimum}, {high}{')' if key in open_high else ']'}")
+        if high is not None and not (minimum <= value and (value < high if high_open else value <= high)):
+            raise ConfigError(f"{key}={value} must be in [{minimum}, {high}{')' if high_open else ']'}")
         if value < minimum:
             hint = " (0 = off)" if minimum == 0 and key.endswith(("every_n_steps", "weight")) else ""
             raise ConfigError(f"{key}={value} must be at least {minimum}{hint}")
