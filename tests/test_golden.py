@@ -180,7 +180,16 @@ def observe(run_dir: Path, overrides: list[str]) -> dict:
 @pytest.mark.parametrize("name", list(RUNS))
 def test_seeded_runs_are_bit_identical_to_the_recorded_ones(name, tmp_path):
     seen = observe(tmp_path / name, RUNS[name])
-    assert seen in GOLDEN[name], f"{name} matches no machine's record; this machine gives {seen}"
+    assert any(same(seen, record) for record in GOLDEN[name]), \
+        f"{name} matches no machine's record; this machine gives {seen}"
+
+
+def same(seen: dict, record: dict) -> bool:
+    """The same files, loss and every recorded metric; a metric added since the record was made (a new score
+    logged beside the others) is not a change of what the run computes."""
+    recorded = {step: {k: v for k, v in seen["val"].get(step, {}).items() if k in metrics}
+                for step, metrics in record["val"].items()}
+    return {**seen, "val": recorded} == record and set(seen["val"]) == set(record["val"])
 
 
 if __name__ == "__main__":  # record this machine (prints the records to add above, one per run)

@@ -273,8 +273,13 @@ def test_a_run_that_ends_on_skipped_steps_fails_naming_the_cause(tmp_path, monke
     """Too few steps to reach train.max_bad_steps, every one of them skipped: not `done` with untrained vectors."""
     from tinv.losses import DiffusionLoss
 
-    original = DiffusionLoss.__call__
-    monkeypatch.setattr(DiffusionLoss, "__call__", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    original = DiffusionLoss.with_prediction
+
+    def nan_loss(self, *args, **kwargs):
+        loss, pred = original(self, *args, **kwargs)
+        return loss * float("nan"), pred
+
+    monkeypatch.setattr(DiffusionLoss, "with_prediction", nan_loss)
     with pytest.raises(TrainingDiverged, match="all 4 steps were skipped: the loss itself was NaN or inf"):
         train(tmp_path / "a", ["train.max_steps=4"])
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())

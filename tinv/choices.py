@@ -42,5 +42,6 @@ TrainEncoders = _choices("TrainEncoders", "both", "clip_l", "clip_g")
 LrScale = _choices("LrScale", "none", "batch")
 Sampler = _choices("Sampler", "ddim", "euler", "euler_a", "dpmsolver++")
 Interpolation = _choices("Interpolation", "lanczos", "nearest", "bilinear", "bicubic", "area", "box", "hamming")
+BadMask = _choices("BadMask", "unmasked", "skip")  # an image whose mask cannot be used trains unmasked, or not at all
 Mode = _choices("Mode", "min", "max")  # which way a metric is better
 Reduce = _choices("Reduce", "best", "last")  # a metric's best value over the run, or its value at the end

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
-from .choices import (Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType,
+from .choices import (BadMask, Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType,
                       PreserveWith, Reduce, SaveFormat, Sampler, TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
 from .errors import ConfigError
@@ -115,6 +115,8 @@ class LoraConfig:
     text_encoder_targets: Optional[list[str]] = None  # None = q_proj, k_proj, v_proj, out_proj
     start_frac: float = within(0.0, 1.0, 0.0)  # the LoRA trains from this fraction of train.max_steps ...
     stop_frac: float = within(0.0, 1.0, 1.0)  # ... to this one
+    background_prior: float = at_least(0, 0.0)  # with masks: where the mask is off, pull the prediction to the
+    # model's own without the LoRA (the vectors kept), so the LoRA learns nothing of the background
     preserve_weight: float = at_least(0, 0.0)  # > 0: keep the UNet's output for preserve_prompts as the frozen model's
     preserve_prompts: Optional[list[str]] = None  # "{}" = token.init_word; None = token.context_prompts
     preserve_with: PreserveWith = "word"  # word: the init word's prompts, the frozen model as teacher; token: the
@@ -140,6 +142,7 @@ class DataOptions:
     # images with more pixels are skipped with a warning (decompression bombs); None = Pillow's limit (89.5 Mpx)
     max_image_pixels: Optional[int] = at_least(1, None)
     num_workers: int = 0
+    bad_mask: BadMask = "unmasked"  # an image whose mask is missing or unusable trains unmasked, or is skipped
     debug: bool = False  # print the first samples' captions, token ids and buckets, then exit
 
 
@@ -197,6 +200,15 @@ class TrainConfig:
     # speed and memory
     compile: bool = False  # torch.compile the UNet
     cache_text_encoder_outputs: bool = False  # SDXL with token.train_encoders=clip_l|clip_g: cache the frozen one
+
+
+@dataclass
+class LossConfig:
+    """loss.*: how masks weigh the diffusion loss (tinv.losses); a run without masks ignores these."""
+
+    mask_weight: float = within(0.0, 1.0, 0.1)  # the background's weight (the subject's is 1); 0 = kohya's masked loss
+    unmasked_prob: float = within(0.0, 1.0, 0.0, high_open=True)  # share of samples trained without their mask
+    normalize_area: bool = True  # divide each sample's loss by its mean weight: a small subject trains as a large one
 
 
 # save.*, sample.* and val.* are the user-facing settings of the callbacks in conf/callbacks/default.yaml, which
@@ -275,6 +287,7 @@ class RunConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     val: ValConfig = field(default_factory=ValConfig)

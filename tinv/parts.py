@@ -18,12 +18,15 @@ from torch import nn
 
 @dataclass
 class MicroBatch:
-    """What a part's loss term may look at: this micro-batch's noised latents, their timesteps and the batch
-    (SDXL's size conditioning)."""
+    """What a part's loss term may look at: this micro-batch's noised latents, their timesteps, the batch (SDXL's
+    size conditioning), the model's prediction for them (with gradients) and the masks this step used (at the
+    latents' size; None without masks)."""
 
     noisy: torch.Tensor
     timesteps: torch.Tensor
     batch: dict
+    prediction: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
 
 
 class TrainablePart(Protocol):

@@ -115,7 +115,9 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
     if not parts:
         raise ConfigError("parts is empty: nothing would train; keep parts.vectors (conf/train.yaml)")
     train = cfg.train
-    trainer = Trainer(DiffusionLoss(train.noise_offset, train.min_snr_gamma, train.min_timestep, train.max_timestep),
+    loss = DiffusionLoss(train.noise_offset, train.min_snr_gamma, train.min_timestep, train.max_timestep,
+                         **OmegaConf.to_container(cfg.loss))
+    trainer = Trainer(loss,
                       max_grad_norm=train.max_grad_norm, log_every_n_steps=train.log_every_n_steps,
                       max_bad_steps=train.max_bad_steps, objective=dict(cfg.objective))
     return Job(cfg=cfg, run_dir=run_dir, backbone=backbone, token=token, dataset=dataset, parts=parts,

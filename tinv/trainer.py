@@ -210,11 +210,14 @@ class Trainer:
         gen = torch.Generator().manual_seed(derive_seed(run.seed, run.state.micro_step) % 2**63)
         noise, timesteps = self.loss.draw(gen, tuple(latents.shape), bb.noise_scheduler.config.num_train_timesteps,
                                           acc.num_processes, acc.process_index)
+        masks = self.loss.mask_for_step(gen, run.latents.masks_of(batch, latents), acc.num_processes,
+                                        acc.process_index)
         predict = bb.predictor(run.input_ids(batch["prompts"]), batch)  # text encoders -> conditioning -> UNet
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         with acc.autocast():
-            loss = self.loss(predict, bb.noise_scheduler, bb.prediction_type, latents, noise, timesteps)
-            micro = MicroBatch(bb.noise_scheduler.add_noise(latents, noise, timesteps), timesteps, batch)
+            loss, pred = self.loss.with_prediction(predict, bb.noise_scheduler, bb.prediction_type, latents, noise,
+                                                   timesteps, masks)
+            micro = MicroBatch(bb.noise_scheduler.add_noise(latents, noise, timesteps), timesteps, batch, pred, masks)
             return loss + sum(part.loss_term(micro) for part in run.parts.values())
 
     def _reduce_and_clip(self, run, loss: torch.Tensor, params: list) -> tuple[torch.Tensor, bool]:

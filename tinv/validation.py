@@ -1,7 +1,8 @@
 """Deterministic validation loss: fixed images, fixed prompts, fixed noise and timesteps spread over the schedule.
 
 The same embedding always scores the same, so steps, runs and sweep trials compare fairly. A callback
-(`callbacks.validation`, configured by `val.*`): it logs `val/loss` every `every_n_steps`.
+(`callbacks.validation`, configured by `val.*`): it logs `val/loss` every `every_n_steps`. With masks, each image's
+loss is weighted by its mask as in training (loss.mask_weight, loss.normalize_area; never dropped).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from .callbacks import every
 from .data import collate
-from .losses import squared_error
+from .losses import per_sample, squared_error
 from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 
 class Validation:
     def __init__(self, every_n_steps: int = 0, split: float = 0.0, max_images: int = 16, num_timesteps: int = 8,
-                 seed: int = 0):
+                 seed: int = 0, mask_weight: float = 0.0, normalize_area: bool = False):
         self.every_n_steps, self.split, self.max_images = every_n_steps, split, max_images
+        self.mask_weight, self.normalize_area = mask_weight, normalize_area
         self.num_timesteps, self.seed = num_timesteps, seed
         self.samples: list[int] = []  # sample indices scored
 
@@ -52,12 +54,18 @@ class Validation:
         total = 0.0
         for index in self.samples:
             item = run.dataset.fixed_item(index, random.Random(f"val:{self.seed}:{index}"))
-            latent = run.latents.of(collate([item]))
+            single = collate([item])
+            latent = run.latents.of(single)
+            masks = run.latents.masks_of(single, latent)
             latents = latent.expand(k, *latent.shape[1:])
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(derive_seed(self.seed, index)))
             batch = collate([item] * k)  # the same conditioning (SDXL: sizes and crop) at every timestep
             predict = bb.predictor(run.input_ids(batch["prompts"]), batch)
             with run.accelerator.autocast():
                 error = squared_error(predict, sched, bb.prediction_type, latents, noise.to(device), t)
-            total += error.mean().item()
+            if masks is None:
+                total += error.mean().item()
+            else:
+                weighted = per_sample(error, masks.expand(k, *masks.shape[1:]), self.mask_weight, self.normalize_area)
+                total += weighted.mean().item()
         return total / len(self.samples)

@@ -9,18 +9,20 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..choices import BadMask
 from ..errors import ConfigError
 from ..seeds import derive_seed
 from .buckets import closest_bucket, fit_to_bucket, make_buckets, no_upscale_bucket
 from .captions import CaptionProcessor, raw_caption
 from .images import list_images, load_rgb, probe, read_caption, read_metadata
+from .masks import MaskSource, find_mask, mask_problem, read_mask
 from .prompts import PromptBuilder
 from .spec import DatasetSpec, SubsetSpec, defaults_from_config, from_folder, from_toml, validate
 
@@ -35,6 +37,7 @@ class Sample:
     bucket: tuple[int, int]  # (width, height) it trains at
     subset: int
     dataset: int
+    mask: MaskSource | None = None  # which pixels are the subject (tinv.data.masks); None: every pixel counts
 
 
 # PIL resampling filter for each Interpolation value (kohya's names)
@@ -56,9 +59,12 @@ class TrainingSet(Dataset):
     sample indices (the latent cache's keys, validation's picks) mean the same image in all of them."""
 
     def __init__(self, specs: list[DatasetSpec], seed: int = 0, prompts: PromptBuilder | None = None,
-                 max_image_pixels: int | None = None):
+                 max_image_pixels: int | None = None, bad_mask: BadMask = "unmasked"):
+        if bad_mask not in BadMask.values():
+            raise ConfigError(f"data.bad_mask={bad_mask!r}: use one of {', '.join(BadMask.values())}")
         self.specs = specs
         self.max_image_pixels = max_image_pixels  # None: Pillow's limit
+        self.bad_mask = bad_mask
         self.subsets: list[SubsetSpec] = [sub for ds in specs for sub in ds.subsets]
         self.processors = [CaptionProcessor(sub) for sub in self.subsets]
         self.seed = seed
@@ -84,6 +90,7 @@ class TrainingSet(Dataset):
                 order += [len(self.samples)] * sub.num_repeats
                 self.samples.append(sample)
         self.order: tuple[int, ...] = tuple(order)
+        self.has_masks = any(sample.mask is not None for sample in self.samples)
         self.load_pixels = True  # False once the latents are cached: items then carry no pixels
         if prompts is not None:
             prompts.check_captions(self.samples)
@@ -109,7 +116,11 @@ class TrainingSet(Dataset):
         if not root.is_dir():
             raise ConfigError(f"{self._where(sub, root)} does not exist or is not a folder")
         captions = read_metadata(sub.metadata_file, sub.caption_separator) if sub.metadata_file else None
-        paths = list_images(root)
+        mask_dir = Path(sub.mask_dir).expanduser() if sub.mask_dir else None
+        if mask_dir is not None and not mask_dir.is_dir():
+            raise ConfigError(f"{_named_mask_dir(sub, mask_dir)} does not exist or is not a folder; give the folder "
+                              "of masks named as the images")
+        paths = list_images(root, mask_dir)
         if captions is not None:
             paths = [p for p in paths if str(p) in captions or p.stem in captions or
                      str(p.relative_to(root)) in captions]
@@ -129,11 +140,37 @@ class TrainingSet(Dataset):
             if text is None:
                 text = sub.class_tokens or ""
             samples.append(Sample(path, raw_caption(text, sub), size, self._bucket(size, ds, buckets),
-                                  subset_index, dataset_index))
+                                  subset_index, dataset_index, find_mask(path, root, mask_dir, sub.alpha_mask)))
         if skipped:
             log.warning("%s: skipped %d of %d image files that cannot be used (each named above)", sub.source, skipped,
                         len(paths))
-        return samples
+        return self._check_masks(samples, sub, mask_dir)
+
+    def _check_masks(self, samples: list[Sample], sub: SubsetSpec, mask_dir: Path | None) -> list[Sample]:
+        """Every mask of a subset that has masks is read once here, before any model loads; an image whose mask is
+        missing or unusable gets one warning and trains unmasked or is left out (data.bad_mask)."""
+        if not (mask_dir or sub.alpha_mask or any(s.mask for s in samples)):
+            return samples
+        where = (f"in {mask_dir}" if mask_dir else "(alpha_mask=true)" if sub.alpha_mask else
+                 "(<name>-masklabel.png beside it, as its neighbours have)")
+        skip, kept, bad = self.bad_mask == "skip", [], 0
+        for sample in samples:
+            problem = (f"has no mask {where}" if sample.mask is None else
+                       mask_problem(sample.mask, sample.size, self.max_image_pixels))
+            if problem and sample.mask is not None:
+                problem = (f"its alpha channel: {problem}" if sample.mask.alpha else
+                           f"its mask {sample.mask.path} {problem}")
+            if problem:
+                bad += 1
+                log.warning("%s: %s; %s", sample.path, problem,
+                            "the image is left out (data.bad_mask=skip)" if skip else
+                            "it trains unmasked (data.bad_mask=skip leaves it out)")
+                if skip:
+                    continue
+                sample = replace(sample, mask=None)
+            kept.append(sample)
+        log.info("%s: %d of %d images masked", sub.source, len(samples) - bad, len(samples))
+        return kept
 
     @staticmethod
     def _where(sub: SubsetSpec, root: Path) -> str:
@@ -184,10 +221,11 @@ class TrainingSet(Dataset):
             top = rng.randint(0, resized[1] - sample.bucket[1])
             left = rng.randint(0, resized[0] - sample.bucket[0])
         pixels = self.pixels(index, flip, (top, left), rng if augment else None) if self.load_pixels else None
+        mask = self.mask(index, flip, (top, left)) if self.load_pixels and self.has_masks else None
         if flip:  # SDXL's crop conditioning describes the image it sees, i.e. the mirrored one
             left = resized[0] - sample.bucket[0] - left
         caption = self.processors[sample.subset](sample.caption, rng)
-        return {"pixel_values": pixels, "sample": index, "flip": flip, "caption": caption,
+        return {"pixel_values": pixels, "mask": mask, "sample": index, "flip": flip, "caption": caption,
                 "prompt": self.prompts(caption, rng) if self.prompts else caption,
                 "original_size": (sample.size[1], sample.size[0]), "crop_top_left": (top, left),
                 "target_size": (sample.bucket[1], sample.bucket[0])}
@@ -202,7 +240,7 @@ class TrainingSet(Dataset):
         sub, ds = self.subsets[sample.subset], self.specs[sample.dataset]
         resized, centre = fit_to_bucket(sample.size, sample.bucket)
         top, left = crop or centre
-        img = load_rgb(sample.path, self.max_image_pixels)
+        img = load_rgb(sample.path, self.max_image_pixels, keep_transparent=sub.alpha_mask)
         img = img.resize(resized, _interpolation(sub.resize_interpolation or ds.resize_interpolation))
         img = img.crop((left, top, left + sample.bucket[0], top + sample.bucket[1]))
         if flip:
@@ -211,6 +249,22 @@ class TrainingSet(Dataset):
             img = self._shift_hue(img, rng)
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def mask(self, index: int, flip: bool, crop: tuple[int, int] | None = None) -> torch.Tensor:
+        """The sample's mask through the same resize, crop and flip as its pixels: (1, height, width) in [0, 1];
+        all ones for an image without a mask."""
+        from PIL import Image
+
+        sample = self.samples[index]
+        if sample.mask is None:
+            return torch.ones(1, sample.bucket[1], sample.bucket[0])
+        resized, centre = fit_to_bucket(sample.size, sample.bucket)
+        top, left = crop or centre
+        img = read_mask(sample.mask, self.max_image_pixels).resize(resized, Image.Resampling.BILINEAR)
+        img = img.crop((left, top, left + sample.bucket[0], top + sample.bucket[1]))
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None].contiguous()
 
     @staticmethod
     def _shift_hue(img, rng: random.Random):
@@ -228,10 +282,18 @@ class TrainingSet(Dataset):
         return sorted(random.Random(f"holdout:{seed}").sample(range(len(self.samples)), count))
 
 
+def _named_mask_dir(sub: SubsetSpec, mask_dir: Path) -> str:
+    """The mask folder as the user gave it: data.mask_dir=... or the TOML subset's key."""
+    if sub.source.startswith("data.image_dir") or sub.source == str(Path(sub.image_dir or "").expanduser()):
+        return f"data.mask_dir={str(mask_dir)!r}"
+    return f"{sub.source}: mask_dir={str(mask_dir)!r}"
+
+
 def collate(items: list[dict]) -> dict:
-    pixels = [it["pixel_values"] for it in items]
+    pixels, masks = [it["pixel_values"] for it in items], [it.get("mask") for it in items]
     return {
         "pixel_values": None if pixels[0] is None else torch.stack(pixels),
+        "mask": None if masks[0] is None else torch.stack(masks),
         "captions": [it["caption"] for it in items],
         "prompts": [it["prompt"] for it in items],
         "sample": torch.tensor([it["sample"] for it in items]),
@@ -283,7 +345,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 def build_training_set(*, family: str, batch_size: int, seed: int = 0, prompts: PromptBuilder | None = None,
                        image_dir: str | None = None, dataset_config: str | None = None,
-                       max_image_pixels: int | None = None, **keys) -> TrainingSet:
+                       max_image_pixels: int | None = None, bad_mask: BadMask = "unmasked", **keys) -> TrainingSet:
     """Hydra's entry for `data=folder`: our keys, then the kohya TOML or folder layout on top."""
     dataset_defaults, subset_defaults = defaults_from_config({**keys, "image_dir": image_dir}, batch_size)
     if dataset_config:
@@ -291,4 +353,4 @@ def build_training_set(*, family: str, batch_size: int, seed: int = 0, prompts: 
     else:
         specs = from_folder(dataset_defaults, subset_defaults)
     validate(specs, family)
-    return TrainingSet(specs, seed=seed, prompts=prompts, max_image_pixels=max_image_pixels)
+    return TrainingSet(specs, seed=seed, prompts=prompts, max_image_pixels=max_image_pixels, bad_mask=bad_mask)

@@ -23,23 +23,28 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MASKLABEL = "-masklabel.png"  # OneTrainer's mask beside its image, <stem>-masklabel.png: never a training image
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
-def list_images(image_dir: Path) -> list[Path]:
-    """The regular image files under `image_dir` (hidden names left out), sorted. Linked folders are followed once
-    each, so a link loop ends; image names that are not regular files are skipped with a warning."""
+def list_images(image_dir: Path, masks: Path | None = None) -> list[Path]:
+    """The regular image files under `image_dir` (hidden names, -masklabel.png files and the `masks` folder left
+    out), sorted. Linked folders are followed once each, so a link loop ends; image names that are not regular
+    files are skipped with a warning."""
     found, seen = [], set()
+    if masks is not None:
+        seen.add(os.path.realpath(masks))
     for folder, dirs, files in os.walk(image_dir, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:  # a link back into a folder already walked
+        if real in seen:  # a link back into a folder already walked, or the mask folder
             dirs.clear()
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             path = Path(folder) / name
-            if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and regular_file(path):
+            if (not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+                    and not name.lower().endswith(MASKLABEL) and regular_file(path)):
                 found.append(path)
     return sorted(found)
 
@@ -145,8 +150,10 @@ def probe(path: Path, max_pixels: int | None = None) -> tuple[int, int] | None:
     return width, height
 
 
-def load_rgb(path: Path, max_pixels: int | None = None):
-    """8-bit RGB with EXIF orientation applied; transparency composited on white; 16-bit scaled, not clipped."""
+def load_rgb(path: Path, max_pixels: int | None = None, keep_transparent: bool = False):
+    """8-bit RGB with EXIF orientation applied; transparency composited on white (or, with `keep_transparent`,
+    the colours under it kept as stored: alpha_mask=true, where the alpha is the mask); 16-bit scaled, not
+    clipped."""
     from PIL import Image, ImageOps
 
     with open_image(path, max_pixels) as img:
@@ -155,7 +162,8 @@ def load_rgb(path: Path, max_pixels: int | None = None):
             array = np.asarray(img, dtype=np.float32)
             scale = 257.0 if array.max() > 255 else 1.0
             img = Image.fromarray(np.clip(array / scale, 0, 255).astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        if not keep_transparent and (img.mode in ("RGBA", "LA", "PA") or
+                                     (img.mode == "P" and "transparency" in img.info)):
             rgba = img.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(canvas, rgba).convert("RGB")

@@ -54,6 +54,9 @@ class SubsetSpec:
     color_aug: bool = False
     random_crop: bool = False
     resize_interpolation: Optional[Interpolation] = None  # None = lanczos
+    # masks (tinv.data.masks): which pixels are the subject; -masklabel.png files beside the images need no key
+    alpha_mask: bool = False  # the image's alpha channel
+    mask_dir: Optional[str] = None  # masks named as the images (kohya's conditioning_data_dir in a TOML)
     source: str = field(default="data.image_dir", metadata={"internal": True})  # where it was defined, for messages
 
 
@@ -91,7 +94,6 @@ IGNORED = {
     "face_crop_aug_range": "face-crop augmentation is not supported",
     "token_warmup_min": "token warm-up is not supported",
     "token_warmup_step": "token warm-up is not supported",
-    "alpha_mask": "alpha-masked loss is not supported; transparent areas are composited on white",
     "cache_info": "image sizes are read directly",
     "custom_attributes": "custom attributes are not used",
 }
@@ -117,6 +119,12 @@ def defaults_from_config(data_cfg, batch_size: int) -> tuple[dict, dict]:
 
 
 def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> dict:
+    table = dict(table)
+    if "conditioning_data_dir" in table:  # kohya's masked loss reads a subset's conditioning images as its masks
+        if "mask_dir" in table:
+            raise ConfigError(f"{path}: {where} sets both conditioning_data_dir and mask_dir; keep one (both name "
+                              "the folder of masks)")
+        table["mask_dir"] = table.pop("conditioning_data_dir")
     kept = {}
     for key, value in table.items():
         if key in IGNORED:

@@ -1,6 +1,6 @@
 """tinv-toy: render concepts of the toy world, or pretrain the toy model and its judge.
 
-    tinv-toy render --concept "yellow triangle on a navy background" --n 16 DIR
+    tinv-toy render --concept "yellow triangle on a navy background" --n 16 DIR [--mask-dir MASKS] [--alpha]
     tinv-toy pretrain OUT_DIR [--seed 0]      # maintainers: about an hour on 2 CPU cores; ships as tinv/toy/weights
     tinv-toy judge OUT_DIR [--seed 0]         # maintainers: the judge alone (minutes), after a new attribute
     tinv-toy targets WORK_DIR                 # measure the quality targets (minutes)
@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--concept", required=True, help='e.g. "red circle on a black background"')
     r.add_argument("--n", type=int, default=16)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--mask-dir", help="also write each image's mask (the figure) here, named as the image "
+                   "(train with data.mask_dir=MASK_DIR)")
+    r.add_argument("--alpha", action="store_true", help="write RGBA images whose alpha is the mask (train with "
+                   "data.alpha_mask=true)")
+    r.add_argument("--masklabel", action="store_true", help="write OneTrainer's NNN-masklabel.png beside each image "
+                   "(found without a key)")
     p = sub.add_parser("pretrain", help="pretrain the judge, VAE, text encoder and UNet")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
@@ -120,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "render":
         try:
-            out = render_concept(args.concept, args.n, Path(args.out_dir), args.seed)
+            out = render_concept(args.concept, args.n, Path(args.out_dir), args.seed,
+                                 Path(args.mask_dir) if args.mask_dir else None, args.alpha, args.masklabel)
         except (ValueError, FileExistsError) as err:
             return refuse("tinv-toy render", err)
-        print(f"wrote {args.n} images of {args.concept!r} to {out}")
+        masks = ([f"their masks in {args.mask_dir}"] if args.mask_dir else []) + \
+            (["masks in their alpha channel"] if args.alpha else []) + \
+            (["-masklabel.png masks beside them"] if args.masklabel else [])
+        print(f"wrote {args.n} images of {args.concept!r} to {out}" + (f" ({', '.join(masks)})" if masks else ""))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "judge":

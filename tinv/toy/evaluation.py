@@ -53,14 +53,17 @@ def edit_prompts(subject: str, background: str, count: int) -> list[str]:
 
 def concept_scores(pipe, judge, subject: str, concept: Concept, references: np.ndarray | None = None,
                    samples: int = 32, edit_samples: int = 32, seed: int = 0, guidance_scale: float = GUIDANCE_SCALE,
-                   expand=lambda prompt: prompt, progress: bool = False, **call_kwargs) -> tuple[dict, np.ndarray]:
+                   expand=lambda prompt: prompt, progress: bool = False, subject_only: bool = False,
+                   **call_kwargs) -> tuple[dict, np.ndarray]:
     """Reconstruction and editability of `subject` (a token, expanded by `expand`, or plain text).
 
     Reconstruction: `samples` images from the object templates, judged against the concept (concept_accuracy,
     per-attribute accuracies, reconstruction). Editability: `edit_samples` images per background the concept does
     not have, from the same templates with "on a <background> background", judged against (the concept's shape,
     its colour, the asked background); `editability` is their mean, `edit_<background>` each part, and
-    `concept_and_edit` the harmonic mean of concept_accuracy and editability. Returns (scores, the first images).
+    `concept_and_edit` the harmonic mean of concept_accuracy (with `subject_only`: subject_accuracy, the figure
+    whatever its background, for runs whose masks said the background is not the concept) and editability.
+    Returns (scores, the first images).
     """
     from .scoring import sample_images, score
 
@@ -79,8 +82,9 @@ def concept_scores(pipe, judge, subject: str, concept: Concept, references: np.n
             wanted = Concept(concept.shape, concept.colour, background)
             result[f"edit_{background}"] = score(judge, part, wanted)["concept_accuracy"]
         result["editability"] = sum(result[f"edit_{b}"] for b in edits) / len(edits)
-        both = result["concept_accuracy"] + result["editability"]
-        result["concept_and_edit"] = 2 * result["concept_accuracy"] * result["editability"] / both if both else 0.0
+        accuracy = result["subject_accuracy" if subject_only else "concept_accuracy"]
+        both = accuracy + result["editability"]
+        result["concept_and_edit"] = 2 * accuracy * result["editability"] / both if both else 0.0
     return result, images
 
 
@@ -134,6 +138,7 @@ class ConceptScoring:
         except ValueError as err:
             raise ConfigError(f"concept: {err}") from None
         self.judge, self.references, self.image_dirs = load_judge(path), None, []
+        self.subject_only = False
         self.num_samples, self.seed, self.every_n_steps = num_samples, seed, every_n_steps
         self.guidance_scale = guidance_scale if guidance_scale is not None else GUIDANCE_SCALE
 
@@ -143,7 +148,9 @@ class ConceptScoring:
             self.concept = concept_from_captions([s.caption for s in dataset.samples], "the training set")
         self.references = load_references([s.path for s in dataset.samples])
         self.image_dirs = sorted({str(sub.image_dir) for sub in dataset.subsets})
-        log.info("concept scoring against %r", self.concept.text())
+        self.subject_only = dataset.has_masks  # the masks say the background is not part of the concept
+        log.info("concept scoring against %r%s", self.concept.text(),
+                 " (masked: the subject's accuracy with editability)" if self.subject_only else "")
 
     def on_step_end(self, run, step) -> None:
         # the last step's scores come with on_end
@@ -179,7 +186,8 @@ class ConceptScoring:
             pipe = backbone.pipeline(DDIMScheduler.from_config(backbone.noise_scheduler.config))
             scores, images = concept_scores(pipe, self.judge, token.string, self.concept, self.references,
                                             self.num_samples, self.edit_samples, self.seed, self.guidance_scale,
-                                            token.expand, progress, **backbone.sampling_kwargs())
+                                            token.expand, progress, self.subject_only,
+                                            **backbone.sampling_kwargs())
         run.log({f"val/{k}": v for k, v in scores.items()})
         grid = run.run_dir / "samples" / f"concept-step-{run.step:08d}.png"
         with atomic_path(grid) as tmp:

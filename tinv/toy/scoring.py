@@ -44,7 +44,9 @@ def score(judge: Judge, images: np.ndarray, concept: Concept, references: np.nda
     pred = judge.predict(to_tensor(images))
     want = torch.tensor(concept.labels())
     hits = pred == want
-    result = {"concept_accuracy": hits.all(dim=1).float().mean().item()}
+    result = {"concept_accuracy": hits.all(dim=1).float().mean().item(),
+              # the figure alone (shape and colour), whatever the background: what a masked run is asked to learn
+              "subject_accuracy": hits[:, :2].all(dim=1).float().mean().item()}
     for i, name in enumerate(HEADS):
         result[f"{name}_accuracy"] = hits[:, i].float().mean().item()
     if references is not None and len(references):

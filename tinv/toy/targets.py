@@ -190,7 +190,7 @@ def _measure(name: str, overrides: list[str], concept: Concept, image_dir: Path,
     return {"method": name, "overrides": overrides, "concept": concept.text(),
             "wall_s": round(time.perf_counter() - started, 1),
             "novel": concept.novel,
-            **{k: summary.get(k) for k in ("concept_accuracy", "shape_accuracy", "reconstruction", "editability",
+            **{k: summary.get(k) for k in ("concept_accuracy", "subject_accuracy", "shape_accuracy", "reconstruction", "editability",
                                            "concept_and_edit", *(f"edit_{b}" for b in BACKGROUNDS), "best_step",
                                            "objective")}}
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.images import MASKLABEL
+
 SIZE = 32
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 240), "yellow": (240, 215, 40),
@@ -116,6 +118,11 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 def render(concept: Concept, rng: random.Random, size: int = SIZE):
     """One image of the concept: a PIL RGB image, drawn at 4x and downsampled for smooth edges."""
+    return render_with_mask(concept, rng, size)[0]
+
+
+def render_with_mask(concept: Concept, rng: random.Random, size: int = SIZE):
+    """One image of the concept and its mask (PIL "L", 255 on the figure), from the same draws as `render`."""
     from PIL import Image, ImageDraw
 
     def jitter(rgb, amount):
@@ -123,16 +130,19 @@ def render(concept: Concept, rng: random.Random, size: int = SIZE):
 
     big = size * 4
     img = Image.new("RGB", (big, big), jitter(BACKGROUNDS[concept.background], 10))
-    draw = ImageDraw.Draw(img)
+    mask = Image.new("L", (big, big), 0)
     r = rng.uniform(0.24, 0.36) * big
     margin = r * 1.1
     cx, cy = rng.uniform(margin, big - margin), rng.uniform(margin, big - margin)
     fill = jitter(COLOURS[concept.colour], 18)
     if concept.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        for canvas, colour in ((img, fill), (mask, 255)):
+            ImageDraw.Draw(canvas).ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
     else:
-        draw.polygon(_polygon(concept.shape, cx, cy, r, math.radians(rng.uniform(-15, 15))), fill=fill)
-    return img.resize((size, size), Image.Resampling.BOX)
+        outline = _polygon(concept.shape, cx, cy, r, math.radians(rng.uniform(-15, 15)))
+        for canvas, colour in ((img, fill), (mask, 255)):
+            ImageDraw.Draw(canvas).polygon(outline, fill=colour)
+    return img.resize((size, size), Image.Resampling.BOX), mask.resize((size, size), Image.Resampling.BOX)
 
 
 def caption(concept: Concept, rng: random.Random, full: float = 0.5, empty: float = 0.1) -> str:
@@ -162,19 +172,36 @@ def render_batch(concepts: list[Concept], rng: random.Random) -> np.ndarray:
     return np.stack([np.asarray(render(c, rng)) for c in concepts])
 
 
-def write_concept_images(c: Concept, n: int, folder: Path, seed: int = 0) -> None:
-    """K renders of the concept into an existing folder, each with a full-caption .txt file."""
+def write_concept_images(c: Concept, n: int, folder: Path, seed: int = 0, mask_dir: Path | None = None,
+                         alpha: bool = False, masklabel: bool = False) -> None:
+    """K renders of the concept into an existing folder, each with a full-caption .txt file; its masks (the figure's
+    pixels) in `mask_dir` as NNN.png, as the images' alpha channel (`alpha`: RGBA images, the colours kept under
+    it) or as OneTrainer's NNN-masklabel.png beside each image."""
     rng = random.Random(f"render:{seed}:{c.text()}")
     for i in range(n):
-        render(c, rng).save(folder / f"{i:03d}.png")
+        img, mask = render_with_mask(c, rng)
+        if alpha:
+            img = img.copy()
+            img.putalpha(mask)
+        img.save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(as_prompt(c.text()) + "\n", encoding="utf-8")
+        if mask_dir is not None:
+            mask.save(mask_dir / f"{i:03d}.png")
+        if masklabel:
+            mask.save(folder / f"{i:03d}{MASKLABEL}")
 
 
-def render_concept(concept: str, n: int, out_dir: Path, seed: int = 0) -> Path:
-    """K images of the concept with full-caption .txt files, written as a new folder that appears whole."""
+def render_concept(concept: str, n: int, out_dir: Path, seed: int = 0, mask_dir: Path | None = None,
+                   alpha: bool = False, masklabel: bool = False) -> Path:
+    """K images of the concept with full-caption .txt files (and masks: see write_concept_images), written as new
+    folders that appear whole."""
     from ..atomic import new_folder
 
     c = Concept.parse(concept)
-    with new_folder(out_dir) as staging:
-        write_concept_images(c, n, staging, seed)
+    if mask_dir is None:
+        with new_folder(out_dir) as staging:
+            write_concept_images(c, n, staging, seed, alpha=alpha, masklabel=masklabel)
+        return Path(out_dir)
+    with new_folder(out_dir) as staging, new_folder(mask_dir) as mask_staging:
+        write_concept_images(c, n, staging, seed, mask_staging, alpha, masklabel)
     return Path(out_dir)

@@ -61,7 +61,7 @@ class LoraWeights:
                  start_frac: float = 0.0, stop_frac: float = 1.0, format: str = "kohya", bundle: bool = True,
                  preserve_weight: float = 0.0, preserve_prompts: list[str] | None = None,
                  context_prompts: list[str] | None = None, preserve_with: str = "word",
-                 unet_levels: list[int] | None = None):
+                 unet_levels: list[int] | None = None, background_prior: float = 0.0):
         # the limits of these values are the schema's (tinv.config.LoraConfig), checked before any model loads
         self.rank, self.alpha, self.dropout = rank, float(alpha if alpha is not None else rank), dropout
         self.lr, self.text_encoder, self.text_encoder_lr = lr, text_encoder, text_encoder_lr or lr
@@ -74,6 +74,7 @@ class LoraWeights:
         if preserve_weight:
             check_one_slot(self.preserve_prompts, "lora.preserve_prompts", "the init word")
         self.preserve_weight, self.preserve_with = preserve_weight, preserve_with
+        self.background_prior = background_prior
         self.layers: dict[str, dict[str, nn.Module]] = {}  # owner (unet | encoder key) -> {module path: LoRA layer}
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -190,16 +191,33 @@ class LoraWeights:
         return self.start_frac * max_steps <= step < self.stop_frac * max_steps
 
     def loss_term(self, micro) -> torch.Tensor | float:
-        """lora.preserve_weight x the mean squared change the LoRA makes, on this micro-batch's noised latents, to
-        the UNet's output (`word`, `token`) or to the difference the rest of a prompt makes to it (`edit`: "a <token>
-        on a gray background" minus "a <token>"), against the model without the LoRA as the teacher (no class
-        images): the LoRA learns what is particular to the token and leaves the rest of what prompts can say as it
-        was. `edit` lets the LoRA change how the token draws, only not how the other words act on it. `context` needs
-        no UNet pass: see _context_change."""
-        if not self.preserve_weight or not self._params("unet")[0].requires_grad:
+        """While the LoRA trains: its background prior (with masks) plus its preservation term."""
+        if not self._params("unet")[0].requires_grad:
             return 0.0
+        term = 0.0
+        if self.background_prior and micro.masks is not None and micro.prediction is not None:
+            term = term + self.background_prior * self._background_change(micro)
+        if self.preserve_weight:
+            term = term + self.preserve_weight * self._preserved_change(micro)
+        return term
+
+    def _background_change(self, micro) -> torch.Tensor:
+        """lora.background_prior: the mean squared change the LoRA makes to the prediction where the mask is off,
+        the model without the LoRA (the vectors kept) as the teacher, so the training background teaches the LoRA
+        nothing (OneTrainer's masked prior preservation)."""
+        target = self._without(micro, self.run.input_ids(micro.batch["prompts"]))
+        change = (micro.prediction.float() - target.float()) ** 2
+        return (change * (1.0 - micro.masks.to(change.dtype))).mean()
+
+    def _preserved_change(self, micro) -> torch.Tensor:
+        """The mean squared change the LoRA makes, on this micro-batch's noised latents, to the UNet's output
+        (`word`, `token`) or to the difference the rest of a prompt makes to it (`edit`: "a <token> on a gray
+        background" minus "a <token>"), against the model without the LoRA as the teacher (no class images): the
+        LoRA learns what is particular to the token and leaves the rest of what prompts can say as it was. `edit`
+        lets the LoRA change how the token draws, only not how the other words act on it. `context` needs no UNet
+        pass: see _context_change."""
         if self.preserve_with == "context":
-            return self.preserve_weight * self._context_change()
+            return self._context_change()
         n = micro.noisy.shape[0]
         start = self.run.state.micro_step * n  # the prompts cycle with the micro-steps: the same on a resume
         prompts = [self.preserved[(start + i) % len(self.preserved)] for i in range(n)]
@@ -207,22 +225,26 @@ class LoraWeights:
         if self.preserve_with == "edit":
             alone, alone_target = self._with_and_without(micro, [self.reference] * n)
             pred, target = pred - alone, target - alone_target
-        return self.preserve_weight * nn.functional.mse_loss(pred.float(), target.float())
+        return nn.functional.mse_loss(pred.float(), target.float())
 
     def _with_and_without(self, micro, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet's output for `prompts` on the micro-batch's noised latents with the LoRA (with gradients) and
         without it (the teacher)."""
+        bb, ids = self.run.backbone, self.run.input_ids(prompts)
+        target = self._without(micro, ids)
+        return bb.predict(micro.noisy.to(bb.unet.dtype), micro.timesteps, ids, micro.batch), target
+
+    @torch.no_grad()
+    def _without(self, micro, ids) -> torch.Tensor:
+        """The model's output without the LoRA (no gradients) on the micro-batch's noised latents."""
         bb = self.run.backbone
-        ids, noisy = self.run.input_ids(prompts), micro.noisy.to(bb.unet.dtype)
-        with torch.no_grad():
-            self._adapters(False)  # the model as it was
-            try:
-                target = bb.predict(noisy, micro.timesteps, ids, micro.batch)
-            finally:
-                self._adapters(True)
-                for p in self.parameters():  # peft's switch also sets requires_grad; the phase decides that
-                    p.requires_grad_(True)
-        return bb.predict(noisy, micro.timesteps, ids, micro.batch), target
+        self._adapters(False)  # the model as it was
+        try:
+            return bb.predict(micro.noisy.to(bb.unet.dtype), micro.timesteps, ids, micro.batch)
+        finally:
+            self._adapters(True)
+            for p in self.parameters():  # peft's switch also sets requires_grad; the phase decides that
+                p.requires_grad_(True)
 
     def _adapters(self, enabled: bool) -> None:
         for layers in self.layers.values():
