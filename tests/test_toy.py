@@ -292,3 +292,52 @@ def test_benchmark_overrides_keep_quoted_values_and_fill_in_each_concept():
     filled = [for_concept(o, Concept("circle", "red", "navy")) for o in overrides]
     assert filled == ["template.templates=['a photo of {} on a navy background']", "optimizer.lr=1e-3"]
     precheck(["model=toy", *filled])  # composes as tinv-train gets it
+
+
+def test_the_masks_benchmark_makes_masks_of_its_images_and_photos_on_three_backgrounds(tmp_path):
+    """{masks} are the masks of the very images the benchmark trains on (rendered again from the seed: the figure's
+    pixels), {photos} the figure on three backgrounds with captions naming each; both made once."""
+    from PIL import Image
+
+    from tinv.commandline import precheck
+    from tinv.toy.masked import MASKED_METHODS
+    from tinv.toy.targets import _materials, for_concept
+
+    concept = Concept("circle", "red", "gray")
+    images = world.render_concept(concept.text(), 8, tmp_path / "images", seed=3)
+    made = _materials(tmp_path, concept, 3, "data.mask_dir={masks} data.image_dir={photos}")
+    for i in range(8):
+        pixels = np.asarray(Image.open(images / f"{i:03d}.png"), dtype=np.float32)
+        mask = np.asarray(Image.open(f"{made['masks']}/{i:03d}.png"))
+        red = (pixels[..., 0] > 150) & (pixels[..., 1] < 100)
+        assert (mask == 255).sum() > 20 and red[mask == 255].all() and not red[mask == 0].any()
+    captions = [open(f"{made['photos']}/{i:03d}.txt").read() for i in range(8)]
+    backgrounds = {Concept.parse(c).background for c in captions}
+    assert len(backgrounds) == 3 and concept.background in backgrounds
+    assert {(Concept.parse(c).shape, Concept.parse(c).colour) for c in captions} == {("circle", "red")}
+    stamp = (tmp_path / "masks").stat().st_mtime_ns
+    assert _materials(tmp_path, concept, 3, "{masks}") == {"masks": made["masks"]}
+    assert (tmp_path / "masks").stat().st_mtime_ns == stamp
+    for overrides in MASKED_METHODS.values():  # every built-in row composes as tinv-train gets it
+        precheck(["model=toy", *(for_concept(o, concept, made) for o in overrides)])
+
+
+def test_the_masks_benchmark_checks_each_target_of_its_rows():
+    from tinv.toy.masked import checks
+
+    def row(method, novel, subject, edit, wall=100.0):
+        return {"method": method, "novel": novel, "subject_accuracy": subject, "editability": edit, "wall_s": wall,
+                "overrides": ["data.mask_dir={masks}"] if "masks" in method else []}
+
+    rows = [row("pivotal+masks", True, 0.9, 0.75), row("pivotal+masks", True, 0.7, 0.8, 320.0)]
+    summary = {"ti/in_world": {"subject_accuracy": 0.95, "editability": 0.9},
+               "pivotal+masks/in_world": {"subject_accuracy": 0.96, "editability": 0.87},
+               "ti+masks/in_world": {"subject_accuracy": 0.92, "editability": 0.91}}
+    found = checks(summary, rows)
+    assert found["stars: pivotal+masks subject accuracy"] == {"value": 0.7, "target": 0.8, "met": False}
+    assert found["stars: pivotal+masks editability"]["met"]
+    assert found["world: pivotal+masks subject accuracy >= ti"]["met"]
+    assert not found["world: pivotal+masks editability >= ti - 0.02"]["met"]  # 0.87 < 0.88
+    assert found["world: ti+masks editability >= ti"]["met"]
+    assert not found["world: ti+masks subject accuracy >= ti - 0.02"]["met"]  # 0.92 < 0.93
+    assert not found["masked runs: wall s <= ~300"]["met"]

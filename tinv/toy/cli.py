@@ -5,6 +5,7 @@
     tinv-toy judge OUT_DIR [--seed 0]         # maintainers: the judge alone (minutes), after a new attribute
     tinv-toy targets WORK_DIR                 # measure the quality targets (minutes)
     tinv-toy pivotal WORK_DIR                 # textual inversion against pivotal tuning, stars included (~30 min)
+    tinv-toy masks WORK_DIR                   # with and without masks, beside photos on a few backgrounds (~1.5 h)
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--novel", type=int, default=2, help="concepts with a shape outside pretraining (a star)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="also write the numbers as JSON here")
+    k = sub.add_parser("masks", help="textual inversion and pivotal tuning with and without masks, beside photos "
+                       "on a few backgrounds")
+    k.add_argument("work_dir", help="folder for rendered concepts, masks and training runs (measured rows are kept)")
+    k.add_argument("--others", type=int, default=3, help="in-world concepts besides the demo one, picked by seed")
+    k.add_argument("--novel", type=int, default=2, help="concepts with a shape outside pretraining (a star)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--method", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="rows to measure instead of the built-in ones, e.g. 'ti+masks0=data.mask_dir={masks} "
+                        "loss.mask_weight=0' ({masks}: the concept's masks; {photos}: it on three backgrounds)")
+    k.add_argument("--out", help="also write the numbers as JSON here")
     d = sub.add_parser("defaults", help="candidate defaults on a tuning set of concepts and a held-out set")
     d.add_argument("work_dir", help="folder for rendered concepts and training runs (measured rows are kept)")
     d.add_argument("--set", choices=["tuning", "held-out", "both"], default="tuning",
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--candidate", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="tinv-train overrides to measure (repeat; default: default= , the defaults as they are)")
     d.add_argument("--out", help="also write the numbers as JSON here")
-    for command in (p, j, t, m, v, d):
+    for command in (p, j, t, m, v, k, d):
         add_threads_option(command)
     args = parser.parse_args(argv)
     if args.command != "render":  # these load models: no library notices or bars
@@ -95,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             ThreadShare(register=args.command in ("pretrain", "judge")).claim()
         except ConfigError as err:
             return refuse(f"tinv-toy {args.command}", err)
-    if args.command in ("targets", "methods", "pivotal", "defaults"):
+    if args.command in ("targets", "methods", "pivotal", "masks", "defaults"):
         import json
 
         from ..atomic import write_text_atomic
-        from . import defaults, targets
+        from . import defaults, masked, targets
 
         if args.command == "targets":
             result = targets.measure(Path(args.work_dir), args.samples, args.base_per_concept, args.others,
@@ -113,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:
                 return refuse("tinv-toy defaults", err)
             defaults.print_defaults(result)
+        elif args.command == "masks":
+            result = masked.measure_masked(Path(args.work_dir), named_overrides(parser, "--method", args.method),
+                                           args.others, args.novel, args.seed)
+            masked.print_masked(result)
         elif args.command == "pivotal":
             result = targets.measure_pivotal(Path(args.work_dir), args.others, args.novel, args.seed)
             targets.print_pivotal(result)

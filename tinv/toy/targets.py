@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_text_atomic
+from ..atomic import new_folder, write_text_atomic
 from ..commandline import path_override
-from .world import BACKGROUNDS, DEMO_CONCEPT, NOVEL_CONCEPT, Concept, all_concepts, judged_concepts, render_concept
+from .world import (BACKGROUNDS, DEMO_CONCEPT, NOVEL_CONCEPT, Concept, all_concepts, judged_concepts, render_concept,
+                    render_photos, write_concept_images)
 
 TARGETS = {"base_full_caption": 0.7, "init_word_max": 0.1, "trained": 0.6, "trained_vs_base": 0.8}
 
@@ -155,33 +156,58 @@ def measure_methods(work: Path, methods: dict[str, list[str]], others: int = 3, 
     rows = []
     for name, overrides in methods.items():
         for concept in concepts:
-            image_dir = work / "images" / concept.text().replace(" ", "_")
+            folder = concept.text().replace(" ", "_")
+            image_dir = work / "images" / folder
             if not image_dir.is_dir():
                 render_concept(concept.text(), DEMO_IMAGES, image_dir, seed)
-            run_dir = work / "runs" / re.sub(r"[^\w.-]+", "_", name) / concept.text().replace(" ", "_")
+            made = _materials(work, concept, seed, " ".join(overrides))
+            run_dir = work / "runs" / re.sub(r"[^\w.-]+", "_", name) / folder
             done = run_dir / "method_row.json"  # a measured row: kept, so an interrupted table carries on
             if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
                 rows.append(json.loads(done.read_text()))
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)  # an earlier measurement cut short: from scratch
-                rows.append(_measure(name, overrides, concept, image_dir, run_dir))
+                rows.append(_measure(name, overrides, concept, image_dir, run_dir, made))
                 write_text_atomic(done, json.dumps(rows[-1]) + "\n")
             print(f"  {name:<24} {concept.text():<40} acc {rows[-1]['concept_accuracy']:.3f} "
                   f"edit {rows[-1]['editability']:.3f} {rows[-1]['wall_s']:6.1f} s", flush=True)
     return {"scoring": SCORING, "seed": seed, "rows": rows}
 
 
-def for_concept(override: str, concept: Concept) -> str:
-    """A method's override with {shape}, {colour} and {background} filled in for one concept (e.g. templates that
-    name the training background)."""
+def _materials(work: Path, concept: Concept, seed: int, overrides: str) -> dict[str, str]:
+    """What a method's overrides ask for besides the concept's images, made once: {masks} (the images' masks, a
+    folder named as them) and {photos} (the concept on three backgrounds, as photos of one subject would be)."""
+    from .demo import DEMO_IMAGES
+
+    made, folder = {}, concept.text().replace(" ", "_")
+    if "{masks}" in overrides:  # the masks of work/images/<concept>, rendered again from the same seed
+        masks = work / "masks" / folder
+        if not masks.is_dir():
+            with new_folder(masks) as staging:
+                write_concept_images(concept, DEMO_IMAGES, None, seed, mask_dir=staging)
+        made["masks"] = str(masks)
+    if "{photos}" in overrides:
+        photos = work / "photos" / folder
+        if not photos.is_dir():
+            render_photos(concept, DEMO_IMAGES, photos, seed)
+        made["photos"] = str(photos)
+    return made
+
+
+def for_concept(override: str, concept: Concept, made: dict[str, str] | None = None) -> str:
+    """A method's override with {shape}, {colour}, {background} and {concept} filled in for one concept (e.g.
+    templates that name the training background), and {masks} / {photos} with the folders made for it."""
     for attribute in ("shape", "colour", "background"):
         override = override.replace(f"{{{attribute}}}", getattr(concept, attribute))
+    for key, value in {"concept": concept.text(), **(made or {})}.items():
+        override = override.replace(f"{{{key}}}", value)
     return override
 
 
-def _measure(name: str, overrides: list[str], concept: Concept, image_dir: Path, run_dir: Path) -> dict:
+def _measure(name: str, overrides: list[str], concept: Concept, image_dir: Path, run_dir: Path,
+             made: dict[str, str] | None = None) -> dict:
     args = [sys.executable, "-m", "tinv", "logger=none", path_override("hydra.run.dir", run_dir),
-            path_override("data.image_dir", image_dir), *SCORING, *(for_concept(o, concept) for o in overrides)]
+            path_override("data.image_dir", image_dir), *SCORING, *(for_concept(o, concept, made) for o in overrides)]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode != 0:

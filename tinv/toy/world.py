@@ -172,21 +172,24 @@ def render_batch(concepts: list[Concept], rng: random.Random) -> np.ndarray:
     return np.stack([np.asarray(render(c, rng)) for c in concepts])
 
 
-def write_concept_images(c: Concept, n: int, folder: Path, seed: int = 0, mask_dir: Path | None = None,
+def write_concept_images(c: Concept, n: int, folder: Path | None, seed: int = 0, mask_dir: Path | None = None,
                          alpha: bool = False, masklabel: bool = False) -> None:
     """K renders of the concept into an existing folder, each with a full-caption .txt file; its masks (the figure's
     pixels) in `mask_dir` as NNN.png, as the images' alpha channel (`alpha`: RGBA images, the colours kept under
-    it) or as OneTrainer's NNN-masklabel.png beside each image."""
+    it) or as OneTrainer's NNN-masklabel.png beside each image. `folder` None: the masks alone, of the images the
+    same seed renders."""
     rng = random.Random(f"render:{seed}:{c.text()}")
     for i in range(n):
         img, mask = render_with_mask(c, rng)
+        if mask_dir is not None:
+            mask.save(mask_dir / f"{i:03d}.png")
+        if folder is None:
+            continue
         if alpha:
             img = img.copy()
             img.putalpha(mask)
         img.save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(as_prompt(c.text()) + "\n", encoding="utf-8")
-        if mask_dir is not None:
-            mask.save(mask_dir / f"{i:03d}.png")
         if masklabel:
             mask.save(folder / f"{i:03d}{MASKLABEL}")
 
@@ -204,4 +207,19 @@ def render_concept(concept: str, n: int, out_dir: Path, seed: int = 0, mask_dir:
         return Path(out_dir)
     with new_folder(out_dir) as staging, new_folder(mask_dir) as mask_staging:
         write_concept_images(c, n, staging, seed, mask_staging, alpha, masklabel)
+    return Path(out_dir)
+
+
+def render_photos(concept: Concept, n: int, out_dir: Path, seed: int = 0, backgrounds: int = 3) -> Path:
+    """K images of the concept's figure on `backgrounds` backgrounds (its own and others picked by seed, in turn),
+    each captioned with its own: what photos of one subject in a few places give, without masks."""
+    from ..atomic import new_folder
+
+    rng = random.Random(f"photos:{seed}:{concept.text()}")
+    places = [concept.background, *rng.sample([b for b in BACKGROUNDS if b != concept.background], backgrounds - 1)]
+    with new_folder(out_dir) as staging:
+        for i in range(n):
+            shown = Concept(concept.shape, concept.colour, places[i % len(places)])
+            render(shown, rng).save(staging / f"{i:03d}.png")
+            (staging / f"{i:03d}.txt").write_text(as_prompt(shown.text()) + "\n", encoding="utf-8")
     return Path(out_dir)
