@@ -136,9 +136,9 @@ def job_folders(sweep: Path) -> list[Path]:
     return jobs
 
 
-def test_a_sweep_over_odd_paths_reports_and_resumes_its_flat_job_folders(tmp_path):
-    """Values holding `/`, `=`, `,`, spaces and quotes: one flat folder per job, the end line names the best job,
-    the report reads them, a job resumes alone, and the sweep started again in its folder resumes every job."""
+def _odd_path_sweep(tmp_path):
+    """A finished two-job sweep over values holding `/`, `=`, `,`, spaces and quotes, checked: one flat folder per
+    job, the end line names the best job, the report it pastes reads them. (its arguments, folder, jobs, values)"""
     folders = odd_image_folders(tmp_path)
     sweep = tmp_path / "my sweeps" / "grid"
     args = ["-m", f"data.image_dir={','.join(map(hydra_quoted, folders))}", "train.max_steps=3", "logger=none",
@@ -157,7 +157,17 @@ def test_a_sweep_over_odd_paths_reports_and_resumes_its_flat_job_folders(tmp_pat
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert sorted(r["data.image_dir"] for r in rows) == sorted(map(str, folders))  # the values as given
     assert all(r["status"] == "ok" for r in rows)
+    return args, sweep, jobs, folders
 
+
+def test_a_sweep_over_odd_paths_gives_flat_job_folders_and_a_report(tmp_path):
+    _odd_path_sweep(tmp_path)
+
+
+@pytest.mark.slow  # the sweep above, then started again and one job resumed (about 25 s); the joblib test below
+# resumes a finished sweep in the default suite, test_run_features a single run
+def test_a_sweep_over_odd_paths_resumes_as_a_whole_and_job_by_job(tmp_path):
+    args, sweep, jobs, folders = _odd_path_sweep(tmp_path)
     files = sorted(sweep.glob("*/mychar.safetensors"))
     before = [p.stat().st_mtime_ns for p in files]
     again = tinv(args, cwd=tmp_path)
