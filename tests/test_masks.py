@@ -312,22 +312,34 @@ def test_items_without_pixels_carry_no_mask_and_collate_keeps_none(tmp_path):
 
 
 def test_the_background_prior_acts_only_where_the_mask_is_off(tmp_path):
-    def lora(run, masks_dir, prior):
-        args = _masked_args(tmp_path, ["train.max_steps=4", "method=pivotal", "lora.start_frac=0",
-                                       f"lora.background_prior={prior}"])
-        args[2] = f"data.mask_dir={masks_dir}"
-        train(tmp_path / run, args)
-        return load_file(str(tmp_path / run / "mychar-lora.safetensors"))
+    from tinv.parts import MicroBatch
 
-    white = tmp_path / "white"
-    white.mkdir()
-    for i in range(4):
-        Image.new("L", (64, 64), 255).save(white / f"img{i}.png")
-    plain = lora("a", white, 0.0)
-    assert all(torch.equal(plain[k], v) for k, v in lora("b", white, 5.0).items())  # no background: no prior
-    subject = lora("c", tmp_path / "masks", 0.0)
-    prior = lora("d", tmp_path / "masks", 5.0)
-    assert not all(torch.equal(subject[k], v) for k, v in prior.items())
+    def run(name, prior):
+        result = train(tmp_path / name, _masked_args(tmp_path, ["train.max_steps=4", "method=pivotal",
+                                                                "lora.start_frac=0", f"lora.background_prior={prior}"]))
+        return result, load_file(str(tmp_path / name / "mychar-lora.safetensors"))
+
+    _, without = run("a", 0.0)
+    result, with_prior = run("b", 5.0)
+    assert not all(torch.equal(without[k], v) for k, v in with_prior.items())  # it changed what the LoRA learned
+    part, bb = result.run.parts["lora"], result.run.backbone
+    with torch.no_grad():
+        for layer in part.layers["unet"].values():
+            layer.lora_B["tinv"].weight.normal_(std=0.1)
+    size, n = bb.unet.config.sample_size, 2
+    noisy, t = torch.randn(n, bb.unet.config.in_channels, size, size), torch.tensor([100, 900])
+    batch = {"prompts": ["a photo of mychar"] * n}
+    prediction = bb.predict(noisy, t, result.run.input_ids(batch["prompts"]), batch)
+    ones, zeros = torch.ones(n, 1, size, size), torch.zeros(n, 1, size, size)
+    assert part.loss_term(MicroBatch(noisy, t, batch, prediction, ones)).item() == 0.0  # all subject: nothing
+    part._adapters(False)
+    with torch.no_grad():
+        base = bb.predict(noisy, t, result.run.input_ids(batch["prompts"]), batch)
+    part._adapters(True)
+    term = part.loss_term(MicroBatch(noisy, t, batch, prediction, zeros))  # all background: the whole change
+    torch.testing.assert_close(term, 5.0 * ((prediction - base) ** 2).mean())
+    term.backward()
+    assert all(layer.lora_B["tinv"].weight.grad is not None for layer in part.layers["unet"].values())
 
 
 @pytest.mark.slow  # two subprocess runs and a resume (about a minute); the crash-and-resume test above is its sibling
