@@ -363,3 +363,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_masked_run(tmp_path):
     a = _vectors(tmp_path / "whole" / "mychar.safetensors")["emb_params"]
     b = _vectors(tmp_path / "killed" / "mychar.safetensors")["emb_params"]
     torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_data_debug_shows_each_samples_mask(tmp_path, capsys):
+    d = subject_images(tmp_path / "imgs", [(64, 64)] * 2, masklabel=True)
+    (d / "img1-masklabel.png").unlink()
+    assert train(tmp_path / "run", ["data=folder", f"data.image_dir={d}", "data.debug=true"]) is None
+    out = capsys.readouterr().out
+    assert f"mask:    {d / 'img0-masklabel.png'}, subject 11% of the crop" in out  # a 21x21 block of 64x64
+    assert "mask:    none (every pixel counts), subject 100% of the crop" in out

@@ -69,6 +69,12 @@ def describe_samples(dataset, token, backbone, count: int = 8) -> str:
         prompt = token.expand(item["prompt"])
         lines.append(f"[{position}] {sample.path}  size {sample.size[0]}x{sample.size[1]} -> bucket "
                      f"{sample.bucket[0]}x{sample.bucket[1]}  crop {item['crop_top_left']}  flip {item['flip']}")
+        if dataset.has_masks:
+            mask = sample.mask
+            where = "none (every pixel counts)" if mask is None else \
+                f"{mask.path} (alpha)" if mask.alpha else str(mask.path)
+            subject = f", subject {item['mask'].mean().item():.0%} of the crop" if item["mask"] is not None else ""
+            lines.append(f"    mask:    {where}{subject}")
         lines.append(f"    caption: {item['caption']!r}")
         lines.append(f"    prompt:  {prompt!r}")
         for enc in backbone.encoders:
