@@ -344,25 +344,11 @@ def test_the_background_prior_acts_only_where_the_mask_is_off(tmp_path):
 
 @pytest.mark.slow  # two subprocess runs and a resume (about a minute); the crash-and-resume test above is its sibling
 def test_sigkill_then_resume_equals_an_uninterrupted_masked_run(tmp_path):
-    import json
-    import signal
+    from test_run_features import kill_then_resume
 
-    from test_run_features import _cli, _vectors, _wait_for_step
-
-    args = [*_masked_args(tmp_path, ["train.max_steps=16", "save.state_every_n_steps=3", "logger=none",
-                                     "loss.unmasked_prob=0.3", "data.flip_aug=true", "train.gradient_accumulation=2"])]
-    whole = _cli(args + [f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
-    killed = _cli(args + [f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
-    _wait_for_step(tmp_path / "killed", 6, killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert whole.wait() == 0, whole.stderr.read()[-2000:]
-    assert 3 <= json.loads((tmp_path / "killed" / "state" / "state.json").read_text())["step"] < 16
-    resumed = _cli(args + [f"hydra.run.dir={tmp_path / 'resumed'}", f"resume={tmp_path / 'killed'}"], tmp_path)
-    assert resumed.wait() == 0, resumed.stderr.read()[-2000:]
-    a = _vectors(tmp_path / "whole" / "mychar.safetensors")["emb_params"]
-    b = _vectors(tmp_path / "killed" / "mychar.safetensors")["emb_params"]
-    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    kill_then_resume(_masked_args(tmp_path, ["train.max_steps=16", "save.state_every_n_steps=3", "logger=none",
+                                             "loss.unmasked_prob=0.3", "data.flip_aug=true",
+                                             "train.gradient_accumulation=2"]), tmp_path)
 
 
 def test_data_debug_shows_each_samples_mask(tmp_path, capsys):

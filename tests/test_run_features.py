@@ -119,23 +119,28 @@ RESUME_ARGS = ["train.max_steps=16", "save.state_every_n_steps=3", "logger=none"
                "scheduler=cosine", "scheduler.num_warmup_steps=4"]
 
 
-@pytest.mark.slow  # about 90 s of subprocesses; the SIGINT test below covers resume in the default suite
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-    whole = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
-    killed = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
+def kill_then_resume(args, tmp_path, max_steps=16):
+    """Runs `args` whole and, beside it, once more SIGKILLed after step 6 and resumed: the resumed run's vectors
+    equal the whole run's."""
+    whole = _cli(args + [f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
+    killed = _cli(args + [f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
     _wait_for_step(tmp_path / "killed", 6, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert whole.wait() == 0, whole.stderr.read()[-2000:]
     assert not (tmp_path / "killed" / "mychar.safetensors").exists()
     state = json.loads((tmp_path / "killed" / "state" / "state.json").read_text())
-    assert 3 <= state["step"] < 16
-    resumed = _cli(RESUME_ARGS + [f"hydra.run.dir={tmp_path / 'resumed'}", f"resume={tmp_path / 'killed'}"],
-                   tmp_path)
+    assert 3 <= state["step"] < max_steps
+    resumed = _cli(args + [f"hydra.run.dir={tmp_path / 'resumed'}", f"resume={tmp_path / 'killed'}"], tmp_path)
     assert resumed.wait() == 0, resumed.stderr.read()[-2000:]
     a = _vectors(tmp_path / "whole" / "mychar.safetensors")["emb_params"]
     b = _vectors(tmp_path / "killed" / "mychar.safetensors")["emb_params"]  # the resumed run finishes in place
     torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # about 90 s of subprocesses; the SIGINT test below covers resume in the default suite
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    kill_then_resume(RESUME_ARGS, tmp_path)
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
 

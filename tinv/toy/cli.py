@@ -58,32 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="also write the numbers as JSON here")
     t.add_argument("overrides", nargs="*", help="tinv-train overrides for every training run (default: none)")
-    m = sub.add_parser("methods", help="measure reconstruction and editability of training methods")
-    m.add_argument("work_dir", help="folder for rendered concepts and training runs")
-    m.add_argument("--others", type=int, default=3, help="concepts besides the demo one, picked by seed")
-    m.add_argument("--novel", type=int, default=0, help="also concepts with a shape outside pretraining (a star)")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--method", action="append", default=[], metavar="NAME=OVERRIDES",
-                   help="a method as tinv-train overrides, e.g. 'l2=token.norm=l2_to_init token.norm_weight=0.1' "
-                        "(default: the built-in list)")
-    m.add_argument("--out", help="also write the numbers as JSON here")
-    v = sub.add_parser("pivotal", help="textual inversion against pivotal tuning, on concepts in and outside "
-                       "pretraining")
-    v.add_argument("work_dir", help="folder for rendered concepts and training runs")
-    v.add_argument("--others", type=int, default=3, help="in-world concepts besides the demo one, picked by seed")
-    v.add_argument("--novel", type=int, default=2, help="concepts with a shape outside pretraining (a star)")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--out", help="also write the numbers as JSON here")
-    k = sub.add_parser("masks", help="textual inversion and pivotal tuning with and without masks, beside photos "
-                       "on a few backgrounds")
-    k.add_argument("work_dir", help="folder for rendered concepts, masks and training runs (measured rows are kept)")
-    k.add_argument("--others", type=int, default=3, help="in-world concepts besides the demo one, picked by seed")
-    k.add_argument("--novel", type=int, default=2, help="concepts with a shape outside pretraining (a star)")
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--method", action="append", default=[], metavar="NAME=OVERRIDES",
-                   help="rows to measure instead of the built-in ones, e.g. 'ti+masks0=data.mask_dir={masks} "
-                        "loss.mask_weight=0' ({masks}: the concept's masks; {photos}: it on three backgrounds)")
-    k.add_argument("--out", help="also write the numbers as JSON here")
+    m = benchmark_parser(sub, "methods", "measure reconstruction and editability of training methods", novel=0,
+                         method_help="a method as tinv-train overrides, e.g. 'l2=token.norm=l2_to_init "
+                                     "token.norm_weight=0.1' (default: the built-in list)")
+    v = benchmark_parser(sub, "pivotal", "textual inversion against pivotal tuning, on concepts in and outside "
+                         "pretraining", novel=2)
+    k = benchmark_parser(sub, "masks", "textual inversion and pivotal tuning with and without masks, beside photos "
+                         "on a few backgrounds", novel=2,
+                         method_help="rows to measure instead of the built-in ones, e.g. 'ti+masks0=data.mask_dir="
+                                     "{masks} loss.mask_weight=0' ({masks}: the concept's masks; {photos}: it on "
+                                     "three backgrounds)")
     d = sub.add_parser("defaults", help="candidate defaults on a tuning set of concepts and a held-out set")
     d.add_argument("work_dir", help="folder for rendered concepts and training runs (measured rows are kept)")
     d.add_argument("--set", choices=["tuning", "held-out", "both"], default="tuning",
@@ -163,6 +147,19 @@ def main(argv: list[str] | None = None) -> int:
                       eval_samples=args.eval_samples, continue_from=args.continue_from)
     print({k: v for k, v in report.items() if k != "checkpoints"})
     return 0
+
+
+def benchmark_parser(sub, name: str, description: str, novel: int, method_help: str | None = None):
+    """A benchmark over the demo concept, `--others` in-world ones and `--novel` stars (rows kept in WORK_DIR)."""
+    parser = sub.add_parser(name, help=description)
+    parser.add_argument("work_dir", help="folder for rendered concepts and training runs (measured rows are kept)")
+    parser.add_argument("--others", type=int, default=3, help="in-world concepts besides the demo one, picked by seed")
+    parser.add_argument("--novel", type=int, default=novel, help="concepts with a shape outside pretraining (a star)")
+    parser.add_argument("--seed", type=int, default=0)
+    if method_help:
+        parser.add_argument("--method", action="append", default=[], metavar="NAME=OVERRIDES", help=method_help)
+    parser.add_argument("--out", help="also write the numbers as JSON here")
+    return parser
 
 
 def named_overrides(parser, option: str, given: list[str]) -> dict[str, list[str]]:
