@@ -46,7 +46,10 @@ def test_the_toy_world_comes_from_the_defaults_list_not_from_the_model():
     # the model file itself sets model keys only; without the world the toy model is a plain model
     assert set(OmegaConf.load(CONF / "model" / "toy.yaml")) == {"name", "family", "path", "resolution",
                                                                  "prediction_type"}
-    assert "concept" not in bare.callbacks and bare.token.init_word is None and bare.objective.metric == "val/loss"
+    # without its world the toy model is scored as a real model is (conf/scorer/fidelity.yaml)
+    assert "concept" not in bare.callbacks and bare.token.init_word is None
+    assert bare.callbacks.fidelity._target_ == "tinv.scoring.callback.FidelityScoring"
+    assert bare.objective.metric == "val/fidelity"
     sd15 = compose(["model=sd15"])
     assert "concept" not in sd15.callbacks and sd15.token.init_word is None
 

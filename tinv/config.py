@@ -211,6 +211,27 @@ class LossConfig:
     normalize_area: bool = True  # divide each sample's loss by its mean weight: a small subject trains as a large one
 
 
+# DreamBench's kinds of prompt for a subject (recontextualisation, property, accessory) and for a style
+SUBJECT_PROMPTS = ["a {} in the jungle", "a {} on the beach", "a {} in the snow", "a {} on top of a wooden floor",
+                   "a {} with a city in the background", "a red {}", "a shiny {}", "a {} wearing a red hat"]
+STYLE_PROMPTS = ["a painting of a house in the style of {}", "a cat in the style of {}",
+                 "a portrait of a woman in the style of {}", "a city street at night in the style of {}",
+                 "a bowl of fruit in the style of {}", "a mountain lake in the style of {}",
+                 "a ship at sea in the style of {}", "a dog in the style of {}"]
+
+
+@dataclass
+class ScoreConfig:
+    """score.*: the fidelity scorer's settings (scorer=fidelity, tinv.scoring); it samples as sample.* says."""
+
+    clip: str = "openai/clip-vit-base-patch32"  # hub id or folder: CLIP-I and CLIP-T (the TI paper's, DreamBench's)
+    dino: str = "facebook/dino-vits16"  # hub id or folder: DINO (DreamBench's ViT-S/16)
+    subject_prompts: list[str] = field(default_factory=lambda: list(SUBJECT_PROMPTS))  # template.kind object, caption
+    style_prompts: list[str] = field(default_factory=lambda: list(STYLE_PROMPTS))  # template.kind style
+    num_samples: int = at_least(1, 4)  # samples of "a photo of <token>" (subject fidelity), one seed each
+    prompt_samples: int = at_least(1, 1)  # samples of each prompt (prompt fidelity)
+
+
 # save.*, sample.* and val.* are the user-facing settings of the callbacks in conf/callbacks/default.yaml, which
 # read them by interpolation; `callbacks.<name>.<key>=...` sets a callback's value directly.
 
@@ -288,6 +309,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     val: ValConfig = field(default_factory=ValConfig)

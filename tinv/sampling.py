@@ -196,28 +196,46 @@ class Previews:
             self.render(run, step.step)
 
     def render(self, run, step: int) -> list[Path]:
-        backbone, token, acc = run.backbone, run.token, run.accelerator
         out_dir = run.run_dir / "samples" / f"step-{step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        images, written = [], []
-        with sampling_mode(backbone, acc.device):
-            for n, spec in enumerate(self.prompts):
-                run.threads.adjust()  # what else runs on the cores may have changed since the last image
-                pipe = backbone.pipeline(scheduler_for(spec.sampler, backbone.noise_scheduler.config,
-                                                    backbone.prediction_type))
-                pipe.set_progress_bar_config(disable=True)
-                gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-                with acc.autocast():
-                    image = pipe(token.expand(spec.prompt), negative_prompt=token.expand(spec.negative_prompt) or None,
-                                 width=spec.width, height=spec.height, num_inference_steps=spec.steps,
-                                 guidance_scale=spec.guidance_scale, generator=gen,
-                                 **backbone.sampling_kwargs()).images[0]
-                path = out_dir / f"{n:02d}-{slug(spec.prompt)}.png"
-                image.save(path)
-                images.append(image)
-                written.append(path)
-            grid(images).save(out_dir / "grid.png")
-            run.tracker.log_images({f"samples/{n:02d} {spec.prompt}": [im] for n, (spec, im)
-                                    in enumerate(zip(self.prompts, images))}, step)
+        images = sample_images(run, self.prompts)
+        written = []
+        for n, (spec, image) in enumerate(zip(self.prompts, images)):
+            written.append(out_dir / f"{n:02d}-{slug(spec.prompt)}.png")
+            image.save(written[-1])
+        grid(images).save(out_dir / "grid.png")
+        run.tracker.log_images({f"samples/{n:02d} {spec.prompt}": [im] for n, (spec, im)
+                                in enumerate(zip(self.prompts, images))}, step)
         log.info("step %d: %d preview images in %s", step, len(written), out_dir)
         return written
+
+
+def sample_images(run, specs: list[PreviewPrompt], batch_size: int = 1) -> list:
+    """One image per spec (the token in its prompts expanded to its vectors), from the models in memory, each from
+    its own seed: the same image whatever the batch it is drawn in. Specs in a row that differ only in prompt and
+    seed are drawn `batch_size` at a time."""
+    backbone, token, acc = run.backbone, run.token, run.accelerator
+    batches: list[list[PreviewPrompt]] = []
+    for spec in specs:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and replace(last[0], prompt=spec.prompt, seed=spec.seed) == spec:
+            last.append(spec)
+        else:
+            batches.append([spec])
+    images = []
+    with sampling_mode(backbone, acc.device):
+        for batch in batches:
+            run.threads.adjust()  # what else runs on the cores may have changed since the last image
+            first = batch[0]
+            pipe = backbone.pipeline(scheduler_for(first.sampler, backbone.noise_scheduler.config,
+                                                backbone.prediction_type))
+            pipe.set_progress_bar_config(disable=True)
+            generators = [torch.Generator(device="cpu").manual_seed(spec.seed) for spec in batch]
+            negative = token.expand(first.negative_prompt)
+            with acc.autocast():
+                images += pipe([token.expand(spec.prompt) for spec in batch],
+                               negative_prompt=[negative] * len(batch) if negative else None,
+                               width=first.width, height=first.height, num_inference_steps=first.steps,
+                               guidance_scale=first.guidance_scale, generator=generators,
+                               **backbone.sampling_kwargs()).images
+    return images

@@ -246,8 +246,11 @@ class WandbTracker(Tracker):
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
         import wandb
 
-        self._remote("logging a table", lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)},
-                                                             step=step))
+        def cell(value):  # images (PIL) become wandb images
+            return wandb.Image(value) if hasattr(value, "getpixel") else value
+
+        self._remote("logging a table", lambda: self.run.log(
+            {key: wandb.Table(columns=columns, data=[[cell(v) for v in row] for row in rows])}, step=step))
 
     def log(self, metrics: dict, step: int) -> None:
         super().log(metrics, step)

@@ -115,7 +115,8 @@ def prepare(cfg: DictConfig, run_dir: str | Path | None = None, tracker=None) ->
     if cfg.data.debug:
         print(describe_samples(dataset, token, backbone))
         return None
-    callbacks = Callbacks({name: build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items()})
+    callbacks = Callbacks({name: build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items()
+                           if node is not None})  # a world may switch a callback off (conf/world/toy.yaml)
     dataset = callbacks.on_dataset(dataset)
     parts = {name: build(node, f"parts.{name}") for name, node in cfg.parts.items()}
     if not parts:

@@ -212,6 +212,8 @@ def main() -> None:
         print(HELP)
         sys.exit(0)
     import_from_cwd()
+    if not any(arg.startswith("scorer=") for arg in args):  # steps are timed, not judged
+        args = ["scorer=none", *args]
     sys.argv[1:] = command_line("tinv-bench", args)
     bench_main()
 

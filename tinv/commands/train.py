@@ -47,11 +47,13 @@ def outcome(result: TrainResult, cfg: DictConfig) -> str:
               if k.startswith("val/") and isinstance(v[-1][1], float)}
     if scores:
         lines.append("  scores     " + ", ".join(f"{k} {number(v)}" for k, v in scores.items()) + f" (step {s['step']})")
+    if s.get("scoring_s"):
+        lines.append(f"  scoring    {s['scoring_s']:.0f} s, {s['scoring_s'] / max(s['wall_s'], 1e-9):.0%} of the run")
     files = [("embedding", s.get("embedding")), ("lora", s.get("lora")), ("bundle", s.get("lora_bundle"))]
     best = sorted(run.run_dir.glob(f"{run.output_name}-best*.*"))
     if best and "best_step" in s:
         files.append(("best", f"{', '.join(p.name for p in best)} (step {s['best_step']})"))
-    files += [("samples", s.get("concept_samples")), ("previews", run.run_dir / "samples"
+    files += [("samples", s.get("concept_samples") or s.get("fidelity_samples")), ("previews", run.run_dir / "samples"
                                                                   if any(run.run_dir.glob("samples/step-*")) else None),
               ("run folder", f"{run.run_dir} (metrics.jsonl, summary.json, train.log, state/)")]
     lines += [f"  {name:<10} {value}" for name, value in files if value]

@@ -1,0 +1,179 @@
+"""Subject and prompt fidelity on the models users train (tinv.scoring): the numbers against a hand computation on
+tiny random CLIP and DINO scorers, the class word measured once, the scorers released after each scoring, the
+objective of a scored run, and the one-line errors."""
+
+import gc
+import json
+import weakref
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose, train
+from tinv.errors import ConfigError
+from tinv.scoring import callback as scoring_callback
+from tinv.scoring.callback import FidelityScoring
+from tinv.scoring.fidelity import combined
+from tinv.scoring.models import ScorerModels
+from tinv.scoring.tiny import tiny_scorer_path
+
+
+def scored(*overrides):
+    """Overrides that score a tiny model run with the tiny scorers (the tiny models' world turns scoring off)."""
+    return ["~world", f"score.clip={tiny_scorer_path('clip')}", f"score.dino={tiny_scorer_path('dino')}",
+            "token.init_word=shape", "sample.steps=3", *overrides]
+
+
+def picture(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+
+
+class FakeRun(SimpleNamespace):
+    """What the callback touches of a run, sampling replaced by fixed pictures."""
+
+    def log(self, metrics):
+        self.logged.append(dict(metrics))
+
+
+def fake_run(tmp_path):
+    tracker = SimpleNamespace(log_table=lambda *a: None, set_summary=lambda **k: None)
+    return FakeRun(device=torch.device("cpu"), accelerator=SimpleNamespace(mixed_precision="no"), is_main=True,
+                   run_dir=tmp_path, step=5, max_steps=5, tracker=tracker, logged=[])
+
+
+def by_hand(features_a, features_b) -> float:
+    """Mean cosine over every pair, one pair at a time."""
+    total = 0.0
+    for a in features_a:
+        for b in features_b:
+            total += float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return total / (len(features_a) * len(features_b))
+
+
+@torch.no_grad()
+def raw_features(images, texts):
+    """The scorers' features computed here, without tinv.scoring: the transformers classes and processors."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+
+    clip, dino = tiny_scorer_path("clip"), tiny_scorer_path("dino")
+    clip_model, dino_model = CLIPModel.from_pretrained(clip), AutoModel.from_pretrained(dino, add_pooling_layer=False)
+    clip_pixels = AutoImageProcessor.from_pretrained(clip)(images=images, return_tensors="pt").pixel_values
+    dino_pixels = AutoImageProcessor.from_pretrained(dino)(images=images, return_tensors="pt").pixel_values
+    tokens = AutoTokenizer.from_pretrained(clip)(texts, padding=True, return_tensors="pt")
+    return (clip_model.get_image_features(pixel_values=clip_pixels).pooler_output.numpy(),
+            dino_model(pixel_values=dino_pixels).last_hidden_state[:, 0].numpy(),
+            clip_model.get_text_features(**tokens).pooler_output.numpy())
+
+
+def test_logged_numbers_equal_a_hand_computation_and_the_class_word_is_measured_once(tmp_path, monkeypatch):
+    references = [picture(s) for s in range(3)]
+    for n, image in enumerate(references):
+        image.save(tmp_path / f"{n}.png")
+    drawn = {"mychar": [picture(10 + s) for s in range(4)], "shape": [picture(20 + s) for s in range(4)]}
+    calls = []
+
+    def fake_sampling(run, specs, batch_size=1):
+        subject = "shape" if "shape" in specs[0].prompt else "mychar"
+        calls.append([s.prompt for s in specs])
+        return drawn[subject]
+
+    monkeypatch.setattr(scoring_callback, "sample_images", fake_sampling)
+    scorer = FidelityScoring(clip=tiny_scorer_path("clip"), dino=tiny_scorer_path("dino"),
+                             subject_prompts=["a {} in the snow", "a red {}"], num_samples=2, class_word="shape")
+    scorer.on_dataset(SimpleNamespace(samples=[SimpleNamespace(path=tmp_path / f"{n}.png") for n in range(3)]))
+    run = fake_run(tmp_path)
+    scorer.on_start(run)
+    first = scorer.score(run)
+    second = scorer.score(run)
+    assert first == second
+    assert calls == [["a photo of shape"] * 2 + ["a shape in the snow", "a red shape"],
+                     ["a photo of mychar"] * 2 + ["a mychar in the snow", "a red mychar"],
+                     ["a photo of mychar"] * 2 + ["a mychar in the snow", "a red mychar"]]  # the word once
+
+    texts = ["a shape in the snow", "a red shape"]  # CLIP-T's text: the prompt with the class word
+    for subject, numbers in (("mychar", first), ("shape", scorer.word)):
+        images = drawn[subject]
+        clip, dino, text = raw_features(references + images, texts)
+        assert numbers["dino"] == pytest.approx(by_hand(dino[3:5], dino[:3]), abs=1e-5)
+        assert numbers["clip_i"] == pytest.approx(by_hand(clip[3:5], clip[:3]), abs=1e-5)
+        assert numbers["clip_t"] == pytest.approx((by_hand(clip[5:6], text[:1]) + by_hand(clip[6:7], text[1:])) / 2,
+                                                  abs=1e-5)
+    assert run.logged[0] == {f"val/word_{k}": v for k, v in scorer.word.items()}
+    assert run.logged[1] == {f"val/{k}": v for k, v in first.items()}
+    saved = json.loads((tmp_path / "samples" / "score-step-00000005" / "scores.json").read_text())
+    assert saved["fidelity"] == first["fidelity"] and saved["word_dino"] == scorer.word["dino"]
+    assert (tmp_path / "samples" / "word.png").is_file()
+
+
+def test_the_combined_score_is_the_harmonic_mean_of_scaled_subject_and_prompt_fidelity():
+    word = {"dino": 0.4, "clip_i": 0.6, "clip_t": 0.30}
+    ceiling = {"dino": 0.8, "clip_i": 0.9}
+    token = {"dino": 0.6, "clip_i": 0.75, "clip_t": 0.24}
+    out = combined(token, word, ceiling)
+    assert out["subject_fidelity"] == pytest.approx((0.5 + 0.5) / 2)
+    assert out["prompt_fidelity"] == pytest.approx(0.8)
+    assert out["fidelity"] == pytest.approx(2 * 0.5 * 0.8 / 1.3)
+    copies = combined({"dino": 0.9, "clip_i": 0.95, "clip_t": 0.0}, word, ceiling)  # the training images, any prompt
+    assert copies["subject_fidelity"] == 1.0 and copies["fidelity"] == 0.0
+    assert combined(word, word, ceiling)["fidelity"] == 0.0  # the class word itself gains nothing
+    assert combined(token, word, {"dino": None, "clip_i": None})["subject_fidelity"] == pytest.approx(
+        ((0.6 - 0.4) / 0.6 + (0.75 - 0.6) / 0.4) / 2)  # one training image: a perfect score is the ceiling
+
+
+def test_scoring_leaves_no_scorer_tensor_alive(tmp_path, monkeypatch):
+    loaded = []
+    enter = ScorerModels.__enter__
+
+    def watched(self):
+        scorers = enter(self)
+        loaded.extend(weakref.ref(p) for key in ("clip", "dino") for p in scorers.models[key].parameters())
+        return scorers
+
+    monkeypatch.setattr(ScorerModels, "__enter__", watched)
+    monkeypatch.setattr(scoring_callback, "sample_images", lambda run, specs, batch_size=1: [picture(1)] * len(specs))
+    picture(0).save(tmp_path / "0.png")
+    scorer = FidelityScoring(clip=tiny_scorer_path("clip"), dino=tiny_scorer_path("dino"),
+                             subject_prompts=["a {} in the snow"], num_samples=1, class_word="shape")
+    scorer.on_dataset(SimpleNamespace(samples=[SimpleNamespace(path=tmp_path / "0.png")]))
+    run = fake_run(tmp_path)
+    scorer.on_start(run)
+    scorer.score(run)
+    gc.collect()
+    assert loaded and all(ref() is None for ref in loaded)
+
+
+def test_a_missing_scorer_model_is_one_line_naming_its_key(tmp_path):
+    dino = tiny_scorer_path("dino")
+    with pytest.raises(ConfigError, match=r"score.clip='openai/clip-vit-base-patch32' is not in the Hugging Face "
+                                          r"cache and HF_HUB_OFFLINE is set; run `hf download"):
+        FidelityScoring(clip="openai/clip-vit-base-patch32", dino=dino, subject_prompts=["a {}"], class_word="dog")
+    with pytest.raises(ConfigError, match=r"score.dino='.*nowhere': no model folder there"):
+        FidelityScoring(clip=tiny_scorer_path("clip"), dino=str(tmp_path / "nowhere"), subject_prompts=["a {}"],
+                        class_word="dog")
+    with pytest.raises(ConfigError, match="token.init_word is not set"):
+        FidelityScoring(clip=tiny_scorer_path("clip"), dino=dino, subject_prompts=["a {}"], class_word=None)
+    with pytest.raises(ConfigError, match=r"score.subject_prompts entry 'a dog' needs exactly one"):
+        FidelityScoring(clip=tiny_scorer_path("clip"), dino=dino, subject_prompts=["a dog"], class_word="dog")
+
+
+def test_scorer_choices_and_worlds_set_the_objective():
+    assert compose(["model=sd15"]).objective.metric == "val/fidelity"
+    assert compose(["model=sd15", "scorer=none"]).objective.metric == "val/loss"
+    assert "fidelity" not in compose(["model=sd15", "scorer=none"]).callbacks
+    for model, metric in (("toy", "val/concept_and_edit"), ("tiny_sdxl", "val/loss")):
+        cfg = compose([f"model={model}"])
+        assert cfg.callbacks.fidelity is None and cfg.objective.metric == metric
+
+
+@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sd2", "tiny_sdxl"])
+def test_a_scored_tiny_run_reports_fidelity_as_its_objective(tmp_path, model):
+    result = train(tmp_path / "run", scored(f"model={model}", "train.max_steps=2", "score.num_samples=1",
+                                            "score.subject_prompts=['a {} in the snow']"))
+    summary = result.summary
+    assert summary["objective_name"] == "best val/fidelity" and summary["objective"] == summary["fidelity"]
+    assert 0.0 <= summary["fidelity"] <= 1.0 and summary["scoring_s"] > 0
+    assert {"dino", "clip_i", "clip_t", "subject_fidelity", "prompt_fidelity"} <= summary.keys()
+    assert (tmp_path / "run" / "samples" / "score-step-00000002" / "grid.png").is_file()
