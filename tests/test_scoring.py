@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose, train
+from conftest import cli, compose, train
 from tinv.errors import ConfigError
 from tinv.scoring import callback as scoring_callback
 from tinv.scoring.callback import FidelityScoring
@@ -177,3 +177,45 @@ def test_a_scored_tiny_run_reports_fidelity_as_its_objective(tmp_path, model):
     assert 0.0 <= summary["fidelity"] <= 1.0 and summary["scoring_s"] > 0
     assert {"dino", "clip_i", "clip_t", "subject_fidelity", "prompt_fidelity"} <= summary.keys()
     assert (tmp_path / "run" / "samples" / "score-step-00000002" / "grid.png").is_file()
+
+
+def test_tinv_score_gives_the_callbacks_numbers_for_a_pt_file_a_kohya_file_and_a_bundle(tmp_path, capsys):
+    """A pivotal run scored at its end; tinv-score on its embedding (kohya layout, and converted to A1111's .pt) with
+    its LoRA, and on its bundle alone, finds the same numbers from the run's recorded settings."""
+    from tinv.commands.convert import main as convert
+    from tinv.commands.score import main as score
+    from tinv.toy.demo import demo_images_dir
+
+    run = tmp_path / "run"
+    done = cli(scored("method=pivotal", "train.max_steps=4", "score.num_samples=2", "logger=none",
+                      f"hydra.run.dir={run}", "score.subject_prompts=['a {} in the snow','a red {}']"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert convert([str(run / "mychar.safetensors"), str(run / "mychar.pt"), "--to", "a1111"]) == 0
+    images = str(demo_images_dir())
+    for n, args in enumerate(([str(run / "mychar.safetensors"), "--lora", str(run / "mychar-lora.safetensors")],
+                              [str(run / "mychar.pt"), "--lora", str(run / "mychar-lora.safetensors")],
+                              [str(run / "mychar-bundle.safetensors")])):
+        assert score([*args, "--images", images, "--out", str(tmp_path / f"scores{n}")]) == 0, args
+        found = json.loads((tmp_path / f"scores{n}" / "scores.json").read_text())
+        for key in ("dino", "clip_i", "clip_t", "fidelity", "word_dino", "word_clip_t"):
+            assert found[key] == pytest.approx(summary[key], abs=1e-5), (args[0], key)
+    assert "fidelity" in capsys.readouterr().out
+
+
+def test_tinv_score_says_what_is_missing_in_one_line(tmp_path, capsys):
+    """Another tool's file has no run beside it: without --class-word, one line says to give it; an empty --images
+    folder, one line naming it; both before any model loads."""
+    from tinv.commands.score import main as score
+    from tinv.formats.embedding import SD_KEY, EmbeddingMeta, save_embedding
+    from tinv.toy.demo import demo_images_dir
+
+    other = save_embedding(tmp_path / "other.safetensors", {SD_KEY: torch.randn(1, 32)}, EmbeddingMeta("other"),
+                           "safetensors")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert score([str(other), "--images", str(empty), "--model", "tiny_sd15"]) == 2
+    assert "--images" in capsys.readouterr().err
+    assert score([str(other), "--images", str(demo_images_dir()), "--model", "tiny_sd15"]) == 2
+    err = capsys.readouterr().err
+    assert "give it with --class-word" in err and len(err.strip().splitlines()) == 1

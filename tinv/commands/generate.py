@@ -23,6 +23,7 @@ import logging
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..choices import Family, Sampler
@@ -109,21 +110,46 @@ def without_token(prompt: str, token: str) -> str:
     return " ".join(re.sub(rf"(?<!\w){re.escape(token)}(?!\w)", " ", prompt, flags=re.IGNORECASE).split())
 
 
-def generate(args) -> dict:
+@dataclass
+class LoadedEmbedding:
+    """An embedding's token installed in its base model, ready to sample (tinv-generate, tinv-score)."""
+
+    backbone: object
+    token: object
+    keys: dict  # Backbone.from_pretrained's keys
+    device: object
+    lora: bool  # a LoRA was loaded beside the vectors
+
+    def add_lora(self, embedding: Path, lora: str | None, scale: float = 1.0) -> bool:
+        """The `lora` file, or the LoRA a bundled `embedding` carries, into the model's own modules (so every
+        pipeline built from them afterwards draws with it); whether there was one."""
+        from ..formats.lora import load_into_pipeline
+        from ..sampling import scheduler_for
+
+        pipe = self.backbone.pipeline(scheduler_for("ddim", self.backbone.noise_scheduler.config,
+                                                    self.backbone.prediction_type))
+        self.lora = load_into_pipeline(pipe, embedding, lora, scale)
+        if scale != 1.0 and not self.lora:
+            raise ConfigError("--lora-scale needs a LoRA: give --lora FILE or a bundle as the embedding")
+        return self.lora
+
+
+def load_embedding(embedding: Path, prompts: list[str], model: str | None, family: str | None = None,
+                   config_dir: str | None = None, token_word: str | None = None, lora: str | None = None,
+                   lora_scale: float = 1.0, cpu: bool = False, prog: str = "tinv-generate",
+                   apply_lora: bool = True) -> LoadedEmbedding:
+    """Any embedding file tinv reads, its token added to the base model's tokenizers and its vectors installed, the
+    models loaded (on the GPU in half precision when there is one) and the LoRA, if any, applied (`apply_lora`;
+    else add_lora() applies it later)."""
     import torch
 
     from ..backbone import Backbone
     from ..formats.embedding import read_embedding
-    from ..formats.lora import load_into_pipeline
-    from ..resources import ThreadShare, follow_load_in_pipeline
-    from ..sampling import labelled_grid, sampling_mode, scheduler_for, slug
     from ..trained.token import ConceptToken
 
-    threads = ThreadShare(args.threads)  # its first look at the cores' load lasts while the model loads
-    embedding = Path(args.embedding).expanduser()
     loaded = read_embedding(embedding)
-    token_string = trigger_word(embedding, loaded, args.prompts, args.token)
-    keys = base_model(embedding, loaded, args.model, args.family, args.config_dir)
+    token_string = trigger_word(embedding, loaded, prompts, token_word)
+    keys = base_model(embedding, loaded, model, family, config_dir, prog)
     backbone = Backbone.from_pretrained(**keys)
     token = ConceptToken(token_string, num_vectors=None, weights=str(embedding))
     try:
@@ -132,15 +158,32 @@ def generate(args) -> dict:
         raise ConfigError(f"the trigger word {token.string!r} is already a word of {keys['path']}, so the vectors "
                           "cannot take its place; pick a new one with --token (and write it in the prompts)") from None
     token.check_start(backbone.encoders)
-    missing = [p for p in args.prompts if not token.contains_token(p)]
+    missing = [p for p in prompts if not token.contains_token(p)]
     if missing:
         words = " or ".join(repr(n) for n in dict.fromkeys([token.string, *names_of(embedding, loaded)]))
         log.warning("these prompts do not contain %s, the word this embedding answers to, so it does nothing there: "
                     "%s", words, missing)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     backbone.load_models(device, dtype, torch.float32 if backbone.keeps_vae_fp32 else dtype)
     token.install(backbone.encoders, seed=0)
+    opened = LoadedEmbedding(backbone, token, keys, device, False)
+    if apply_lora:
+        opened.add_lora(embedding, lora, lora_scale)
+    return opened
+
+
+def generate(args) -> dict:
+    import torch
+
+    from ..resources import ThreadShare, follow_load_in_pipeline
+    from ..sampling import labelled_grid, sampling_mode, scheduler_for, slug
+
+    threads = ThreadShare(args.threads)  # its first look at the cores' load lasts while the model loads
+    embedding = Path(args.embedding).expanduser()
+    opened = load_embedding(embedding, args.prompts, args.model, args.family, args.config_dir, args.token, args.lora,
+                            args.lora_scale, args.cpu)
+    backbone, token, keys, device, with_lora = opened.backbone, opened.token, opened.keys, opened.device, opened.lora
     width = args.width or backbone.native_resolution
     height = args.height or backbone.native_resolution
     out = Path(args.out).expanduser() if args.out else \
@@ -148,9 +191,6 @@ def generate(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pipe = backbone.pipeline(scheduler_for(args.sampler, backbone.noise_scheduler.config, backbone.prediction_type))
     pipe.set_progress_bar_config(disable=True)
-    with_lora = load_into_pipeline(pipe, embedding, args.lora, args.lora_scale)
-    if args.lora_scale != 1.0 and not with_lora:
-        raise ConfigError("--lora-scale needs a LoRA: give --lora FILE or a bundle as the embedding")
     threads.claim()
     rows, labels, written = [], [], []
     try:

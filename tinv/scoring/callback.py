@@ -77,7 +77,8 @@ class FidelityScoring:
     def on_end(self, run) -> None:
         if run.is_main:
             scores = self.score(run)
-            run.tracker.set_summary(**scores, scoring_s=round(self.seconds, 1), fidelity_samples=str(
+            run.tracker.set_summary(**scores, **{f"word_{k}": v for k, v in self.word.items()},
+                                    scoring_s=round(self.seconds, 1), fidelity_samples=str(
                 run.run_dir / "samples" / f"score-step-{run.step:08d}" / "grid.png"))
 
     def state_dict(self) -> dict:
