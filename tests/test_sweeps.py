@@ -399,3 +399,27 @@ def test_pivotal_sweep_runs_each_distinct_job_once(tmp_path):
     assert all(s.get("lora", "").endswith("mychar-lora.safetensors") for s in pivotal)
     assert len(list(sweep.glob("*/mychar.safetensors"))) == 3
     assert "would repeat job" in proc.stdout and "sweep done, 4 of 4 jobs finished" in proc.stdout
+
+
+def test_a_sweep_over_scored_tiny_models_ranks_by_fidelity_and_the_report_agrees(tmp_path):
+    """On tiny SD1, SD2 and SDXL scored by the tiny CLIP and DINO, val/fidelity is each job's objective; the sweep
+    names the job with the highest, and tinv-report ranks them in the same order."""
+    from tinv.scoring.tiny import tiny_scorer_path
+
+    sweep = tmp_path / "scored"
+    proc = tinv(["-m", "model=tiny_sd15,tiny_sd2,tiny_sdxl", "optimizer.lr=1e-3,5e-2", "~world", "logger=none",
+                 f"score.clip={tiny_scorer_path('clip')}", f"score.dino={tiny_scorer_path('dino')}",
+                 "token.init_word=shape", "train.max_steps=2", "sample.steps=2", "score.num_samples=1",
+                 "score.subject_prompts=['a {} in the snow']", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = summaries(sweep)
+    assert len(found) == 6 and {s["family"] for s in found} == {"sd1", "sd2", "sdxl"}
+    assert all(s["objective_name"] == "best val/fidelity" and s["objective"] == s["fidelity"] for s in found)
+    best = max(found, key=lambda s: s["objective"])
+    assert f"embedding  {best['embedding']}" in proc.stdout
+    report = subprocess.run([sys.executable, "-m", "tinv.commands.report", str(sweep)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert [float(r["objective"]) for r in rows] == sorted((s["objective"] for s in found), reverse=True)
+    assert {"dino", "clip_i", "clip_t", "word_dino"} <= rows[0].keys()
+    assert (sweep / "report.md").read_text().count("[grid](") == 6  # each job's sample grid, linked

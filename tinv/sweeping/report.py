@@ -156,7 +156,8 @@ def _markdown_table(jobs: list[Job], rows: list[dict], columns: list[str], sweep
     lines = []
     for row in rows:
         summary = by_job[row["job"]].summary
-        row = {**row, "samples": _link(summary.get("concept_samples"), sweep_dir, "grid"),
+        row = {**row, "samples": _link(summary.get("concept_samples") or summary.get("fidelity_samples"), sweep_dir,
+                                       "grid"),
                "embedding": _link(summary.get("embedding"), sweep_dir, Path(summary.get("embedding", "x")).name),
                "wall_s": f"{row['wall_s']:.1f}" if isinstance(row.get("wall_s"), float) else row.get("wall_s")}
         lines.append(row)
