@@ -46,7 +46,7 @@ class Parsed(Exception):
 
 
 # the commands with argparse entry points: each line of theirs in the docs must parse as written
-ARGPARSE_COMMANDS = ("tinv-generate", "tinv-eval", "tinv-convert", "tinv-report", "tinv-toy")
+ARGPARSE_COMMANDS = ("tinv-generate", "tinv-eval", "tinv-convert", "tinv-report", "tinv-toy", "tinv-score")
 BENCH_SUBCOMMANDS = (["threads"], ["sharing"])  # tinv-bench's own subcommands (argparse), not Hydra overrides
 
 
