@@ -168,15 +168,30 @@ def test_scorer_choices_and_worlds_set_the_objective():
         assert cfg.callbacks.fidelity is None and cfg.objective.metric == metric
 
 
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sd2", "tiny_sdxl"])
-def test_a_scored_tiny_run_reports_fidelity_as_its_objective(tmp_path, model):
-    result = train(tmp_path / "run", scored(f"model={model}", "train.max_steps=2", "score.num_samples=1",
-                                            "score.subject_prompts=['a {} in the snow']"))
+@pytest.mark.parametrize("model,extra", [("tiny_sd15", ["logger=wandb"]), ("tiny_sd2", ["template=style"]),
+                                         ("tiny_sdxl", [])])
+def test_a_scored_tiny_run_reports_fidelity_as_its_objective(tmp_path, model, extra):
+    """Each family scored at its end; on SD1 through wandb (offline: the sample table with its images is logged
+    without a loss), on SD2 with the style prompts that template=style asks for."""
+    from tinv.train import run
+
+    logger = [] if any(o.startswith("logger=") for o in extra) else ["logger=none"]
+    cfg = compose([*logger, *scored(f"model={model}", "train.max_steps=2", "score.num_samples=1",
+                                    "score.subject_prompts=['a {} in the snow']",
+                                    "score.style_prompts=['a cat in the style of {}']", *extra)])
+    result = run(cfg, run_dir=tmp_path / "run")
     summary = result.summary
     assert summary["objective_name"] == "best val/fidelity" and summary["objective"] == summary["fidelity"]
     assert 0.0 <= summary["fidelity"] <= 1.0 and summary["scoring_s"] > 0
     assert {"dino", "clip_i", "clip_t", "subject_fidelity", "prompt_fidelity"} <= summary.keys()
+    assert "wandb_stopped_at_step" not in summary and "error" not in summary
+    scores = json.loads((tmp_path / "run" / "samples" / "score-step-00000002" / "scores.json").read_text())
+    style = "template=style" in extra
+    assert scores["prompts"] == (["a painting in the style of {}", "a cat in the style of {}"] if style else
+                                 ["a photo of {}", "a {} in the snow"])
     assert (tmp_path / "run" / "samples" / "score-step-00000002" / "grid.png").is_file()
+    if "logger=wandb" in extra:
+        assert summary.get("wandb_id") and list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
 def test_tinv_score_gives_the_callbacks_numbers_for_a_pt_file_a_kohya_file_and_a_bundle(tmp_path, capsys):

@@ -142,8 +142,8 @@ class FidelityScoring:
         folder = f"score-step-{run.step:08d}"
         self._grid(run, f"{folder}/grid.png", images, self.token)
         write_text_atomic(run.run_dir / "samples" / folder / "scores.json",
-                          json.dumps({"step": run.step, **scores, **{f"word_{k}": v for k, v in self.word.items()}},
-                                     indent=1) + "\n")
+                          json.dumps({"step": run.step, **scores, **{f"word_{k}": v for k, v in self.word.items()},
+                                      "prompts": [self.reference_prompt, *self.prompts]}, indent=1) + "\n")
         specs = self._specs(self.token)
         run.tracker.log_table("val/fidelity_samples", ["prompt", "seed", "image"],
                               [[spec.prompt, spec.seed, image] for spec, image in zip(specs, images)], run.step)
