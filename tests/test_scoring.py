@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, compose, train
+from conftest import cli, compose
 from tinv.errors import ConfigError
 from tinv.scoring import callback as scoring_callback
 from tinv.scoring.callback import FidelityScoring
