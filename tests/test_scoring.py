@@ -234,3 +234,17 @@ def test_tinv_score_says_what_is_missing_in_one_line(tmp_path, capsys):
     assert score([str(other), "--images", str(demo_images_dir()), "--model", "tiny_sd15"]) == 2
     err = capsys.readouterr().err
     assert "give it with --class-word" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_resumed_scored_run_keeps_its_class_word_numbers(tmp_path):
+    """The class word is drawn once per run: a run resumed to more steps takes its numbers from the state, and
+    scores its end against them."""
+    from conftest import train
+
+    common = scored("score.num_samples=1", "score.subject_prompts=['a {} in the snow']", "save.state_every_n_steps=2")
+    first = train(tmp_path / "run", [*common, "train.max_steps=2"]).summary
+    resumed = train(tmp_path / "again", [*common, "train.max_steps=4", f"resume={tmp_path / 'run'}"]).summary
+    assert resumed["step"] == 4 and resumed["word_dino"] == first["word_dino"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("val/word_dino" in r for r in records) == 1 and sum("val/fidelity" in r for r in records) == 2
+    assert resumed["scoring_s"] > first["scoring_s"]
