@@ -341,3 +341,72 @@ def test_the_masks_benchmark_checks_each_target_of_its_rows():
     assert found["world: ti+masks editability >= ti"]["met"]
     assert not found["world: ti+masks subject accuracy >= ti - 0.02"]["met"]  # 0.92 < 0.93
     assert not found["masked runs: wall s <= ~300"]["met"]
+
+
+def _masks_table_commands(monkeypatch) -> list[dict]:
+    """What each command committed in tinv/toy/weights/masks.json asks `tinv-toy masks` for, read by its own parser."""
+    import shlex
+
+    from tinv.toy import cli, masked
+
+    asked = []
+
+    def record(work, methods, others, novel, seed):
+        asked.append({"methods": methods, "others": others, "novel": novel, "seed": seed})
+        raise SystemExit(0)
+
+    monkeypatch.setattr(masked, "measure_masked", record)
+    table = json.loads((world_weights() / "masks.json").read_text())
+    for command in table["commands"]:
+        words = shlex.split(command)
+        assert words[:2] == ["tinv-toy", "masks"], command
+        with pytest.raises(SystemExit):
+            cli.main(words[1:])
+    return asked
+
+
+def world_weights():
+    from tinv.toy.model import WEIGHTS_DIR
+
+    return WEIGHTS_DIR
+
+
+def test_the_committed_masks_table_is_what_its_commands_measure(monkeypatch):
+    """Every row of masks.json has the overrides and the concept that its committed command gives (the slow sibling
+    runs one row again and gets its numbers)."""
+    from tinv.toy.targets import benchmark_concepts
+
+    table = json.loads((world_weights() / "masks.json").read_text())
+    asked = _masks_table_commands(monkeypatch)
+    methods = {name: overrides for a in asked for name, overrides in a["methods"].items()}
+    concepts = {c.text() for a in asked for c in benchmark_concepts(a["others"], a["novel"], a["seed"])}
+    assert {row["method"] for row in table["rows"]} == set(methods)
+    for row in table["rows"]:
+        assert row["overrides"] == methods[row["method"]] and row["concept"] in concepts, row["method"]
+    assert len(table["rows"]) == len(methods) * len(concepts)
+
+
+def test_a_masks_benchmark_row_is_the_same_measured_twice(tmp_path):
+    """The benchmark's rows depend on nothing but the command: a short masked row, measured in two work folders,
+    gives the same numbers."""
+    from tinv.toy.masked import measure_masked
+
+    method = {"ti+masks": ["data.mask_dir={masks}", "train.max_steps=20"]}
+    first, second = (measure_masked(tmp_path / name, method, others=0, novel=0) for name in ("a", "b"))
+    drop_wall = [{k: v for k, v in row.items() if k != "wall_s"} for row in first["rows"]]
+    assert drop_wall == [{k: v for k, v in row.items() if k != "wall_s"} for row in second["rows"]]
+    assert first["rows"][0]["subject_accuracy"] is not None
+
+
+@pytest.mark.slow  # one 750-step masked row with the benchmark's scoring: about 90 s on 2 cores
+def test_a_committed_masks_row_comes_back_from_its_command(tmp_path):
+    """The demo concept's ti+masks row of masks.json, measured again by its committed overrides, scores the same
+    (to a sample: thread counts may change the last bits of a sum)."""
+    from tinv.toy.masked import measure_masked
+
+    table = json.loads((world_weights() / "masks.json").read_text())
+    committed = next(r for r in table["rows"] if r["method"] == "ti+masks")
+    again = measure_masked(tmp_path, {"ti+masks": committed["overrides"]}, others=0, novel=0)["rows"][0]
+    assert again["concept"] == committed["concept"]
+    for key in ("subject_accuracy", "concept_accuracy", "editability"):
+        assert abs(again[key] - committed[key]) <= 2 / 64, key

@@ -122,13 +122,15 @@ def _launchers() -> list[str]:
 
 
 MAIN_KEYS = [
-    ("token.string", "the trigger word (new to the model)"), ("token.init_word", "start the vectors from this word"),
+    ("token.string", "the trigger word (new to the model)"),
+    ("token.init_word", "start the vectors from this word (the class word the scorer compares with)"),
     ("token.init_from", "output (encoder output of the word) | input"),
     ("token.num_vectors", "vectors per token"), ("data.image_dir", "your folder of images (and captions)"),
     ("lora.rank", "method=pivotal: the LoRA's rank"), ("lora.lr", "method=pivotal: the LoRA's learning rate"),
     ("optimizer.lr", "learning rate"), ("train.max_steps", "optimizer steps"), ("train.batch_size", "images per step"),
     ("train.mixed_precision", "no | fp16 | bf16"), ("save.every_n_steps", "also save every N steps"),
-    ("val.every_n_steps", "validation loss (and toy scores) every N steps"),
+    ("val.every_n_steps", "validation loss and scores every N steps (the scores also at the end)"),
+    ("score.clip", "real models: the CLIP scorer (hub id or folder; score.dino the DINO one)"),
     ("sample.every_n_steps", "preview images every N steps"), ("resume", "a run folder (or latest) to continue"),
     ("objective.metric", "what sweeps optimise"), ("logger.mode", "online | offline | disabled"),
 ]
