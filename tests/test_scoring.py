@@ -248,3 +248,15 @@ def test_a_resumed_scored_run_keeps_its_class_word_numbers(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum("val/word_dino" in r for r in records) == 1 and sum("val/fidelity" in r for r in records) == 2
     assert resumed["scoring_s"] > first["scoring_s"]
+
+
+def test_the_prompts_follow_the_template_unless_score_kind_says_otherwise():
+    common = dict(clip=tiny_scorer_path("clip"), dino=tiny_scorer_path("dino"), subject_prompts=["a {} in the snow"],
+                  style_prompts=["a cat in the style of {}"], class_word="painting")
+    for kind, score_kind, prompts, reference in (("object", None, ["a {} in the snow"], "a photo of {}"),
+                                                 ("caption", None, ["a {} in the snow"], "a photo of {}"),
+                                                 ("style", None, ["a cat in the style of {}"], "a painting in the style of {}"),
+                                                 ("caption", "style", ["a cat in the style of {}"], "a painting in the style of {}")):
+        scorer = FidelityScoring(kind=kind, score_kind=score_kind, **common)
+        assert (scorer.prompts, scorer.reference_prompt) == (prompts, reference), (kind, score_kind)
+    assert compose(["experiment=sdxl_style"]).callbacks.fidelity.score_kind == "style"

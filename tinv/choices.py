@@ -29,6 +29,7 @@ def _choices(name: str, *values: str) -> type[Choice]:
 Family = _choices("Family", "sd1", "sd2", "sdxl")
 PredictionType = _choices("PredictionType", "epsilon", "v_prediction")
 TemplateKind = _choices("TemplateKind", "object", "style", "caption")
+SubjectKind = _choices("SubjectKind", "object", "style")  # score.kind: which prompts the fidelity scorer uses
 MissingToken = _choices("MissingToken", "prepend", "warn", "error")
 Precision = _choices("Precision", "no", "fp16", "bf16")
 SaveFormat = _choices("SaveFormat", "safetensors", "pt")

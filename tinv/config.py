@@ -21,7 +21,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
 from .choices import (BadMask, Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType,
-                      PreserveWith, Reduce, SaveFormat, Sampler, TemplateKind, TokenNorm, TrackerMode, TrainEncoders)
+                      PreserveWith, Reduce, SaveFormat, Sampler, SubjectKind, TemplateKind, TokenNorm, TrackerMode,
+                      TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
 from .errors import ConfigError
 from .sweeping.jobs import job_folder_name
@@ -228,6 +229,7 @@ class ScoreConfig:
     dino: str = "facebook/dino-vits16"  # hub id or folder: DINO (DreamBench's ViT-S/16)
     subject_prompts: list[str] = field(default_factory=lambda: list(SUBJECT_PROMPTS))  # template.kind object, caption
     style_prompts: list[str] = field(default_factory=lambda: list(STYLE_PROMPTS))  # template.kind style
+    kind: Optional[SubjectKind] = None  # object | style prompts; None = template.kind's (caption scores as object)
     num_samples: int = at_least(1, 4)  # samples of "a photo of <token>" (subject fidelity), one seed each
     prompt_samples: int = at_least(1, 1)  # samples of each prompt (prompt fidelity)
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..choices import Family, Sampler
+from ..choices import Family, Sampler, SubjectKind
 from ..errors import ConfigError, refuse
 from ..resources import add_threads_option
 
@@ -57,7 +57,8 @@ def run_settings(embedding: Path) -> dict:
     import tinv.config  # noqa: F401 - the resolvers a run's record may use
 
     cfg = OmegaConf.load(record)
-    paths = {"class_word": "token.init_word", "kind": "template.kind", "sampler": "sample.sampler",
+    paths = {"class_word": "token.init_word", "kind": "template.kind", "score_kind": "score.kind",
+             "sampler": "sample.sampler",
              "steps": "sample.steps", "guidance_scale": "sample.guidance_scale",
              "negative_prompt": "sample.negative_prompt", "seed": "val.seed", "resolution": "model.resolution",
              "batch_size": "train.batch_size"}
@@ -82,10 +83,11 @@ def score(args) -> dict:
     if not images.is_dir() or not list_images(images):
         raise ConfigError(f"--images {args.images}: no images there; give the folder of your subject's images")
     sample = OmegaConf.structured(SampleConfig)
-    defaults = {"kind": "object", **OmegaConf.to_container(OmegaConf.structured(ScoreConfig)),
+    score_keys = OmegaConf.to_container(OmegaConf.structured(ScoreConfig))
+    defaults = {**score_keys, "kind": "object", "score_kind": score_keys["kind"],
                 "sampler": sample.sampler, "steps": sample.steps, "guidance_scale": sample.guidance_scale,
                 "negative_prompt": sample.negative_prompt, "seed": 0, "batch_size": 1}
-    given = {"class_word": args.class_word, "kind": args.kind, "clip": args.clip, "dino": args.dino,
+    given = {"class_word": args.class_word, "score_kind": args.kind, "clip": args.clip, "dino": args.dino,
              "num_samples": args.samples, "sampler": args.sampler, "steps": args.steps,
              "guidance_scale": args.guidance, "seed": args.seed, "batch_size": args.batch_size}
     settings = defaults | {k: v for k, v in run_settings(embedding).items() if v is not None} | \
@@ -96,10 +98,10 @@ def score(args) -> dict:
     threads = ThreadShare(args.threads)
     loaded = read_embedding(embedding)
     name = args.token or loaded.name or embedding.stem
-    scorer = FidelityScoring(**{k: settings[k] for k in ("clip", "dino", "kind", "subject_prompts", "style_prompts",
-                                                         "num_samples", "prompt_samples", "sampler", "steps",
-                                                         "guidance_scale", "negative_prompt", "seed", "class_word")},
-                             token=name, resolution=settings.get("resolution") or 512, batch_size=settings["batch_size"])
+    keys = ("clip", "dino", "kind", "score_kind", "subject_prompts", "style_prompts", "num_samples", "prompt_samples",
+            "sampler", "steps", "guidance_scale", "negative_prompt", "seed", "class_word")
+    scorer = FidelityScoring(**{k: settings.get(k) for k in keys}, token=name,
+                             resolution=settings.get("resolution") or 512, batch_size=settings["batch_size"])
     opened = load_embedding(embedding, [f"a photo of {name}"], args.model, args.family, args.config_dir, name,
                             args.lora, 1.0, args.cpu, prog="tinv-score", apply_lora=False)
     if not settings.get("resolution"):  # not a tinv run's file: the model's own size
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-dir", help="single-file models: a local diffusers folder of the same family")
     parser.add_argument("--token", help="the word for the vectors (default: the file's name for it)")
     parser.add_argument("--class-word", help="what the subject is, e.g. dog (default: the run's token.init_word)")
-    parser.add_argument("--kind", choices=["object", "style"], help="which prompts: a subject's or a style's "
+    parser.add_argument("--kind", choices=SubjectKind.values(), help="which prompts: a subject's or a style's "
                         "(default: the run's template.kind, else object)")
     parser.add_argument("--clip", help="CLIP scorer, hub id or folder (default: the run's score.clip)")
     parser.add_argument("--dino", help="DINO scorer, hub id or folder (default: the run's score.dino)")

@@ -33,13 +33,15 @@ class FidelityScoring:
                  subject_prompts: list[str] | None = None, style_prompts: list[str] | None = None,
                  num_samples: int = 4, prompt_samples: int = 1, sampler: str = "ddim", steps: int = 20,
                  guidance_scale: float = 7.5, negative_prompt: str = "", seed: int = 0, every_n_steps: int = 0,
-                 token: str = "mychar", class_word: str | None = None, resolution: int = 512, batch_size: int = 1):
+                 token: str = "mychar", class_word: str | None = None, resolution: int = 512, batch_size: int = 1,
+                 score_kind: str | None = None):
         if not class_word:
             raise ConfigError("scoring compares the token with its class word, and token.init_word is not set: set "
                               "it (e.g. token.init_word=dog), or turn scoring off with scorer=none")
         if num_samples < 1 or prompt_samples < 1:
             raise ConfigError(f"score.num_samples={num_samples} and score.prompt_samples={prompt_samples} must be "
                               "at least 1")
+        kind = score_kind or kind  # template.kind caption says nothing of the subject: score.kind may
         key = "score.style_prompts" if kind == "style" else "score.subject_prompts"
         self.prompts = list((style_prompts if kind == "style" else subject_prompts) or [])
         if not self.prompts:
