@@ -101,6 +101,9 @@ def test_logged_numbers_equal_a_hand_computation_and_the_class_word_is_measured_
         assert numbers["clip_i"] == pytest.approx(by_hand(clip[3:5], clip[:3]), abs=1e-5)
         assert numbers["clip_t"] == pytest.approx((by_hand(clip[5:6], text[:1]) + by_hand(clip[6:7], text[1:])) / 2,
                                                   abs=1e-5)
+        if subject == "shape":  # the scale's 0: each prompt's sample against the other prompt
+            assert numbers["clip_t_floor"] == pytest.approx(
+                (by_hand(clip[5:6], text[1:]) + by_hand(clip[6:7], text[:1])) / 2, abs=1e-5)
     assert run.logged[0] == {f"val/word_{k}": v for k, v in scorer.word.items()}
     assert run.logged[1] == {f"val/{k}": v for k, v in first.items()}
     saved = json.loads((tmp_path / "samples" / "score-step-00000005" / "scores.json").read_text())
@@ -109,18 +112,24 @@ def test_logged_numbers_equal_a_hand_computation_and_the_class_word_is_measured_
 
 
 def test_the_combined_score_is_the_harmonic_mean_of_scaled_subject_and_prompt_fidelity():
-    word = {"dino": 0.4, "clip_i": 0.6, "clip_t": 0.30}
+    word = {"dino": 0.4, "clip_i": 0.6, "clip_t": 0.30, "clip_t_floor": 0.18}
     ceiling = {"dino": 0.8, "clip_i": 0.9}
-    token = {"dino": 0.6, "clip_i": 0.75, "clip_t": 0.24}
+    token = {"dino": 0.6, "clip_i": 0.75, "clip_t": 0.27}
     out = combined(token, word, ceiling)
     assert out["subject_fidelity"] == pytest.approx((0.5 + 0.5) / 2)
-    assert out["prompt_fidelity"] == pytest.approx(0.8)
-    assert out["fidelity"] == pytest.approx(2 * 0.5 * 0.8 / 1.3)
-    copies = combined({"dino": 0.9, "clip_i": 0.95, "clip_t": 0.0}, word, ceiling)  # the training images, any prompt
+    assert out["prompt_fidelity"] == pytest.approx((0.27 - 0.18) / (0.30 - 0.18))
+    assert out["fidelity"] == pytest.approx(2 * 0.5 * 0.75 / 1.25)
+    # the training images copied whatever the prompt: CLIP-T as low as for a prompt the image does not show
+    copies = combined({"dino": 0.9, "clip_i": 0.95, "clip_t": 0.18}, word, ceiling)
     assert copies["subject_fidelity"] == 1.0 and copies["fidelity"] == 0.0
-    assert combined(word, word, ceiling)["fidelity"] == 0.0  # the class word itself gains nothing
+    assert combined({**word}, word, ceiling)["fidelity"] == 0.0  # the class word itself gains nothing
+    worse = combined({"dino": 0.3, "clip_i": 0.6, "clip_t": 0.30}, word, ceiling)  # below the word: ranked, not cut
+    much_worse = combined({"dino": 0.2, "clip_i": 0.6, "clip_t": 0.30}, word, ceiling)
+    assert much_worse["fidelity"] < worse["fidelity"] < 0
     assert combined(token, word, {"dino": None, "clip_i": None})["subject_fidelity"] == pytest.approx(
         ((0.6 - 0.4) / 0.6 + (0.75 - 0.6) / 0.4) / 2)  # one training image: a perfect score is the ceiling
+    no_floor = combined(token, {**word, "clip_t_floor": None}, ceiling)  # one prompt: the scale starts at 0
+    assert no_floor["prompt_fidelity"] == pytest.approx(0.27 / 0.30)
 
 
 def test_scoring_leaves_no_scorer_tensor_alive(tmp_path, monkeypatch):
@@ -147,12 +156,18 @@ def test_scoring_leaves_no_scorer_tensor_alive(tmp_path, monkeypatch):
 
 def test_a_missing_scorer_model_is_one_line_naming_its_key(tmp_path):
     dino = tiny_scorer_path("dino")
-    with pytest.raises(ConfigError, match=r"score.clip='openai/clip-vit-base-patch32' is not in the Hugging Face "
-                                          r"cache and HF_HUB_OFFLINE is set; run `hf download"):
+    with pytest.raises(ConfigError, match=r"score.clip='openai/clip-vit-base-patch32': no folder of that name here, "
+                                          r"and as a hub id it is not in the Hugging Face cache .*`hf download"):
         FidelityScoring(clip="openai/clip-vit-base-patch32", dino=dino, subject_prompts=["a {}"], class_word="dog")
     with pytest.raises(ConfigError, match=r"score.dino='.*nowhere': no model folder there"):
         FidelityScoring(clip=tiny_scorer_path("clip"), dino=str(tmp_path / "nowhere"), subject_prompts=["a {}"],
                         class_word="dog")
+    with pytest.raises(ConfigError, match=r"score.clip='.*' is a 'vit' model; score.clip needs a clip model"):
+        FidelityScoring(clip=dino, dino=dino, subject_prompts=["a {}"], class_word="dog")  # the folders swapped
+    with pytest.raises(ConfigError, match=r"score.dino='bad id!': no model folder there"):
+        FidelityScoring(clip=tiny_scorer_path("clip"), dino="bad id!", subject_prompts=["a {}"], class_word="dog")
+    with pytest.raises(ConfigError, match=r"score.dino='a b/c d' is neither a folder nor a hub id"):
+        FidelityScoring(clip=tiny_scorer_path("clip"), dino="a b/c d", subject_prompts=["a {}"], class_word="dog")
     with pytest.raises(ConfigError, match="token.init_word is not set"):
         FidelityScoring(clip=tiny_scorer_path("clip"), dino=dino, subject_prompts=["a {}"], class_word=None)
     with pytest.raises(ConfigError, match=r"score.subject_prompts entry 'a dog' needs exactly one"):
@@ -208,14 +223,18 @@ def test_tinv_score_gives_the_callbacks_numbers_for_a_pt_file_a_kohya_file_and_a
     summary = json.loads((run / "summary.json").read_text())
     assert convert([str(run / "mychar.safetensors"), str(run / "mychar.pt"), "--to", "a1111"]) == 0
     images = str(demo_images_dir())
-    for n, args in enumerate(([str(run / "mychar.safetensors"), "--lora", str(run / "mychar-lora.safetensors")],
+    for n, args in enumerate(([str(run / "mychar.safetensors")],  # its -lora file beside it comes along
                               [str(run / "mychar.pt"), "--lora", str(run / "mychar-lora.safetensors")],
                               [str(run / "mychar-bundle.safetensors")])):
         assert score([*args, "--images", images, "--out", str(tmp_path / f"scores{n}")]) == 0, args
         found = json.loads((tmp_path / f"scores{n}" / "scores.json").read_text())
         for key in ("dino", "clip_i", "clip_t", "fidelity", "word_dino", "word_clip_t"):
             assert found[key] == pytest.approx(summary[key], abs=1e-5), (args[0], key)
-    assert "fidelity" in capsys.readouterr().out
+        assert found["lora"]
+    assert "with the LoRA" in capsys.readouterr().out
+    assert score([str(run / "mychar.safetensors"), "--no-lora", "--images", images, "--out", str(tmp_path / "bare")]) == 0
+    bare = json.loads((tmp_path / "bare" / "scores.json").read_text())
+    assert bare["lora"] is None and bare["word_dino"] == pytest.approx(summary["word_dino"], abs=1e-5)
 
 
 def test_tinv_score_says_what_is_missing_in_one_line(tmp_path, capsys):
@@ -234,6 +253,9 @@ def test_tinv_score_says_what_is_missing_in_one_line(tmp_path, capsys):
     assert score([str(other), "--images", str(demo_images_dir()), "--model", "tiny_sd15"]) == 2
     err = capsys.readouterr().err
     assert "give it with --class-word" in err and len(err.strip().splitlines()) == 1
+    assert score([str(other), "--images", str(demo_images_dir()), "--class-word", "dog", "--clip", "/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--clip='/nope': no model folder there" in err and "scorer=none" not in err
 
 
 def test_a_resumed_scored_run_keeps_its_class_word_numbers(tmp_path):
@@ -260,3 +282,41 @@ def test_the_prompts_follow_the_template_unless_score_kind_says_otherwise():
         scorer = FidelityScoring(kind=kind, score_kind=score_kind, **common)
         assert (scorer.prompts, scorer.reference_prompt) == (prompts, reference), (kind, score_kind)
     assert compose(["experiment=sdxl_style"]).callbacks.fidelity.score_kind == "style"
+
+
+def test_the_class_word_is_drawn_with_a_lora_switched_off_and_settings_decide_what_a_resume_keeps(tmp_path,
+                                                                                               monkeypatch):
+    """A run resumed without the class word's numbers (started with scorer=none, or other scorer settings) draws
+    them with the trained parts that can be switched off (a LoRA) off, as before training."""
+    from contextlib import contextmanager
+
+    states = []
+
+    class Lora:
+        off = False
+
+        @contextmanager
+        def switched_off(self):
+            self.off = True
+            yield
+            self.off = False
+
+    lora = Lora()
+    monkeypatch.setattr(scoring_callback, "sample_images",
+                        lambda run, specs, batch_size=1: states.append(lora.off) or [picture(1)] * len(specs))
+    picture(0).save(tmp_path / "0.png")
+    common = dict(clip=tiny_scorer_path("clip"), dino=tiny_scorer_path("dino"), subject_prompts=["a {} in the snow"],
+                  num_samples=1)
+    scorer = FidelityScoring(class_word="shape", **common)
+    scorer.on_dataset(SimpleNamespace(samples=[SimpleNamespace(path=tmp_path / "0.png")]))
+    run = fake_run(tmp_path)
+    run.parts = {"lora": lora}
+    scorer.on_start(run)
+    scorer.score(run)
+    assert states == [True, False]  # the class word without the LoRA, the token with it
+    kept = FidelityScoring(class_word="shape", **common)
+    kept.load_state_dict(scorer.state_dict())
+    assert kept.word == scorer.word
+    other = FidelityScoring(class_word="dog", **common)  # another class word: its numbers are drawn again
+    other.load_state_dict(scorer.state_dict())
+    assert other.word is None and other.seconds == scorer.seconds

@@ -8,7 +8,8 @@ Any embedding file tinv reads (A1111 .pt, kohya/ComfyUI safetensors, diffusers f
 token (and its class word) on fixed seeds and scores the samples as a run's `fidelity` callback does: DINO and
 CLIP-I against the images in --images, CLIP-T against the prompts with the class word, and `fidelity`, both
 together. A file from a tinv run takes the run's own settings (class word, template kind, prompts, sampler, steps,
-guidance, seeds, scorers) from the run folder beside it, so its numbers are the run's; each option overrides one.
+guidance, seeds, scorers) from the run folder beside it, and method=pivotal's -lora file beside it, so its numbers
+are the run's; each option overrides one.
 Writes the sample grids and scores.json to --out and prints the numbers.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -76,6 +78,7 @@ def score(args) -> dict:
     from ..formats.embedding import read_embedding
     from ..resources import ThreadShare
     from ..scoring.callback import FidelityScoring
+    from ..scoring.models import DEFAULT_CLIP, DEFAULT_DINO, locate
     from .generate import load_embedding
 
     embedding = Path(args.embedding).expanduser()
@@ -95,6 +98,14 @@ def score(args) -> dict:
     if not settings.get("class_word"):
         raise ConfigError(f"{embedding}: no class word (the file's run does not say one); give it with --class-word, "
                           "e.g. --class-word dog")
+    for key, kind, default in (("clip", "clip", DEFAULT_CLIP), ("dino", "dino", DEFAULT_DINO)):
+        settings[key] = locate(f"--{key}", settings[key], default, kind, off="")
+    lora = args.lora
+    beside = embedding.with_name(f"{embedding.stem}-lora.safetensors")
+    if lora is None and not args.no_lora and embedding.is_file() and beside.is_file():
+        lora = str(beside)  # method=pivotal's run wrote its LoRA beside the embedding: the run drew with both
+    if args.model:  # another model than the run's: its own size
+        settings.pop("resolution", None)
     threads = ThreadShare(args.threads)
     loaded = read_embedding(embedding)
     name = args.token or loaded.name or embedding.stem
@@ -103,23 +114,23 @@ def score(args) -> dict:
     scorer = FidelityScoring(**{k: settings.get(k) for k in keys}, token=name,
                              resolution=settings.get("resolution") or 512, batch_size=settings["batch_size"])
     opened = load_embedding(embedding, [f"a photo of {name}"], args.model, args.family, args.config_dir, name,
-                            args.lora, 1.0, args.cpu, prog="tinv-score", apply_lora=False)
+                            lora, 1.0, args.cpu, prog="tinv-score", apply_lora=False)
     if not settings.get("resolution"):  # not a tinv run's file: the model's own size
         scorer.spec.width = scorer.spec.height = opened.backbone.native_resolution
-    out = Path(args.out).expanduser() if args.out else \
-        (embedding if embedding.is_dir() else embedding.parent) / "scores" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = Path(args.out).expanduser() if args.out else (embedding if embedding.is_dir() else embedding.parent) / \
+        "scores" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{secrets.token_hex(2)}"  # two at once: two folders
     step = str(loaded.header.get("tinv.step", ""))
     run = ScoringRun(opened, out, int(step) if step.isdigit() else 0, threads)
     scorer.image_paths = list_images(images)
     threads.claim()
     try:
         scorer.on_start(run)  # the class word on the model as it was before training: without the LoRA
-        opened.add_lora(embedding, args.lora)
+        opened.add_lora(embedding, lora)
         scores = scorer.score(run)
     finally:
         threads.release()
     result = {"embedding": str(embedding), "token": name, "class_word": scorer.class_word, "images": str(images),
-              "model": opened.backbone.path, "lora": opened.lora, **scores,
+              "model": opened.backbone.path, "lora": (lora or f"{embedding.name}'s own (a bundle)") if opened.lora else None, **scores,
               **{f"word_{k}": v for k, v in scorer.word.items()}, "seconds": round(scorer.seconds, 1)}
     (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
     return result | {"out": out}
@@ -131,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("embedding", help="an embedding file (or a diffusers SDXL embedding folder)")
     parser.add_argument("--images", required=True, help="the folder of your subject's own images")
-    parser.add_argument("--lora", help="method=pivotal's -lora file (a bundle given as the embedding brings its own)")
+    parser.add_argument("--lora", help="method=pivotal's -lora file (default: <name>-lora.safetensors beside the "
+                        "embedding, as the run wrote it; a bundle given as the embedding brings its own)")
+    parser.add_argument("--no-lora", action="store_true", help="score the vectors alone, without the LoRA beside them")
     parser.add_argument("--model", help="base model: a model= choice, a hub id, a diffusers folder or a single file "
                         "(default: the one the embedding was trained on)")
     parser.add_argument("--family", choices=Family.values(), help="model family (default: from the embedding)")
@@ -139,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", help="the word for the vectors (default: the file's name for it)")
     parser.add_argument("--class-word", help="what the subject is, e.g. dog (default: the run's token.init_word)")
     parser.add_argument("--kind", choices=SubjectKind.values(), help="which prompts: a subject's or a style's "
-                        "(default: the run's template.kind, else object)")
+                        "(default: the run's score.kind, else its template.kind, else object)")
     parser.add_argument("--clip", help="CLIP scorer, hub id or folder (default: the run's score.clip)")
     parser.add_argument("--dino", help="DINO scorer, hub id or folder (default: the run's score.dino)")
     parser.add_argument("--samples", type=int, help="samples of 'a photo of <token>' (default: the run's)")
@@ -160,14 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         result = score(args)
     except ConfigError as err:
         return refuse("tinv-score", err)
-    print(f"tinv-score: {result['token']!r} (class word {result['class_word']!r}) on {result['model']}, "
+    lora = f" with the LoRA {result['lora']}" if result["lora"] else ""
+    print(f"tinv-score: {result['token']!r}{lora} (class word {result['class_word']!r}) on {result['model']}, "
           f"{result['seconds']:.0f} s")
     for label, keys in (("token", ("dino", "clip_i", "clip_t")), ("class word", ("word_dino", "word_clip_i",
                                                                                    "word_clip_t"))):
         print(f"  {label:<11} " + ", ".join(f"{k.removeprefix('word_')} {result[k]:.4f}" for k in keys))
     print(f"  fidelity    {result['fidelity']:.4f} (subject {result['subject_fidelity']:.4f}, prompt "
           f"{result['prompt_fidelity']:.4f})")
-    print(f"  samples     {result['out']}")
+    print(f"  samples     {result['out']} (grids in samples/, scores.json)")
     return 0
 
 

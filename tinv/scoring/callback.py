@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
 from ..atomic import atomic_path, write_text_atomic
@@ -47,7 +47,8 @@ class FidelityScoring:
         if not self.prompts:
             raise ConfigError(f"{key} is empty; give the prompts whose fidelity to score, each with one '{{}}'")
         check_one_slot(self.prompts, key, "the token")
-        self.clip, self.dino = locate("score.clip", clip, DEFAULT_CLIP), locate("score.dino", dino, DEFAULT_DINO)
+        self.clip = locate("score.clip", clip, DEFAULT_CLIP, "clip")
+        self.dino = locate("score.dino", dino, DEFAULT_DINO, "dino")
         self.reference_prompt = REFERENCE_PROMPTS.get(kind, REFERENCE_PROMPTS["object"])
         self.spec = PreviewPrompt("", negative_prompt, resolution, resolution, steps, guidance_scale, seed, sampler)
         self.num_samples, self.prompt_samples, self.every_n_steps = num_samples, prompt_samples, every_n_steps
@@ -61,12 +62,18 @@ class FidelityScoring:
         self.image_paths = [s.path for s in dataset.samples]
 
     def on_start(self, run) -> None:
-        """The class word's numbers, from the model before any step changed it (a resumed run has them)."""
+        """The class word's numbers, from the model as it was before training (a resumed run has them, unless it
+        was started without this scorer or with other settings: then they are drawn with the trained parts that
+        can be switched off, a LoRA, switched off)."""
         if self.word is None and run.is_main:
             started = time.perf_counter()
-            images = sample_images(run, self._specs(self.class_word), self.batch_size)
+            with ExitStack() as untrained:
+                for part in getattr(run, "parts", {}).values():
+                    if hasattr(part, "switched_off"):
+                        untrained.enter_context(part.switched_off())
+                images = sample_images(run, self._specs(self.class_word), self.batch_size)
             with self._scorers(run) as scorers:
-                self.word = self._numbers(scorers, images)
+                self.word = {k: v for k, v in self._numbers(scorers, images).items() if v is not None}
             run.log({f"val/word_{k}": v for k, v in self.word.items()})
             self._grid(run, "word.png", images, self.class_word)
             self.seconds += time.perf_counter() - started
@@ -83,11 +90,18 @@ class FidelityScoring:
                                     scoring_s=round(self.seconds, 1), fidelity_samples=str(
                 run.run_dir / "samples" / f"score-step-{run.step:08d}" / "grid.png"))
 
+    def _settings(self) -> dict:
+        """What the class word's numbers depend on: a resume with other settings draws them again."""
+        return {"class_word": self.class_word, "clip": self.clip, "dino": self.dino, "prompts": self.prompts,
+                "reference": self.reference_prompt, "spec": repr(self.spec), "num_samples": self.num_samples,
+                "prompt_samples": self.prompt_samples}
+
     def state_dict(self) -> dict:
-        return {"word": self.word, "seconds": self.seconds}
+        return {"word": self.word, "seconds": self.seconds, "settings": self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.word, self.seconds = state.get("word"), state.get("seconds", 0.0)
+        self.seconds = state.get("seconds", 0.0)
+        self.word = state.get("word") if state.get("settings") == self._settings() else None
 
     def _specs(self, subject: str) -> list[PreviewPrompt]:
         """The reference prompt on num_samples seeds, then each prompt on prompt_samples seeds."""
@@ -114,13 +128,14 @@ class FidelityScoring:
         photo, prompted = images[:self.num_samples], images[self.num_samples:]
         texts = [p.format(self.class_word) for p in self.prompts for _ in range(self.prompt_samples)]
         return measure({"dino": scorers.dino_images(photo), "clip_i": scorers.clip_images(photo)},
-                       scorers.clip_images(prompted), scorers.clip_texts(texts), self.references)
+                       scorers.clip_images(prompted), scorers.clip_texts(texts), self.references, self.prompt_samples)
 
     def score(self, run) -> dict[str, float]:
         started = time.perf_counter()
         images = sample_images(run, self._specs(self.token), self.batch_size)
         with self._scorers(run) as scorers:
             token = self._numbers(scorers, images)
+        token.pop("clip_t_floor")  # the scale's 0 comes from the class word's samples
         scores = {**token, **combined(token, self.word, self.references["ceiling"])}
         run.log({f"val/{k}": v for k, v in scores.items()})
         self._write(run, images, scores)

@@ -8,9 +8,11 @@ optimises on a real model.
 - the same three for the class word in place of the token, once per run: the floor of subject fidelity (what the
   model draws without the token) and the ceiling of prompt fidelity (the token should obey prompts as its word does);
 - `fidelity`, the objective: the harmonic mean of `subject` (DINO and CLIP-I, each scaled from the class word's
-  value, 0, to the training images' similarity to each other, 1) and `prompt` (CLIP-T as a share of the class
-  word's). Harmonic, so that an embedding which copies its training images whatever the prompt, or obeys prompts
-  but draws no subject, scores near 0: a sweep must not be able to win on one axis alone.
+  value, 0, to the training images' similarity to each other, 1) and `prompt` (CLIP-T scaled from what a sample
+  scores against the other prompts, 0, to the class word's own value, 1). Harmonic, so that an embedding which copies
+  its training images whatever the prompt, or obeys prompts but draws no subject, scores near 0: a sweep must not be
+  able to win on one axis alone. An axis below its 0 (the token worse than the plain word) is kept, not cut, and
+  then is the score: weak runs still rank among themselves.
 """
 
 from __future__ import annotations
@@ -35,26 +37,37 @@ def self_similarity(features: torch.Tensor) -> float | None:
 
 
 def measure(photo: dict[str, torch.Tensor], prompt_images: torch.Tensor, prompt_texts: torch.Tensor,
-            references: dict[str, torch.Tensor]) -> dict[str, float]:
-    """dino, clip_i (photo samples against the references, per scorer) and clip_t (row i of prompt_images against
-    row i of prompt_texts)."""
+            references: dict[str, torch.Tensor], per_prompt: int = 1) -> dict[str, float]:
+    """dino, clip_i (photo samples against the references, per scorer), clip_t (row i of prompt_images against row i
+    of prompt_texts, each prompt's rows `per_prompt` in a row) and clip_t_floor (rows against the other prompts' texts:
+    what CLIP-T is for an image the prompt does not describe; None with one prompt)."""
     scores = {key: mean_cosine(photo[key], references[key]) for key in SUBJECT_KEYS}
-    scores["clip_t"] = float((prompt_images * prompt_texts).sum(dim=1).mean())
+    sims = prompt_images @ prompt_texts.T
+    scores["clip_t"] = float(sims.diagonal().mean())
+    prompt_of = torch.arange(len(sims)) // per_prompt
+    other = prompt_of[:, None] != prompt_of[None, :]
+    scores["clip_t_floor"] = float(sims[other].mean()) if other.any() else None
     return scores
 
 
+def _scaled(value: float, low: float, high: float) -> float:
+    """value from low (0) to high (1), at most 1 and not cut below 0; a scale with no room counts reaching it."""
+    if high <= low:
+        return 1.0 if value >= high else 0.0
+    return min(1.0, (value - low) / (high - low))
+
+
 def combined(token: dict[str, float], word: dict[str, float], ceiling: dict[str, float | None]) -> dict[str, float]:
-    """subject, prompt and their harmonic mean `fidelity`, each in [0, 1] (see the module's docstring)."""
+    """subject, prompt (each at most 1) and `fidelity` (see the module's docstring)."""
     subject = []
     for key in SUBJECT_KEYS:
-        top = ceiling.get(key)
-        top = top if top is not None and top > word[key] else 1.0  # one image, or images less alike than the word's
-        subject.append(min(1.0, max(0.0, (token[key] - word[key]) / (top - word[key]))) if top > word[key] else 0.0)
+        top = ceiling.get(key)  # None with one training image; below the word's value for a very varied set
+        subject.append(_scaled(token[key], word[key], top if top is not None and top > word[key] else 1.0))
     subject_score = sum(subject) / len(subject)
-    if word["clip_t"] > 0:
-        prompt_score = min(1.0, max(0.0, token["clip_t"] / word["clip_t"]))
-    else:  # only a random scorer gets here: the token obeys as well as the word or not
-        prompt_score = float(token["clip_t"] >= word["clip_t"])
-    total = subject_score + prompt_score
-    return {"subject_fidelity": subject_score, "prompt_fidelity": prompt_score,
-            "fidelity": 2 * subject_score * prompt_score / total if total > 0 else 0.0}
+    floor = word.get("clip_t_floor")
+    prompt_score = _scaled(token["clip_t"], floor if floor is not None else 0.0, word["clip_t"])
+    if subject_score <= 0 or prompt_score <= 0:
+        fidelity = min(subject_score, prompt_score)  # the worse axis, so weak runs still rank
+    else:
+        fidelity = 2 * subject_score * prompt_score / (subject_score + prompt_score)
+    return {"subject_fidelity": subject_score, "prompt_fidelity": prompt_score, "fidelity": fidelity}

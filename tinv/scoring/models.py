@@ -5,6 +5,7 @@ its precision, and released after it so the training gets its memory back."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 from pathlib import Path
 
@@ -20,25 +21,40 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def locate(key: str, name: str, default: str) -> str:
+# what each scorer must be (config.json's model_type): CLIP for CLIP-I and CLIP-T, a plain ViT (DINO) for DINO
+SCORER_TYPES = {"clip": ("clip",), "dino": ("vit", "dinov2")}
+
+
+def locate(key: str, name: str, default: str, kind: str, off: str = "turn scoring off (scorer=none)") -> str:
     """`name` as transformers will load it: a local model folder, or a hub id (offline: one already in the Hugging
-    Face cache). Anything else is one line naming `key` and the fix."""
+    Face cache), whose config says it is the `kind` of model asked for. Anything else is one line naming `key`
+    and the fix (`off`: how to do without scoring)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
     if not name:
         raise ConfigError(f"{key} is empty; give a hub id (the default is {default}) or a local model folder")
     path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}={name!r}: no model folder there (no config.json); give a folder written by "
                               f"save_pretrained, or a hub id like {default}")
-        return str(path)
-    if _offline():
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise ConfigError(f"{key}={name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; run "
-                              f"`hf download {name}` once online, give a local folder, or turn scoring off "
-                              f"(scorer=none)")
-    return name
+        config = path / "config.json"
+    else:
+        try:
+            config = try_to_load_from_cache(name, "config.json")
+        except HFValidationError:
+            raise ConfigError(f"{key}={name!r} is neither a folder nor a hub id like {default}") from None
+        if not isinstance(config, str) and _offline():
+            raise ConfigError(f"{key}={name!r}: no folder of that name here, and as a hub id it is not in the Hugging "
+                              f"Face cache with HF_HUB_OFFLINE set; run `hf download {name}` once online, give a "
+                              f"local folder{', or ' + off if off else ''}")
+    if isinstance(config, (str, Path)):  # known here: check it is the scorer asked for (online, the download tells)
+        found = json.loads(Path(config).read_text()).get("model_type")
+        if found not in SCORER_TYPES[kind]:
+            raise ConfigError(f"{key}={name!r} is a {found!r} model; {key} needs a {' or '.join(SCORER_TYPES[kind])} "
+                              f"model such as {default}")
+    return name if not path.exists() else str(path)
 
 
 def scorer_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:

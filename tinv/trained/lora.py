@@ -7,6 +7,7 @@ LoRA with the vectors inside, one file for A1111/Forge (the layouts: tinv.format
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -238,13 +239,20 @@ class LoraWeights:
     def _without(self, micro, ids) -> torch.Tensor:
         """The model's output without the LoRA (no gradients) on the micro-batch's noised latents."""
         bb = self.run.backbone
-        self._adapters(False)  # the model as it was
-        try:
+        with self.switched_off():
             return bb.predict(micro.noisy.to(bb.unet.dtype), micro.timesteps, ids, micro.batch)
+
+    @contextmanager
+    def switched_off(self):
+        """The model as it was before the LoRA (a scorer's class word is drawn so); everything restored after."""
+        wanted = [p.requires_grad for p in self.parameters()]
+        self._adapters(False)
+        try:
+            yield
         finally:
             self._adapters(True)
-            for p in self.parameters():  # peft's switch also sets requires_grad; the phase decides that
-                p.requires_grad_(True)
+            for p, grad in zip(self.parameters(), wanted):  # peft's switch also sets requires_grad; keep ours
+                p.requires_grad_(grad)
 
     def _adapters(self, enabled: bool) -> None:
         for layers in self.layers.values():
