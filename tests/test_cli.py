@@ -83,8 +83,9 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
-    ok = subprocess.run(_script("tinv-train") + ["model=sd15", "model.path=tinv/tiny-sd15", "model.resolution=64",
-                                                 "train.max_steps=1", "logger=none", f"hydra.run.dir={tmp_path / 'a'}"],
+    ok = subprocess.run(_script("tinv-train") + ["model=sd15", "scorer=none", "model.path=tinv/tiny-sd15",
+                                                 "model.resolution=64", "train.max_steps=1", "logger=none",
+                                                 f"hydra.run.dir={tmp_path / 'a'}"],
                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (tmp_path / "a" / "mychar.safetensors").is_file()

@@ -41,22 +41,32 @@ def test_runs_started_together_get_their_own_folders(tmp_path):
     assert seeds == [1, 2]  # each folder holds one run's files, not a mix
 
 
-def test_a_folder_with_a_run_in_it_is_never_taken_over_and_a_failed_resume_changes_nothing(tmp_path):
+def finished_run(tmp_path):
+    """A finished two-step run, and a check that its files are as it left them."""
     run = tmp_path / "run"
     first = tinv(["train.max_steps=2", "logger=none", f"hydra.run.dir={run}"], tmp_path)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+
     def snapshot():
         return {p.name: p.read_bytes() for p in [*(run / ".hydra").iterdir(), run / "summary.json",
                                                  run / "metrics.jsonl", run / "mychar.safetensors"]}
 
     record = snapshot()
-    unchanged = lambda: snapshot() == record  # noqa: E731
+    return run, lambda: snapshot() == record
 
+
+def test_a_folder_with_a_run_in_it_is_never_taken_over(tmp_path):
+    run, unchanged = finished_run(tmp_path)
     second = tinv(["train.max_steps=2", "logger=none", f"hydra.run.dir={run}"], tmp_path)
     assert second.wait(timeout=300) == 2
     err = second.stderr.read()
     assert f"hydra.run.dir={run} already holds a run" in err and f"resume={run}" in err
     assert len(err.strip().splitlines()) == 1 and unchanged()
+
+
+@pytest.mark.slow  # three runs, about 15 s; the sibling above checks the folder is refused and left as it was
+def test_a_failed_resume_changes_nothing_and_the_plain_resume_still_works(tmp_path):
+    run, unchanged = finished_run(tmp_path)
     wrong = tinv([f"resume={run}", "model=tiny_sdxl", "train.max_steps=3"], tmp_path)  # another model: it fails
     assert wrong.wait(timeout=300) != 0 and unchanged(), wrong.stderr.read()[-2000:]
     again = tinv([f"resume={run}", "train.max_steps=3"], tmp_path)  # so the plain resume still works

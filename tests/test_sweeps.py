@@ -239,7 +239,8 @@ def test_ctrl_c_stops_a_local_sweep_not_just_its_job(tmp_path):
     assert json.loads(next(sweep.glob("0_*/summary.json")).read_text())["stopped_by"] == "SIGINT"
 
 
-def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
+def joblib_sweep_with_a_failing_job(tmp_path) -> list[str]:
+    """Three jobs, two at a time, one with a bad value: its arguments, once checked."""
     sweep = tmp_path / "par"
     folder = odd_image_folders(tmp_path)[0]  # a value with `/`, `=`, `,`, spaces and quotes: still flat folders
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=5e-3,1e-2,-1", "train.max_steps=3",
@@ -256,6 +257,16 @@ def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
     assert subprocess.run([sys.executable, "-m", "tinv.commands.report", str(sweep)], capture_output=True).returncode == 0
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [r["status"].split(":")[0] for r in rows] == ["ok", "ok", "failed"]
+    return args
+
+
+def test_joblib_runs_in_parallel_and_a_failing_job_leaves_the_rest(tmp_path):
+    joblib_sweep_with_a_failing_job(tmp_path)
+
+
+@pytest.mark.slow  # the sweep above and its restart, about 35 s
+def test_a_joblib_sweep_started_again_gives_its_finished_jobs_results_again(tmp_path):
+    args = joblib_sweep_with_a_failing_job(tmp_path)
     again = tinv(args, cwd=tmp_path)  # started again in its folder: the finished jobs give their results again
     assert again.stdout.count("resumes from its state") == 2, again.stdout + again.stderr[-2000:]
 
@@ -401,19 +412,18 @@ def test_pivotal_sweep_runs_each_distinct_job_once(tmp_path):
     assert "would repeat job" in proc.stdout and "sweep done, 4 of 4 jobs finished" in proc.stdout
 
 
-def test_a_sweep_over_scored_tiny_models_ranks_by_fidelity_and_the_report_agrees(tmp_path):
-    """On tiny SD1, SD2 and SDXL scored by the tiny CLIP and DINO, val/fidelity is each job's objective; the sweep
-    names the job with the highest, and tinv-report ranks them in the same order."""
+def scored_sweep(tmp_path, *params):
+    """A sweep of scored tiny runs (the tiny CLIP and DINO), checked: each job's objective is its val/fidelity, the
+    sweep names the highest, tinv-report ranks in the same order and links each job's grid. Returns the summaries."""
     from tinv.scoring.tiny import tiny_scorer_path
 
     sweep = tmp_path / "scored"
-    proc = tinv(["-m", "model=tiny_sd15,tiny_sd2,tiny_sdxl", "optimizer.lr=1e-3,5e-2", "~world", "logger=none",
-                 f"score.clip={tiny_scorer_path('clip')}", f"score.dino={tiny_scorer_path('dino')}",
-                 "token.init_word=shape", "train.max_steps=2", "sample.steps=2", "score.num_samples=1",
-                 "score.subject_prompts=['a {} in the snow']", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    proc = tinv(["-m", *params, "~world", "logger=none", f"score.clip={tiny_scorer_path('clip')}",
+                 f"score.dino={tiny_scorer_path('dino')}", "token.init_word=shape", "train.max_steps=2",
+                 "sample.steps=2", "score.num_samples=1", "score.subject_prompts=['a {} in the snow']",
+                 f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = summaries(sweep)
-    assert len(found) == 6 and {s["family"] for s in found} == {"sd1", "sd2", "sdxl"}
     assert all(s["objective_name"] == "best val/fidelity" and s["objective"] == s["fidelity"] for s in found)
     best = max(found, key=lambda s: s["objective"])
     assert f"embedding  {best['embedding']}" in proc.stdout
@@ -422,4 +432,16 @@ def test_a_sweep_over_scored_tiny_models_ranks_by_fidelity_and_the_report_agrees
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [float(r["objective"]) for r in rows] == sorted((s["objective"] for s in found), reverse=True)
     assert {"dino", "clip_i", "clip_t", "word_dino"} <= rows[0].keys()
-    assert (sweep / "report.md").read_text().count("[grid](") == 6  # each job's sample grid, linked
+    assert (sweep / "report.md").read_text().count("[grid](") == len(found)  # each job's sample grid, linked
+    return found
+
+
+def test_a_sweep_of_scored_runs_ranks_by_fidelity_and_the_report_agrees(tmp_path):
+    found = scored_sweep(tmp_path, "optimizer.lr=1e-3,5e-2")
+    assert len(found) == 2 and found[0]["objective"] != found[1]["objective"]
+
+
+@pytest.mark.slow  # six scored jobs, about 20 s; the sibling above sweeps SD1 alone
+def test_a_sweep_over_scored_tiny_sd1_sd2_and_sdxl_ranks_by_fidelity(tmp_path):
+    found = scored_sweep(tmp_path, "model=tiny_sd15,tiny_sd2,tiny_sdxl", "optimizer.lr=1e-3,5e-2")
+    assert len(found) == 6 and {s["family"] for s in found} == {"sd1", "sd2", "sdxl"}

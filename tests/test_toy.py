@@ -98,6 +98,7 @@ def test_the_star_is_outside_pretraining_yet_rendered_and_judged(tmp_path):
         assert (judge.predict(x) == labels).all(1).float().mean() >= 0.97
 
 
+@pytest.mark.slow  # two tinv-eval processes, about 20 s; test_editability_is_..._deterministic checks the scores
 def test_tinv_eval_is_deterministic(tmp_path):
     def run(name):
         out = tmp_path / f"{name}.json"
@@ -165,11 +166,11 @@ def test_pretraining_is_deterministic_from_its_seed(tmp_path):
 def test_the_best_file_follows_the_toy_objective_the_concept_score(run_dir):
     from safetensors import safe_open
 
-    result = train(run_dir, ["model=toy", "train.max_steps=20", "val.every_n_steps=5",
-                             "callbacks.concept.num_samples=8", "callbacks.concept.edit_samples=4"])
+    result = train(run_dir, ["model=toy", "train.max_steps=12", "val.every_n_steps=4",
+                             "callbacks.concept.num_samples=6", "callbacks.concept.edit_samples=2"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     scores = [(r["step"], r["val/concept_and_edit"]) for r in records if "val/concept_and_edit" in r]
-    assert [s for s, _ in scores] == [5, 10, 15, 20]
+    assert [s for s, _ in scores] == [4, 8, 12]
     best_step, best = max(scores, key=lambda x: (x[1], -x[0]))  # the first step that reached the maximum
     assert (result.summary["best_step"], result.summary["best_val_concept_and_edit"]) == (best_step, best)
     assert result.summary["objective"] == best and "best_val_loss" not in result.summary
@@ -386,6 +387,7 @@ def test_the_committed_masks_table_is_what_its_commands_measure(monkeypatch):
     assert len(table["rows"]) == len(methods) * len(concepts)
 
 
+@pytest.mark.slow  # two toy runs through the benchmark, about 25 s; the golden runs are bit-exact by default
 def test_a_masks_benchmark_row_is_the_same_measured_twice(tmp_path, monkeypatch):
     """The benchmark's rows depend on nothing but the command: a short masked row, measured in two work folders,
     gives the same numbers (judged on fewer samples than the table's, to be quick)."""
