@@ -119,6 +119,7 @@ class LoadedEmbedding:
     keys: dict  # Backbone.from_pretrained's keys
     device: object
     lora: bool  # a LoRA was loaded beside the vectors
+    loaded: object = None  # the embedding file as read (its vectors, name and header)
 
     def add_lora(self, embedding: Path, lora: str | None, scale: float = 1.0) -> bool:
         """The `lora` file, or the LoRA a bundled `embedding` carries, into the model's own modules (so every
@@ -167,7 +168,7 @@ def load_embedding(embedding: Path, prompts: list[str], model: str | None, famil
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     backbone.load_models(device, dtype, torch.float32 if backbone.keeps_vae_fp32 else dtype)
     token.install(backbone.encoders, seed=0)
-    opened = LoadedEmbedding(backbone, token, keys, device, False)
+    opened = LoadedEmbedding(backbone, token, keys, device, False, loaded)
     if apply_lora:
         opened.add_lora(embedding, lora, lora_scale)
     return opened

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..choices import Family, Sampler, SubjectKind
 from ..errors import ConfigError, refuse
 from ..resources import add_threads_option
@@ -75,7 +76,6 @@ def score(args) -> dict:
 
     from ..config import SampleConfig, ScoreConfig
     from ..data.images import list_images
-    from ..formats.embedding import read_embedding
     from ..resources import ThreadShare
     from ..scoring.callback import FidelityScoring
     from ..scoring.models import DEFAULT_CLIP, DEFAULT_DINO, locate
@@ -107,14 +107,15 @@ def score(args) -> dict:
     if args.model:  # another model than the run's: its own size
         settings.pop("resolution", None)
     threads = ThreadShare(args.threads)
-    loaded = read_embedding(embedding)
-    name = args.token or loaded.name or embedding.stem
     keys = ("clip", "dino", "kind", "score_kind", "subject_prompts", "style_prompts", "num_samples", "prompt_samples",
             "sampler", "steps", "guidance_scale", "negative_prompt", "seed", "class_word")
-    scorer = FidelityScoring(**{k: settings.get(k) for k in keys}, token=name,
-                             resolution=settings.get("resolution") or 512, batch_size=settings["batch_size"])
-    opened = load_embedding(embedding, [f"a photo of {name}"], args.model, args.family, args.config_dir, name,
-                            lora, 1.0, args.cpu, prog="tinv-score", apply_lora=False)
+    # built before the model loads, so a bad setting says so at once; the token's word is known once it has loaded
+    scorer = FidelityScoring(**{k: settings.get(k) for k in keys}, resolution=settings.get("resolution") or 512,
+                             batch_size=settings["batch_size"])
+    opened = load_embedding(embedding, [], args.model, args.family, args.config_dir, args.token, lora, 1.0, args.cpu,
+                            prog="tinv-score", apply_lora=False)
+    loaded, name = opened.loaded, opened.token.string
+    scorer.token = name
     if not settings.get("resolution"):  # not a tinv run's file: the model's own size
         scorer.spec.width = scorer.spec.height = opened.backbone.native_resolution
     out = Path(args.out).expanduser() if args.out else (embedding if embedding.is_dir() else embedding.parent) / \
@@ -129,10 +130,11 @@ def score(args) -> dict:
         scores = scorer.score(run)
     finally:
         threads.release()
+    used_lora = (lora or f"{embedding.name}'s own (a bundle)") if opened.lora else None
     result = {"embedding": str(embedding), "token": name, "class_word": scorer.class_word, "images": str(images),
-              "model": opened.backbone.path, "lora": (lora or f"{embedding.name}'s own (a bundle)") if opened.lora else None, **scores,
+              "model": opened.backbone.path, "lora": used_lora, **scores,
               **{f"word_{k}": v for k, v in scorer.word.items()}, "seconds": round(scorer.seconds, 1)}
-    (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / "scores.json", json.dumps(result, indent=1) + "\n")
     return result | {"out": out}
 
 
