@@ -340,6 +340,18 @@ def test_the_background_prior_acts_only_where_the_mask_is_off(tmp_path):
     torch.testing.assert_close(term, 5.0 * ((prediction - base) ** 2).mean())
     term.backward()
     assert all(layer.lora_B["tinv"].weight.grad is not None for layer in part.layers["unet"].values())
+    # lora.background_with=context: the same change, on the token's prompts that ask for other backgrounds
+    part.background_with = "context"
+    asked = ["a mychar on a gray background", "a mychar on a brown background"]
+    part.background_prompts, result.run.state.micro_step = asked, 0
+    half = torch.cat([zeros[:1], ones[1:]])  # the first sample all background, the second all subject
+    with torch.no_grad():
+        with_lora = bb.predict(noisy, t, result.run.input_ids(asked), batch)
+        part._adapters(False)
+        without_lora = bb.predict(noisy, t, result.run.input_ids(asked), batch)
+        part._adapters(True)
+    expected = 5.0 * ((with_lora[:1] - without_lora[:1]) ** 2).sum() / with_lora.numel()
+    torch.testing.assert_close(part.loss_term(MicroBatch(noisy, t, batch, prediction, half)), expected)
 
 
 @pytest.mark.slow  # two subprocess runs and a resume (about a minute); the crash-and-resume test above is its sibling

@@ -36,6 +36,7 @@ SaveFormat = _choices("SaveFormat", "safetensors", "pt")
 LoraFormat = _choices("LoraFormat", "kohya", "diffusers")  # the LoRA file's key layout (tinv/trained/lora.py)
 # lora.preserve_with: what the LoRA keeps (tinv/trained/lora.py)
 PreserveWith = _choices("PreserveWith", "word", "token", "edit", "context")
+BackgroundWith = _choices("BackgroundWith", "caption", "context")
 TrackerMode = _choices("TrackerMode", "online", "offline", "disabled")
 TokenNorm = _choices("TokenNorm", "none", "clamp_to_vocab_max", "l2_to_init")
 InitFrom = _choices("InitFrom", "input", "output")  # the init word's token embedding, or the encoder's output for it

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
-from .choices import (BadMask, Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType,
+from .choices import (BackgroundWith, BadMask, Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType,
                       PreserveWith, Reduce, SaveFormat, Sampler, SubjectKind, TemplateKind, TokenNorm, TrackerMode,
                       TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
@@ -118,6 +118,8 @@ class LoraConfig:
     stop_frac: float = within(0.0, 1.0, 1.0)  # ... to this one
     background_prior: float = at_least(0, 0.0)  # with masks: where the mask is off, pull the prediction to the
     # model's own without the LoRA (the vectors kept), so the LoRA learns nothing of the background
+    background_with: BackgroundWith = "caption"  # the prompts the prior holds: caption = the batch's own; context =
+    # lora.preserve_prompts with the token (e.g. "a {} on a gray background"): the background stays the prompt's
     preserve_weight: float = at_least(0, 0.0)  # > 0: keep the UNet's output for preserve_prompts as the frozen model's
     preserve_prompts: Optional[list[str]] = None  # "{}" = token.init_word; None = token.context_prompts
     preserve_with: PreserveWith = "word"  # word: the init word's prompts, the frozen model as teacher; token: the

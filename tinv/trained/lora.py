@@ -62,7 +62,8 @@ class LoraWeights:
                  start_frac: float = 0.0, stop_frac: float = 1.0, format: str = "kohya", bundle: bool = True,
                  preserve_weight: float = 0.0, preserve_prompts: list[str] | None = None,
                  context_prompts: list[str] | None = None, preserve_with: str = "word",
-                 unet_levels: list[int] | None = None, background_prior: float = 0.0):
+                 unet_levels: list[int] | None = None, background_prior: float = 0.0,
+                 background_with: str = "caption"):
         # the limits of these values are the schema's (tinv.config.LoraConfig), checked before any model loads
         self.rank, self.alpha, self.dropout = rank, float(alpha if alpha is not None else rank), dropout
         self.lr, self.text_encoder, self.text_encoder_lr = lr, text_encoder, text_encoder_lr or lr
@@ -72,10 +73,10 @@ class LoraWeights:
         self.start_frac, self.stop_frac = start_frac, stop_frac
         self.format, self.bundle = format, bundle
         self.preserve_prompts = list(preserve_prompts or context_prompts or CONTEXT_PROMPTS)
-        if preserve_weight:
+        if preserve_weight or (background_prior and background_with == "context"):
             check_one_slot(self.preserve_prompts, "lora.preserve_prompts", "the init word")
         self.preserve_weight, self.preserve_with = preserve_weight, preserve_with
-        self.background_prior = background_prior
+        self.background_prior, self.background_with = background_prior, background_with
         self.layers: dict[str, dict[str, nn.Module]] = {}  # owner (unet | encoder key) -> {module path: LoRA layer}
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -101,6 +102,8 @@ class LoraWeights:
             self.reference = f"a {word}"  # preserve_with=edit: what the other words of a prompt change is against this
             if self.preserve_with == "context":
                 self._context_setup(run)
+        # lora.background_with=context: the token in the prompts that ask for other backgrounds
+        self.background_prompts = [p.format(run.token.string) for p in self.preserve_prompts]
         log.info("LoRA rank %d, alpha %g in %d modules (%s)", self.rank, self.alpha,
                  sum(len(v) for v in self.layers.values()), ", ".join(self.layers))
 
@@ -205,9 +208,18 @@ class LoraWeights:
     def _background_change(self, micro) -> torch.Tensor:
         """lora.background_prior: the mean squared change the LoRA makes to the prediction where the mask is off,
         the model without the LoRA (the vectors kept) as the teacher, so the training background teaches the LoRA
-        nothing (OneTrainer's masked prior preservation)."""
-        target = self._without(micro, self.run.input_ids(micro.batch["prompts"]))
-        change = (micro.prediction.float() - target.float()) ** 2
+        nothing (OneTrainer's masked prior preservation). `caption`: on the batch's own captions; `context`: on the
+        token's prompts that ask for other content (one more UNet pass), so the LoRA leaves a background the prompt
+        asks for as the vectors alone draw it, and stays free inside the subject."""
+        if self.background_with == "context":
+            n = micro.noisy.shape[0]
+            start = self.run.state.micro_step * n  # the prompts cycle with the micro-steps: the same on a resume
+            prompts = [self.background_prompts[(start + i) % len(self.background_prompts)] for i in range(n)]
+            prediction, target = self._with_and_without(micro, prompts)
+        else:
+            prediction = micro.prediction
+            target = self._without(micro, self.run.input_ids(micro.batch["prompts"]))
+        change = (prediction.float() - target.float()) ** 2
         return (change * (1.0 - micro.masks.to(change.dtype))).mean()
 
     def _preserved_change(self, micro) -> torch.Tensor:
