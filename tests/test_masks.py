@@ -370,3 +370,15 @@ def test_data_debug_shows_each_samples_mask(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"mask:    {d / 'img0-masklabel.png'}, subject 11% of the crop" in out  # a 21x21 block of 64x64
     assert "mask:    none (every pixel counts), subject 100% of the crop" in out
+
+
+def test_the_background_margin_frees_a_band_around_the_subject():
+    from tinv.trained.lora import LoraWeights
+
+    mask = torch.zeros(1, 1, 10, 20)
+    mask[0, 0, 4, 5] = 0.5  # a latent cell half the subject
+    part = LoraWeights(background_prior=1.0, background_margin=0.2)  # 0.2 x 10 rows = 2 cells each way
+    far = part._far_background(mask)[0, 0]
+    assert (far[2:7, 3:8] == 0.5).all() and far.sum() == 200 - 25 * 0.5  # the band weighs as the subject's cell
+    part.background_margin = 0.0
+    torch.testing.assert_close(part._far_background(mask), 1.0 - mask)

@@ -120,6 +120,8 @@ class LoraConfig:
     # model's own without the LoRA (the vectors kept), so the LoRA learns nothing of the background
     background_with: BackgroundWith = "caption"  # the prompts the prior holds: caption = the batch's own; context =
     # lora.preserve_prompts with the token (e.g. "a {} on a gray background"): the background stays the prompt's
+    background_margin: float = within(0.0, 0.5, 0.0)  # the prior leaves a band this wide (a fraction of the
+    # latent's shorter side) around the subject free: the LoRA may draw an outline there the vectors cannot
     preserve_weight: float = at_least(0, 0.0)  # > 0: keep the UNet's output for preserve_prompts as the frozen model's
     preserve_prompts: Optional[list[str]] = None  # "{}" = token.init_word; None = token.context_prompts
     preserve_with: PreserveWith = "word"  # word: the init word's prompts, the frozen model as teacher; token: the

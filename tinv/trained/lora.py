@@ -63,7 +63,7 @@ class LoraWeights:
                  preserve_weight: float = 0.0, preserve_prompts: list[str] | None = None,
                  context_prompts: list[str] | None = None, preserve_with: str = "word",
                  unet_levels: list[int] | None = None, background_prior: float = 0.0,
-                 background_with: str = "caption"):
+                 background_with: str = "caption", background_margin: float = 0.0):
         # the limits of these values are the schema's (tinv.config.LoraConfig), checked before any model loads
         self.rank, self.alpha, self.dropout = rank, float(alpha if alpha is not None else rank), dropout
         self.lr, self.text_encoder, self.text_encoder_lr = lr, text_encoder, text_encoder_lr or lr
@@ -74,9 +74,10 @@ class LoraWeights:
         self.format, self.bundle = format, bundle
         self.preserve_prompts = list(preserve_prompts or context_prompts or CONTEXT_PROMPTS)
         if preserve_weight or (background_prior and background_with == "context"):
-            check_one_slot(self.preserve_prompts, "lora.preserve_prompts", "the init word")
+            check_one_slot(self.preserve_prompts, "lora.preserve_prompts", "the init word or the token")
         self.preserve_weight, self.preserve_with = preserve_weight, preserve_with
         self.background_prior, self.background_with = background_prior, background_with
+        self.background_margin = background_margin
         self.layers: dict[str, dict[str, nn.Module]] = {}  # owner (unet | encoder key) -> {module path: LoRA layer}
 
     # ---- setup ------------------------------------------------------------------------------------------------------
@@ -220,7 +221,16 @@ class LoraWeights:
             prediction = micro.prediction
             target = self._without(micro, self.run.input_ids(micro.batch["prompts"]))
         change = (prediction.float() - target.float()) ** 2
-        return (change * (1.0 - micro.masks.to(change.dtype))).mean()
+        return (change * self._far_background(micro.masks.to(change.dtype))).mean()
+
+    def _far_background(self, masks: torch.Tensor) -> torch.Tensor:
+        """Where the prior holds: the mask's background, less a band of lora.background_margin (a fraction of the
+        latent's shorter side) around the subject, where the LoRA may still draw an outline the vectors cannot (a
+        star's points and the background between them)."""
+        cells = round(self.background_margin * min(masks.shape[-2:]))
+        if cells:
+            masks = nn.functional.max_pool2d(masks, 2 * cells + 1, stride=1, padding=cells)
+        return 1.0 - masks
 
     def _preserved_change(self, micro) -> torch.Tensor:
         """The mean squared change the LoRA makes, on this micro-batch's noised latents, to the UNet's output
