@@ -213,10 +213,7 @@ class LoraWeights:
         token's prompts that ask for other content (one more UNet pass), so the LoRA leaves a background the prompt
         asks for as the vectors alone draw it, and stays free inside the subject."""
         if self.background_with == "context":
-            n = micro.noisy.shape[0]
-            start = self.run.state.micro_step * n  # the prompts cycle with the micro-steps: the same on a resume
-            prompts = [self.background_prompts[(start + i) % len(self.background_prompts)] for i in range(n)]
-            prediction, target = self._with_and_without(micro, prompts)
+            prediction, target = self._with_and_without(micro, self._cycled(self.background_prompts, micro))
         else:
             prediction = micro.prediction
             target = self._without(micro, self.run.input_ids(micro.batch["prompts"]))
@@ -242,13 +239,17 @@ class LoraWeights:
         if self.preserve_with == "context":
             return self._context_change()
         n = micro.noisy.shape[0]
-        start = self.run.state.micro_step * n  # the prompts cycle with the micro-steps: the same on a resume
-        prompts = [self.preserved[(start + i) % len(self.preserved)] for i in range(n)]
-        pred, target = self._with_and_without(micro, prompts)
+        pred, target = self._with_and_without(micro, self._cycled(self.preserved, micro))
         if self.preserve_with == "edit":
             alone, alone_target = self._with_and_without(micro, [self.reference] * n)
             pred, target = pred - alone, target - alone_target
         return nn.functional.mse_loss(pred.float(), target.float())
+
+    def _cycled(self, prompts: list[str], micro) -> list[str]:
+        """One prompt per sample of the micro-batch, cycling with the micro-steps: the same on a resume."""
+        n = micro.noisy.shape[0]
+        start = self.run.state.micro_step * n
+        return [prompts[(start + i) % len(prompts)] for i in range(n)]
 
     def _with_and_without(self, micro, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet's output for `prompts` on the micro-batch's noised latents with the LoRA (with gradients) and
