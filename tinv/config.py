@@ -116,11 +116,12 @@ class LoraConfig:
     text_encoder_targets: Optional[list[str]] = None  # None = q_proj, k_proj, v_proj, out_proj
     start_frac: float = within(0.0, 1.0, 0.0)  # the LoRA trains from this fraction of train.max_steps ...
     stop_frac: float = within(0.0, 1.0, 1.0)  # ... to this one
-    background_prior: float = at_least(0, 0.0)  # with masks: where the mask is off, pull the prediction to the
-    # model's own without the LoRA (the vectors kept), so the LoRA learns nothing of the background
+    background_prior: float = at_least(0, 10.0)  # with masks: where the mask is off, pull the prediction to the
+    # model's own without the LoRA (the vectors kept), so the LoRA learns nothing of the background (10 and the
+    # margin 0.2: measured on the toy world, docs/measurements.md; no masks, no term)
     background_with: BackgroundWith = "caption"  # the prompts the prior holds: caption = the batch's own; context =
     # lora.preserve_prompts with the token (e.g. "a {} on a gray background"): the background stays the prompt's
-    background_margin: float = within(0.0, 0.5, 0.0)  # the prior leaves a band this wide (a fraction of the
+    background_margin: float = within(0.0, 0.5, 0.2)  # the prior leaves a band this wide (a fraction of the
     # latent's shorter side) around the subject free: the LoRA may draw an outline there the vectors cannot
     preserve_weight: float = at_least(0, 0.0)  # > 0: keep the UNet's output for preserve_prompts as the frozen model's
     preserve_prompts: Optional[list[str]] = None  # "{}" = token.init_word; None = token.context_prompts
