@@ -314,13 +314,15 @@ def test_items_without_pixels_carry_no_mask_and_collate_keeps_none(tmp_path):
 def test_the_background_prior_acts_only_where_the_mask_is_off(tmp_path):
     from tinv.parts import MicroBatch
 
-    def run(name, prior):
+    def run(name, *keys):
         result = train(tmp_path / name, _masked_args(tmp_path, ["train.max_steps=4", "method=pivotal",
-                                                                "lora.start_frac=0", f"lora.background_prior={prior}"]))
+                                                                "lora.start_frac=0", *keys]))
         return result, load_file(str(tmp_path / name / "mychar-lora.safetensors"))
 
-    _, without = run("a", 0.0)
-    result, with_prior = run("b", 5.0)
+    _, without = run("a", "lora.background_prior=0")
+    _, by_default = run("c")  # with masks the prior is on without a key
+    assert not all(torch.equal(without[k], v) for k, v in by_default.items())
+    result, with_prior = run("b", "lora.background_prior=5.0", "lora.background_margin=0")
     assert not all(torch.equal(without[k], v) for k, v in with_prior.items())  # it changed what the LoRA learned
     part, bb = result.run.parts["lora"], result.run.backbone
     with torch.no_grad():

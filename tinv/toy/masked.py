@@ -20,7 +20,6 @@ MASKED_METHODS = {
     "ti+photos": ["data.image_dir={photos}", "callbacks.concept.concept='{concept}'"],
     "pivotal": ["method=pivotal"],
     "pivotal+masks": ["method=pivotal", "data.mask_dir={masks}"],
-    "pivotal+photos": ["method=pivotal", "data.image_dir={photos}", "callbacks.concept.concept='{concept}'"],
 }
 # issue 32: the masked defaults against the unmasked runs of the same concepts
 MASKED_TARGETS = {"star_subject_accuracy": 0.8, "star_editability": 0.7, "world_editability_slack": 0.02,
