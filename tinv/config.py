@@ -20,9 +20,9 @@ from typing import Any, Dict, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf, open_dict
 
-from .choices import (BackgroundWith, BadMask, Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision, PredictionType,
-                      PreserveWith, Reduce, SaveFormat, Sampler, SubjectKind, TemplateKind, TokenNorm, TrackerMode,
-                      TrainEncoders)
+from .choices import (BackgroundWith, BadMask, Family, InitFrom, LoraFormat, LrScale, MissingToken, Mode, Precision,
+                      PredictionType, PreserveWith, Reduce, SaveFormat, Sampler, SubjectKind, TemplateKind, TokenNorm,
+                      TrackerMode, TrainEncoders)
 from .data.spec import DatasetSpec, SubsetSpec, keys_of
 from .errors import ConfigError
 from .sweeping.jobs import job_folder_name
