@@ -158,7 +158,7 @@ class TrainingSet(Dataset):
             problem = (f"has no mask {where}" if sample.mask is None else
                        mask_problem(sample.mask, sample.size, self.max_image_pixels))
             if problem and sample.mask is not None:
-                problem = (f"its alpha channel: {problem}" if sample.mask.alpha else
+                problem = (f"its alpha channel {problem}" if sample.mask.alpha else
                            f"its mask {sample.mask.path} {problem}")
             if problem:
                 bad += 1

@@ -107,6 +107,9 @@ class LoraWeights:
         self.background_prompts = [p.format(run.token.string) for p in self.preserve_prompts]
         log.info("LoRA rank %d, alpha %g in %d modules (%s)", self.rank, self.alpha,
                  sum(len(v) for v in self.layers.values()), ", ".join(self.layers))
+        if self.background_prior:
+            log.info("with masks: background prior %g on the %s prompts, a margin of %g around the subject",
+                     self.background_prior, self.background_with, self.background_margin)
 
     def _unet_modules(self, unet: nn.Module) -> list[str]:
         """peft's target_modules for the UNet: the target endings, or, with lora.unet_levels, the full paths of the
