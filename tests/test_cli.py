@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from conftest import cli
 
@@ -61,6 +62,8 @@ def test_known_token_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
     assert proc.stdout.count("already a word") == 0  # said once, on stderr
 
 
+@pytest.mark.slow  # about 11 s; the writer behind the command builds every tiny model of the default suite, which
+# test_tiny_family_trains_and_loads_in_diffusers loads in diffusers
 def test_tinv_tiny_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -177,7 +177,9 @@ def observe(run_dir: Path, overrides: list[str]) -> dict:
             "final_loss": result.summary["final_loss"]}
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+# toy_input_init_60 is slow (about 9 s): toy_default_60 holds the toy model bit-exact by default
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "toy_input_init_60" else n
+                                  for n in RUNS])
 def test_seeded_runs_are_bit_identical_to_the_recorded_ones(name, tmp_path):
     seen = observe(tmp_path / name, RUNS[name])
     assert any(same(seen, record) for record in GOLDEN[name]), \

@@ -284,6 +284,8 @@ def submitit_local_sweep(tmp_path):
     return args, sweep
 
 
+@pytest.mark.slow  # about 10 s; the same plugin runs real SLURM jobs in the cluster set, and its shipped config
+# composes by default (test_shipped_slurm_launcher_config)
 def test_submitit_local_launcher(tmp_path):
     submitit_local_sweep(tmp_path)
 
